@@ -1,0 +1,130 @@
+"""Process groups and the communicator interface the patch-parallel layers talk through.
+
+A `Communicator` is one axis of ranks that exchange equally shaped tensors with all-gather. Two
+implementations: `DistCommunicator` over torch.distributed (gloo, nccl) and `SoloCommunicator`
+for a group of one. Layers never call torch.distributed directly, so another implementation (a
+loopback simulation of N ranks on one device) plugs in without touching them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("distrifusion")
+
+
+class PendingGather(Protocol):
+    def wait(self) -> torch.Tensor:
+        """Block until the gather is complete; return a (group size, *payload shape) tensor."""
+        ...
+
+
+class Communicator(Protocol):
+    rank: int
+    size: int
+
+    def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
+        """Gather one equally shaped tensor from every member, stacked along a new first dim."""
+        ...
+
+
+@dataclass
+class _Done:
+    out: torch.Tensor
+    work: object | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.out
+
+
+class SoloCommunicator:
+    """A group of one: gathering returns the tensor itself."""
+
+    rank = 0
+    size = 1
+
+    def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
+        return _Done(tensor.unsqueeze(0))
+
+
+class DistCommunicator:
+    """All-gather over a torch.distributed process group."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
+        # A flat output buffer: gloo checks sizes by concatenation along the first dim.
+        flat = tensor.new_empty(self.size * tensor.numel())
+        work = dist.all_gather_into_tensor(flat, tensor.reshape(-1), group=self.group, async_op=async_op)
+        return _Done(flat.view(self.size, *tensor.shape), work)
+
+
+@dataclass
+class Runtime:
+    """This process's place among the ranks: its device and its communicators.
+
+    Ranks form a CFG axis (1 or 2 groups) times a patch axis. Both layouts are built up front,
+    because creating a process group is itself a collective that every rank must join in the
+    same order; which one a call uses depends on its batch.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    world: Communicator
+    patch_groups: dict[int, Communicator]
+    """Communicator of this rank's patch group, keyed by the number of CFG groups (1 or 2)."""
+
+    def cfg_index(self, cfg_groups: int) -> int:
+        """Which CFG group (batch half) this rank belongs to."""
+        return self.rank // (self.world_size // cfg_groups)
+
+
+_RUNTIMES: dict[int, Runtime] = {}
+
+
+def init_runtime(timeout_s: float = 300.0) -> Runtime:
+    """Build (once per process group) the runtime from torchrun's environment.
+
+    Initialises the default process group if torchrun's variables say there are several ranks
+    and none exists yet: nccl when CUDA is available, else gloo. Without them, one process.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not dist.is_initialized() and world_size > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        solo = SoloCommunicator()
+        return Runtime(0, 1, device, solo, {1: solo})
+
+    key = id(dist.group.WORLD)
+    if key not in _RUNTIMES:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        world = DistCommunicator(None)
+        patch_groups: dict[int, Communicator] = {1: world}
+        if world_size % 2 == 0:
+            half = world_size // 2
+            # new_group is collective: every rank creates both halves, in the same order.
+            halves = [dist.new_group(list(range(g * half, (g + 1) * half))) for g in range(2)]
+            mine = halves[rank // half]
+            patch_groups[2] = DistCommunicator(mine) if half > 1 else SoloCommunicator()
+        _RUNTIMES[key] = Runtime(rank, world_size, device, world, patch_groups)
+    return _RUNTIMES[key]

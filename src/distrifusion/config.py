@@ -1,0 +1,67 @@
+"""The one user-facing configuration object: a plain, validated dataclass with no side effects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("displaced", "sync", "naive")
+GROUPNORM_MODES = ("corrected_async", "stale", "sync", "separate")
+
+
+@dataclass
+class ParallelConfig:
+    """How a diffusion model is spread over ranks.
+
+    Constructing a config never touches devices or process groups; `parallelize` does that.
+    """
+
+    mode: str = "displaced"
+    """"displaced" (DistriFusion: other strips' context from the previous step, exchanged
+    asynchronously), "sync" (exact patch parallelism, fresh context every step, blocking), or
+    "naive" (strips never interact; the baseline that shows seams)."""
+
+    warmup_steps: int = 4
+    """Synchronous steps after the first one in "displaced" mode (the first step is always
+    synchronous, because there is no previous step to borrow context from)."""
+
+    groupnorm: str = "corrected_async"
+    """GroupNorm statistics in displaced steps: "corrected_async" (previous global statistics
+    corrected by the change of the local ones, as in the paper), "stale" (other strips'
+    statistics from the previous step, own fresh), "sync" (blocking exchange every step: exact
+    statistics, slower), or "separate" (local statistics only)."""
+
+    split_cfg: bool | str = True
+    """Split the batch in two halves over two rank groups (with classifier-free guidance the
+    halves are the unconditional and conditional branches). True: split when the world size and
+    the batch are even, otherwise run one group and log a notice. "force": always split, and
+    raise a ValueError when the world size or the batch is odd. False: never split."""
+
+    comm_bucket_mb: float = 16.0
+    """Displaced-step exchanges are coalesced into all-gathers of about this many megabytes, so
+    that a UNet issues a few large collectives instead of hundreds of small ones."""
+
+    timeout_s: float = 300.0
+    """Timeout of every collective when `parallelize` creates the process group, so that a rank
+    that dies cannot leave the others blocked forever."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"ParallelConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.groupnorm not in GROUPNORM_MODES:
+            raise ValueError(
+                f"ParallelConfig.groupnorm must be one of {GROUPNORM_MODES}, got {self.groupnorm!r}"
+            )
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ValueError(f"ParallelConfig.warmup_steps must be an int, got {self.warmup_steps!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"ParallelConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (isinstance(self.split_cfg, bool) or self.split_cfg == "force"):
+            raise ValueError(f"ParallelConfig.split_cfg must be True, False or 'force', got {self.split_cfg!r}")
+        if not self.comm_bucket_mb > 0:
+            raise ValueError(f"ParallelConfig.comm_bucket_mb must be > 0, got {self.comm_bucket_mb}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"ParallelConfig.timeout_s must be > 0, got {self.timeout_s}")
+
+    def is_sync_step(self, step: int) -> bool:
+        """Whether denoising step `step` (0-based, counted per image) exchanges fresh context."""
+        return self.mode == "sync" or (self.mode == "displaced" and step <= self.warmup_steps)

@@ -1,0 +1,252 @@
+"""`parallelize`: turn an ordinary single-device diffusers model or pipeline into one rank's part
+of a patch-parallel model, in a few documented steps (see `parallelize_model`)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.downsampling import Downsample2D
+from torch import nn
+
+from .comm import Runtime, init_runtime
+from .config import ParallelConfig
+from .layers import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
+from .state import ParallelState, Plan, split_rows
+
+log = logging.getLogger("distrifusion")
+
+SUPPORTED_MODELS = (UNet2DConditionModel, UNet2DModel)
+_STATE_ATTR = "_distrifusion_state"
+
+
+def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime: Runtime | None = None):
+    """Make `pipe_or_model` compute only this rank's strip of every denoising step.
+
+    Accepts a diffusers pipeline with a `.unet` or a bare `UNet2DConditionModel`/`UNet2DModel`,
+    and returns the same object, moved to this rank's device (`cuda:LOCAL_RANK` when CUDA is
+    available, else the CPU). Under torchrun it initialises the process group if needed (nccl on
+    CUDA, gloo on CPU); in a plain process it runs alone and its results are unchanged.
+
+    The model keeps its call signature: every rank passes the full inputs (same seed on every
+    rank) and receives the full output. A bare model counts its calls as denoising steps; call
+    `reset` before each new image. A pipeline restarts its count at every call.
+    """
+    config = config or ParallelConfig()
+    if not isinstance(config, ParallelConfig):
+        raise TypeError(f"config must be a distrifusion.ParallelConfig, got {type(config).__name__}")
+    model = getattr(pipe_or_model, "unet", pipe_or_model)
+    if not isinstance(model, SUPPORTED_MODELS):
+        raise TypeError(
+            f"distrifusion supports {', '.join(m.__name__ for m in SUPPORTED_MODELS)} and pipelines whose "
+            f".unet is one of them; got {type(pipe_or_model).__name__}"
+            + (f" with a {type(model).__name__}" if model is not pipe_or_model else "")
+        )
+    if hasattr(model, _STATE_ATTR):
+        raise ValueError("this model is already parallelised; call distrifusion.remove() first")
+    check_supported_layers(model)
+    runtime = runtime or init_runtime(config.timeout_s)
+    pipe_or_model.to(runtime.device)
+    parallelize_model(model, config, runtime)
+    if model is not pipe_or_model:
+        _wrap_pipeline(pipe_or_model, runtime)
+    return pipe_or_model
+
+
+def parallelize_model(model: nn.Module, config: ParallelConfig, runtime: Runtime) -> ParallelState:
+    """Install the patch-parallel pieces on `model`, in this order:
+
+    1. one `ParallelState` (split, step, exchanged context) attached to the model;
+    2. convs with a kernel taller than one row get halos (`PatchConv2d`);
+    3. every GroupNorm gets whole-image statistics (`PatchGroupNorm`);
+    4. every attention gets `PatchAttnProcessor` (self-attention over all strips' keys/values;
+       cross-attention unchanged);
+    5. the model's forward splits its inputs, runs the strip and gathers the output.
+    Everything else (1x1 convs, linears, activations, up/down-sampling, skips, embeddings)
+    is already local to a strip.
+    """
+    state = ParallelState(config, block_rows(model), runtime)
+    setattr(model, _STATE_ATTR, state)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+            module.forward = PatchConv2d(module, name, state)
+        elif isinstance(module, nn.GroupNorm):
+            module.forward = PatchGroupNorm(module, name, state)
+        elif isinstance(module, Attention):
+            module.set_processor(PatchAttnProcessor(module, name, state, module.processor))
+    model.forward = _ParallelForward(model, state)
+    return state
+
+
+def remove(pipe_or_model) -> None:
+    """Undo `parallelize`: restore the original forwards and attention processors."""
+    model = getattr(pipe_or_model, "unet", pipe_or_model)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return
+    state.reset()
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), (PatchConv2d, PatchGroupNorm, _ParallelForward)):
+            del module.forward
+        if isinstance(module, Attention) and isinstance(module.processor, PatchAttnProcessor):
+            module.set_processor(module.processor.original)
+    delattr(model, _STATE_ATTR)
+    base = getattr(type(pipe_or_model), "_distrifusion_base", None)
+    if base is not None:
+        pipe_or_model.__class__ = base
+
+
+def reset(pipe_or_model) -> None:
+    """Start a new image: the next call is step 0 (synchronous) and no stale context remains."""
+    model = getattr(pipe_or_model, "unet", pipe_or_model)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
+    state.reset()
+
+
+def block_rows(model: nn.Module) -> int:
+    """Latent rows that every strip must be a multiple of: the model's total downsampling."""
+    downsamplers = sum(1 for block in model.down_blocks if getattr(block, "downsamplers", None))
+    return 2**downsamplers
+
+
+def check_supported_layers(model: nn.Module) -> None:
+    """Refuse, before anything runs, layers whose semantics cannot be split into strips."""
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind in ("AdaGroupNorm", "SpatialNorm", "FirDownsample2D", "KDownsample2D", "FirUpsample2D"):
+            raise TypeError(f"distrifusion: layer {name!r} ({kind}) is not supported")
+        if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0:
+            raise TypeError(f"distrifusion: downsampler {name!r} pads asymmetrically (padding=0), not supported")
+        if isinstance(module, Attention) and not isinstance(module.processor, (AttnProcessor, AttnProcessor2_0)):
+            raise TypeError(
+                f"distrifusion: attention {name!r} uses {type(module.processor).__name__}; only the default "
+                "processors (AttnProcessor2_0, AttnProcessor) are supported"
+            )
+        if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
+            PatchConv2d(module, name, None)  # validates padding and stride
+
+
+def _wrap_pipeline(pipe, runtime: Runtime) -> None:
+    """Restart the step count at every pipeline call and show progress on rank 0 only."""
+    cls = type(pipe)
+    if cls not in _PIPELINE_CLASSES:
+
+        def __call__(self, *args, **kwargs):
+            reset(self)
+            return cls.__call__(self, *args, **kwargs)
+
+        _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_distrifusion_base": cls})
+    pipe.__class__ = _PIPELINE_CLASSES[cls]
+    if runtime.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+
+_PIPELINE_CLASSES: dict[type, type] = {}
+
+
+class _ParallelForward:
+    """The model's forward: split the inputs, run this rank's strip, gather the full output."""
+
+    def __init__(self, model: nn.Module, state: ParallelState) -> None:
+        self.model, self.state = model, state
+        self.signature = inspect.signature(type(model).forward)
+        self.original = type(model).forward
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(self.model, *args, **kwargs)
+        sample = bound.arguments["sample"]
+        state = self.state
+        plan = self.plan(sample)
+        state.begin_step(plan)
+        if state.runtime.world_size == 1:
+            out = self.original(self.model, *args, **kwargs)
+            state.end_step()
+            return out
+        if state.step == 0:
+            self.check_same_inputs(sample, bound.arguments.get("timestep"))
+        batch = slice(plan.cfg_index * plan.local_batch, (plan.cfg_index + 1) * plan.local_batch)
+        rows = (plan.row_start, plan.row_start + plan.rows[plan.patch_rank])
+        arguments = {
+            name: _local(value, plan.batch, plan.height, plan.width, batch, rows)
+            for name, value in bound.arguments.items()
+            if name != "self"
+        }
+        out = self.original(self.model, **arguments)
+        state.end_step()
+        local = out[0] if isinstance(out, tuple) else out.sample
+        full = self.gather(local, plan)
+        return (full,) if isinstance(out, tuple) else type(out)(sample=full)
+
+    def plan(self, sample: torch.Tensor) -> Plan:
+        """Validate the call's shape (identically on every rank, before any collective) and split it."""
+        state, runtime, config = self.state, self.state.runtime, self.state.config
+        if sample.dim() != 4:
+            raise ValueError(f"distrifusion: expected a 4-D latent (batch, channels, height, width), got {tuple(sample.shape)}")
+        batch, _, height, width = sample.shape
+        world = runtime.world_size
+        can_split = world % 2 == 0 and batch % 2 == 0
+        if config.split_cfg == "force" and not can_split:
+            raise ValueError(
+                f"distrifusion: split_cfg='force' needs an even world size and an even batch; got world size "
+                f"{world} and batch {batch}. Use split_cfg=True to fall back to one group."
+            )
+        cfg_groups = 2 if (config.split_cfg and can_split) else 1
+        if config.split_cfg and not can_split and world > 1 and not getattr(self, "_noticed", False):
+            log.warning("distrifusion: batch %d over %d ranks cannot be split in CFG halves; using one group", batch, world)
+            self._noticed = True
+        patch_size = world // cfg_groups
+        block = state.block
+        if height % block:
+            raise ValueError(f"distrifusion: latent height {height} must be a multiple of the model's block of {block} rows")
+        if height < patch_size * block:
+            raise ValueError(
+                f"distrifusion: latent height {height} is too small to split over {patch_size} ranks; the minimum "
+                f"is {patch_size * block} rows ({block} per rank). Use a larger height or fewer ranks."
+            )
+        return Plan(batch, height, width, cfg_groups, runtime.cfg_index(cfg_groups) if cfg_groups == 2 else 0,
+                    runtime.rank % patch_size, split_rows(height, block, patch_size))
+
+    def check_same_inputs(self, sample: torch.Tensor, timestep) -> None:
+        """Refuse inputs that differ between ranks (e.g. latents drawn without a shared seed)."""
+        t = torch.as_tensor(timestep, device=sample.device).double().sum()
+        summary = torch.stack([sample.double().sum(), sample.double().abs().sum(), t])
+        gathered = self.state.runtime.world.all_gather(summary).wait()
+        if not torch.equal(gathered.amin(0), gathered.amax(0)):
+            raise ValueError(
+                "distrifusion: the model inputs differ between ranks; every rank must pass the same latent "
+                "and timestep (use the same seed/generator on every rank)"
+            )
+
+    def gather(self, local: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """All-gather every rank's output strip into the full output on every rank."""
+        biggest = max(plan.rows)
+        pad = biggest - local.shape[2]
+        if pad:
+            local = torch.cat([local, local.new_zeros(*local.shape[:2], pad, local.shape[3])], 2)
+        parts = self.state.runtime.world.all_gather(local).wait()
+        groups = [parts[g * plan.patch_size : (g + 1) * plan.patch_size] for g in range(plan.cfg_groups)]
+        return torch.cat(
+            [torch.cat([strip[:, :, :rows] for strip, rows in zip(group, plan.rows)], 2) for group in groups], 0
+        )
+
+
+def _local(value, batch: int, height: int, width: int, batch_slice: slice, rows: tuple[int, int]):
+    """This rank's part of one forward argument: its batch half, and its rows of spatial maps."""
+    if isinstance(value, dict):
+        return {k: _local(v, batch, height, width, batch_slice, rows) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_local(v, batch, height, width, batch_slice, rows) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+        return value
+    value = value[batch_slice]
+    # Spatial maps (the latent, ControlNet residuals) at any level of the UNet: slice their rows.
+    if value.dim() == 4 and height % value.shape[2] == 0 and width % value.shape[3] == 0:
+        factor = height // value.shape[2]
+        if width // value.shape[3] == factor:
+            value = value[:, :, rows[0] // factor : rows[1] // factor]
+    return value
