@@ -54,11 +54,10 @@ def tiny_model(kind: str, dtype=torch.float64, seed: int = 0):
     return model
 
 
-def denoise(model, kind: str, height: int, width: int, steps: int = 6, seed: int = 1, dtype=torch.float64):
-    """A classifier-free-guidance DDIM loop (batch 2: unconditional + conditional), as pipelines do."""
+def model_inputs(model, kind: str, height: int, width: int, seed: int = 1, dtype=torch.float64):
+    """The initial latent and the conditioning of a classifier-free-guidance loop (batch 2)."""
     g = torch.Generator().manual_seed(seed)
-    channels = model.config.in_channels
-    latent = torch.randn(1, channels, height, width, generator=g, dtype=dtype)
+    latent = torch.randn(1, model.config.in_channels, height, width, generator=g, dtype=dtype)
     kwargs = {}
     if kind == "unet2d":
         kwargs["class_labels"] = torch.tensor([0, 2])
@@ -69,14 +68,28 @@ def denoise(model, kind: str, height: int, width: int, steps: int = 6, seed: int
             "text_embeds": torch.randn(2, POOLED_DIM, generator=g, dtype=dtype),
             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2, dtype=dtype),
         }
+    device = next(model.parameters()).device
+    return latent.to(device), {k: _to(v, device) for k, v in kwargs.items()}
+
+
+def denoise(model, kind: str, height: int, width: int, steps: int = 6, seed: int = 1, dtype=torch.float64,
+            trace: list | None = None, replay: list | None = None):
+    """A classifier-free-guidance DDIM loop (batch 2: unconditional + conditional), as pipelines do.
+
+    `trace` collects each step's (input latent, noise prediction). With `replay`, a list of input
+    latents, every step takes the given latent instead of the previous step's result (teacher
+    forcing): a step's error is then measured without the errors of the steps before it.
+    """
+    latent, kwargs = model_inputs(model, kind, height, width, seed, dtype)
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
-    device = next(model.parameters()).device
-    latent = latent.to(device)
-    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
+            if replay is not None:
+                latent = replay[i].to(latent.device)
             pred = model(torch.cat([latent, latent]), t, **kwargs).sample
+            if trace is not None:
+                trace.append((latent.cpu(), pred.cpu()))
             uncond, cond = pred.chunk(2)
             latent = scheduler.step(uncond + 3.0 * (cond - uncond), t, latent).prev_sample
     return latent.cpu()

@@ -68,8 +68,12 @@ class DistCommunicator:
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
         # A flat output buffer: gloo checks sizes by concatenation along the first dim.
         flat = tensor.new_empty(self.size * tensor.numel())
-        work = dist.all_gather_into_tensor(flat, tensor.reshape(-1), group=self.group, async_op=async_op)
+        work = _all_gather_single(flat, tensor.reshape(-1), group=self.group, async_op=async_op)
         return _Done(flat.view(self.size, *tensor.shape), work)
+
+
+# Renamed in recent torch; the old name still works but warns.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
