@@ -15,26 +15,48 @@ TEXT_LEN, TEXT_DIM, POOLED_DIM = 7, 16, 16
 # Small versions of the published architectures: same block types and options, fewer channels.
 CONFIGS = {
     "sd15": dict(
-        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
     ),
     "sd21": dict(
-        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, attention_head_dim=(2, 4, 4),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=(2, 4, 4),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
-        use_linear_projection=True, upcast_attention=True,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        use_linear_projection=True,
+        upcast_attention=True,
     ),
     "sdxl": dict(
-        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, attention_head_dim=(2, 4, 4),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=(2, 4, 4),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_DIM,
-        transformer_layers_per_block=(1, 1, 2), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=POOLED_DIM + 6 * 8,
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=POOLED_DIM + 6 * 8,
     ),
     "unet2d": dict(
-        in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        attention_head_dim=8, num_class_embeds=3, down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=3,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     ),
 }
@@ -72,8 +94,17 @@ def model_inputs(model, kind: str, height: int, width: int, seed: int = 1, dtype
     return latent.to(device), {k: _to(v, device) for k, v in kwargs.items()}
 
 
-def denoise(model, kind: str, height: int, width: int, steps: int = 6, seed: int = 1, dtype=torch.float64,
-            trace: list | None = None, replay: list | None = None):
+def denoise(
+    model,
+    kind: str,
+    height: int,
+    width: int,
+    steps: int = 6,
+    seed: int = 1,
+    dtype=torch.float64,
+    trace: list | None = None,
+    replay: list | None = None,
+):
     """A classifier-free-guidance DDIM loop (batch 2: unconditional + conditional), as pipelines do.
 
     `trace` collects each step's (input latent, noise prediction). With `replay`, a list of input
@@ -113,8 +144,9 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -133,6 +165,11 @@ def run_ranks(world_size: int, fn, *args):
     any rank is raised here.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            _rank_main,
+            args=(world_size, free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]

@@ -24,15 +24,25 @@ from PIL import Image
 
 @torch.no_grad()
 def sample(
-    model_dir: Path, size: int, steps: int = 20, seed: int = 0, classes: list[int] | None = None
+    model_dir: Path,
+    size: int,
+    steps: int = 20,
+    seed: int = 0,
+    classes: list[int] | None = None,
+    timestep_spacing: str | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """Return uint8 images (N, size, size, 3), one per class, and the class names."""
+    """Return uint8 images (N, size, size, 3), one per class, and the class names.
+
+    ``timestep_spacing`` overrides the scheduler's configured spacing when given.
+    """
     if size < 8 or size % 8:
         raise ValueError(f"size must be a positive multiple of 8, got {size}")
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet").float().eval()
     sched = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    if timestep_spacing is not None:
+        sched = DDIMScheduler.from_config(sched.config, timestep_spacing=timestep_spacing)
     names = json.loads((model_dir / "classes.json").read_text())["classes"]
     labels = list(range(len(names))) if classes is None else classes
     sched.set_timesteps(steps)
@@ -57,10 +67,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--classes", type=int, nargs="*", default=None, help="labels to sample (default: all)")
+    p.add_argument(
+        "--timestep-spacing",
+        choices=["leading", "trailing", "linspace"],
+        default=None,
+        help="override the scheduler's timestep spacing",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    images, names = sample(args.model_dir, args.size, args.steps, args.seed, args.classes)
+    images, names = sample(args.model_dir, args.size, args.steps, args.seed, args.classes, args.timestep_spacing)
     gap = 4
     n, s = len(images), args.size
     grid = np.full((s, n * s + (n - 1) * gap, 3), 255, np.uint8)

@@ -305,8 +305,11 @@ def main(argv: list[str] | None = None) -> None:
             last_ckpt = time.time()
 
     size = save_pipeline(args.out, ema, ddpm, trained_meta())
-    print(f"done: {step} iters in {(time.time() - start) / 60:.1f} min, loss_ema {loss_ema:.4f}, "
-          f"saved {args.out} ({size / 2**20:.1f} MiB)", flush=True)
+    print(
+        f"done: {step} iters in {(time.time() - start) / 60:.1f} min, loss_ema {loss_ema:.4f}, "
+        f"saved {args.out} ({size / 2**20:.1f} MiB)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -20,21 +20,33 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="displaced", help="parallel mode (default: displaced)")
     p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps after the first (default: 4)")
     p.add_argument("--groupnorm", choices=GROUPNORM_MODES, default="corrected_async", help="GroupNorm mode")
-    p.add_argument("--no-split-cfg", dest="split_cfg", action="store_false",
-                   help="do not split the CFG batch halves over two rank groups")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="launch this many local processes (torch elastic launcher); not needed under torchrun")
+    p.add_argument(
+        "--no-split-cfg",
+        dest="split_cfg",
+        action="store_false",
+        help="do not split the CFG batch halves over two rank groups",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="launch this many local processes (torch elastic launcher); not needed under torchrun",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distrifusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one image, its rows split over the ranks")
-    gen.add_argument("--model", default="embedded",
-                     help="'embedded' (the built-in texture model, no download), or a diffusers pipeline "
-                          "folder or hub id (e.g. an SD 1.5 / SD 2.1 / SDXL pipeline)")
-    gen.add_argument("--prompt", default=None,
-                     help="text prompt; for the embedded model, the texture class (default: brick)")
+    gen.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (the built-in texture model, no download), or a diffusers pipeline "
+        "folder or hub id (e.g. an SD 1.5 / SD 2.1 / SDXL pipeline)",
+    )
+    gen.add_argument(
+        "--prompt", default=None, help="text prompt; for the embedded model, the texture class (default: brick)"
+    )
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: 1024)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: 1024)")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
@@ -63,8 +75,16 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     threads = max(1, (os.cpu_count() or 1) // nproc)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # ranks share the cores instead of fighting
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
     try:
         elastic_launch(config, sys.executable)("-m", "distrifusion", *argv)
     except ChildFailedError as e:
@@ -82,8 +102,9 @@ def generate(args: argparse.Namespace) -> int:
     import distrifusion
 
     logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING, format="%(message)s")
-    config = ParallelConfig(mode=args.mode, warmup_steps=args.warmup_steps, groupnorm=args.groupnorm,
-                            split_cfg=args.split_cfg)
+    config = ParallelConfig(
+        mode=args.mode, warmup_steps=args.warmup_steps, groupnorm=args.groupnorm, split_cfg=args.split_cfg
+    )
     height, width = args.height or 1024, args.width or 1024
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
     generator = torch.Generator().manual_seed(args.seed)
@@ -95,16 +116,23 @@ def generate(args: argparse.Namespace) -> int:
             label = pipe.class_index(args.prompt or pipe.classes[0])  # unknown class: error before any rank work
             pipe = distrifusion.parallelize(pipe, config)
             start = time.perf_counter()
-            image = pipe(label, height=height, width=width, num_inference_steps=args.steps, generator=generator).images[0]
+            image = pipe(label, height=height, width=width, num_inference_steps=args.steps, generator=generator).images[
+                0
+            ]
         else:
             from diffusers import DiffusionPipeline
 
             pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
             pipe = distrifusion.parallelize(pipe, config)
             start = time.perf_counter()
-            image = pipe(prompt=args.prompt or "a photograph of a lighthouse at dusk", height=height, width=width,
-                         num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                         generator=generator).images[0]
+            image = pipe(
+                prompt=args.prompt or "a photograph of a lighthouse at dusk",
+                height=height,
+                width=width,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                generator=generator,
+            ).images[0]
     except (ValueError, TypeError) as e:
         print(f"distrifusion: error on rank {_rank()}: {e}", file=sys.stderr)
         return 2
@@ -112,8 +140,10 @@ def generate(args: argparse.Namespace) -> int:
     if _rank() == 0:
         image.save(args.out)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        print(f"wrote {args.out} ({width}x{height}, {args.steps} steps, {args.mode}, {world} rank(s)); "
-              f"generation took {seconds:.1f} s")
+        print(
+            f"wrote {args.out} ({width}x{height}, {args.steps} steps, {args.mode}, {world} rank(s)); "
+            f"generation took {seconds:.1f} s"
+        )
     return 0
 
 

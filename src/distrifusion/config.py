@@ -48,9 +48,7 @@ class ParallelConfig:
         if self.mode not in MODES:
             raise ValueError(f"ParallelConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.groupnorm not in GROUPNORM_MODES:
-            raise ValueError(
-                f"ParallelConfig.groupnorm must be one of {GROUPNORM_MODES}, got {self.groupnorm!r}"
-            )
+            raise ValueError(f"ParallelConfig.groupnorm must be one of {GROUPNORM_MODES}, got {self.groupnorm!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
             raise ValueError(f"ParallelConfig.warmup_steps must be an int, got {self.warmup_steps!r}")
         if self.warmup_steps < 0:

@@ -36,14 +36,18 @@ class PatchConv2d:
 
     def __init__(self, conv: nn.Conv2d, name: str, state: ParallelState) -> None:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise TypeError(f"distrifusion: conv {name!r} uses padding {conv.padding!r}/{conv.padding_mode!r}; "
-                            "only numeric zero padding can be split into strips")
+            raise TypeError(
+                f"distrifusion: conv {name!r} uses padding {conv.padding!r}/{conv.padding_mode!r}; "
+                "only numeric zero padding can be split into strips"
+            )
         kernel, stride, pad, dilation = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
         self.above = pad
         self.below = (kernel - 1) * dilation + 1 - stride - pad
         if self.below < 0:
-            raise TypeError(f"distrifusion: conv {name!r} (kernel {kernel}, stride {stride}, padding {pad}) "
-                            "does not map strips to strips")
+            raise TypeError(
+                f"distrifusion: conv {name!r} (kernel {kernel}, stride {stride}, padding {pad}) "
+                "does not map strips to strips"
+            )
         self.conv, self.name, self.state = conv, name, state
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +57,10 @@ class PatchConv2d:
         rank, n = state.plan.patch_rank, state.plan.patch_size
         rows = x.shape[2]
         if rows < max(self.above, self.below):
-            raise ValueError(f"distrifusion: a strip of {rows} rows is thinner than the halo of conv "
-                             f"{self.name!r}; use fewer ranks or a larger height")
+            raise ValueError(
+                f"distrifusion: a strip of {rows} rows is thinner than the halo of conv "
+                f"{self.name!r}; use fewer ranks or a larger height"
+            )
         # Rows this strip lends: its top rows to the strip above, its bottom rows to the one below.
         edges = torch.cat([x[:, :, : self.below], x[:, :, rows - self.above :]], 2)
         others = state.context(self.name, edges)

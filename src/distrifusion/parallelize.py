@@ -186,7 +186,9 @@ class _ParallelForward:
         """Validate the call's shape (identically on every rank, before any collective) and split it."""
         state, runtime, config = self.state, self.state.runtime, self.state.config
         if sample.dim() != 4:
-            raise ValueError(f"distrifusion: expected a 4-D latent (batch, channels, height, width), got {tuple(sample.shape)}")
+            raise ValueError(
+                f"distrifusion: expected a 4-D latent (batch, channels, height, width), got {tuple(sample.shape)}"
+            )
         batch, _, height, width = sample.shape
         world = runtime.world_size
         can_split = world % 2 == 0 and batch % 2 == 0
@@ -197,19 +199,30 @@ class _ParallelForward:
             )
         cfg_groups = 2 if (config.split_cfg and can_split) else 1
         if config.split_cfg and not can_split and world > 1 and not getattr(self, "_noticed", False):
-            log.warning("distrifusion: batch %d over %d ranks cannot be split in CFG halves; using one group", batch, world)
+            log.warning(
+                "distrifusion: batch %d over %d ranks cannot be split in CFG halves; using one group", batch, world
+            )
             self._noticed = True
         patch_size = world // cfg_groups
         block = state.block
         if height % block:
-            raise ValueError(f"distrifusion: latent height {height} must be a multiple of the model's block of {block} rows")
+            raise ValueError(
+                f"distrifusion: latent height {height} must be a multiple of the model's block of {block} rows"
+            )
         if height < patch_size * block:
             raise ValueError(
                 f"distrifusion: latent height {height} is too small to split over {patch_size} ranks; the minimum "
                 f"is {patch_size * block} rows ({block} per rank). Use a larger height or fewer ranks."
             )
-        return Plan(batch, height, width, cfg_groups, runtime.cfg_index(cfg_groups) if cfg_groups == 2 else 0,
-                    runtime.rank % patch_size, split_rows(height, block, patch_size))
+        return Plan(
+            batch,
+            height,
+            width,
+            cfg_groups,
+            runtime.cfg_index(cfg_groups) if cfg_groups == 2 else 0,
+            runtime.rank % patch_size,
+            split_rows(height, block, patch_size),
+        )
 
     def check_same_inputs(self, sample: torch.Tensor, timestep) -> None:
         """Refuse inputs that differ between ranks (e.g. latents drawn without a shared seed)."""

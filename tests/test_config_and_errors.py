@@ -1,0 +1,128 @@
+"""Config validation and input errors: raised before any collective, so checked in one process
+with a runtime that claims several ranks (the check is the same on every rank)."""
+
+import pytest
+import torch
+from helpers import BLOCK, tiny_model
+
+import distrifusion
+from distrifusion.comm import Runtime, SoloCommunicator
+from distrifusion.state import split_rows
+
+
+def fake_runtime(world_size: int, rank: int = 0) -> Runtime:
+    solo = SoloCommunicator()
+    return Runtime(rank, world_size, torch.device("cpu"), solo, {1: solo, 2: solo})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("mode", "fast"),
+        ("groupnorm", "batch"),
+        ("warmup_steps", -1),
+        ("warmup_steps", 1.5),
+        ("warmup_steps", True),
+        ("split_cfg", "yes"),
+        ("split_cfg", 1),
+        ("comm_bucket_mb", 0),
+        ("timeout_s", -1),
+    ],
+)
+def test_bad_config_values_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        distrifusion.ParallelConfig(**{field: value})
+
+
+def test_config_steps():
+    cfg = distrifusion.ParallelConfig(warmup_steps=2)
+    assert [cfg.is_sync_step(s) for s in range(5)] == [True, True, True, False, False]
+    assert all(distrifusion.ParallelConfig(mode="sync").is_sync_step(s) for s in range(5))
+    assert not distrifusion.ParallelConfig(mode="naive").is_sync_step(0)
+
+
+@pytest.mark.parametrize("height,parts", [(20, 2), (20, 3), (40, 4), (12, 3), (36, 8)])
+def test_split_rows_whole_blocks_and_balanced(height, parts):
+    rows = split_rows(height, BLOCK, parts)
+    assert sum(rows) == height and all(r % BLOCK == 0 and r > 0 for r in rows)
+    assert max(rows) - min(rows) <= BLOCK and list(rows) == sorted(rows, reverse=True)
+
+
+def _call(model, batch, height, width=3 * BLOCK):
+    sample = torch.randn(batch, 4, height, width, dtype=torch.float64)
+    text = torch.randn(batch, 7, 16, dtype=torch.float64)
+    return model(sample, 10, encoder_hidden_states=text)
+
+
+def test_height_too_small_names_the_minimum():
+    model = distrifusion.parallelize(
+        tiny_model("sd15"), distrifusion.ParallelConfig(split_cfg=False), runtime=fake_runtime(4)
+    )
+    with pytest.raises(ValueError, match=f"minimum is {4 * BLOCK} rows"):
+        _call(model, 2, 3 * BLOCK)
+
+
+def test_height_not_a_whole_number_of_blocks():
+    model = distrifusion.parallelize(tiny_model("sd15"), runtime=fake_runtime(2))
+    with pytest.raises(ValueError, match=f"multiple of the model's block of {BLOCK}"):
+        _call(model, 2, 5 * BLOCK + 2)
+
+
+def test_forced_cfg_split_with_odd_batch():
+    model = distrifusion.parallelize(
+        tiny_model("sd15"), distrifusion.ParallelConfig(split_cfg="force"), runtime=fake_runtime(4)
+    )
+    with pytest.raises(ValueError, match="even batch"):
+        _call(model, 3, 8 * BLOCK)
+
+
+def test_forced_cfg_split_with_odd_world():
+    model = distrifusion.parallelize(
+        tiny_model("sd15"), distrifusion.ParallelConfig(split_cfg="force"), runtime=fake_runtime(3)
+    )
+    with pytest.raises(ValueError, match="even world size"):
+        _call(model, 2, 8 * BLOCK)
+
+
+def test_unsupported_models_raise_type_error():
+    with pytest.raises(TypeError, match="supports UNet2DConditionModel"):
+        distrifusion.parallelize(torch.nn.Linear(2, 2), runtime=fake_runtime(2))
+
+    class TransformerPipeline:
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="supports"):
+        distrifusion.parallelize(TransformerPipeline(), runtime=fake_runtime(2))
+
+
+def test_unsupported_layer_raises_type_error():
+    model = tiny_model("sd15")
+    model.conv_in.padding_mode = "reflect"
+    with pytest.raises(TypeError, match="conv_in"):
+        distrifusion.parallelize(model, runtime=fake_runtime(2))
+
+
+def test_config_must_be_a_parallel_config():
+    with pytest.raises(TypeError, match="ParallelConfig"):
+        distrifusion.parallelize(tiny_model("sd15"), {"mode": "sync"}, runtime=fake_runtime(2))
+
+
+def test_reset_needs_a_parallelised_model():
+    with pytest.raises(ValueError, match="parallelize"):
+        distrifusion.reset(tiny_model("sd15"))
+
+
+def test_parallelize_twice_raises_and_remove_restores():
+    model = tiny_model("sd15")
+    sample = torch.randn(2, 4, 4 * BLOCK, 3 * BLOCK, dtype=torch.float64)
+    text = torch.randn(2, 7, 16, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(sample, 10, encoder_hidden_states=text).sample
+        distrifusion.parallelize(model)
+        with pytest.raises(ValueError, match="already parallelised"):
+            distrifusion.parallelize(model)
+        alone = model(sample, 10, encoder_hidden_states=text).sample  # one process: unchanged results
+        distrifusion.remove(model)
+        after = model(sample, 10, encoder_hidden_states=text).sample
+    assert torch.equal(before, after) and torch.equal(before, alone)
+    assert "forward" not in model.__dict__
