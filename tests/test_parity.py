@@ -11,6 +11,7 @@ import torch
 from helpers import BLOCK, denoise, model_inputs, psnr, run_ranks, tiny_model
 
 import distrifusion
+from distrifusion.simulate import simulate_ranks
 
 KINDS = ["sd15", "sd21", "sdxl", "unet2d"]
 HEIGHT, WIDTH = 5 * BLOCK, 3 * BLOCK  # 5 blocks: uneven for 2 (3+2), 3 (2+2+1) and 4 (2+1+1+1) strips
@@ -21,8 +22,8 @@ GN_MODES = ["corrected_async", "stale", "sync", "separate"]
 EXACT_GN_MODES = GN_MODES[:3]  # "separate" ignores the other strips' statistics by design
 
 
-def _run(model, kind, config, height=HEIGHT, steps=STEPS, dtype=torch.float64):
-    distrifusion.parallelize(model, config)
+def _run(model, kind, config, height=HEIGHT, steps=STEPS, dtype=torch.float64, runtime=None):
+    distrifusion.parallelize(model, config, runtime=runtime)
     try:
         return denoise(model, kind, height, WIDTH, steps=steps, dtype=dtype)
     finally:
@@ -57,6 +58,7 @@ def rank_job(world_size: int) -> dict:
                 distrifusion.remove(model)
                 out[kind, "frozen", gn] = torch.stack(calls)
     if world_size == 4:
+        out["simulated"] = _simulation_case(None)
         model = tiny_model("sd15")
         for gn in GN_MODES:  # smallest splittable height: one block (one row at the coarsest level) each
             cfg = distrifusion.ParallelConfig(warmup_steps=0, groupnorm=gn, split_cfg=False)
@@ -73,6 +75,12 @@ def rank_job(world_size: int) -> dict:
             distrifusion.parallelize(model, distrifusion.ParallelConfig(mode="sync", split_cfg=False))
             out["float32"] = model(torch.cat([latent, latent]), 500, **kwargs).sample
     return out
+
+
+def _simulation_case(runtime):
+    """Displaced steps with CFG split over 2x2 ranks: compared between processes and threads."""
+    cfg = distrifusion.ParallelConfig(warmup_steps=1, split_cfg=True)
+    return _run(tiny_model("sdxl"), "sdxl", cfg, steps=STEPS, runtime=runtime)
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
@@ -164,3 +172,15 @@ def test_float32_parity(world):
     ref = results[0]["float32 reference"]
     err = (results[0]["float32"] - ref).abs().max().item()
     assert err <= 1e-5 * ref.abs().max().item(), err
+
+
+def test_thread_simulation_matches_processes(world):
+    """The in-process simulation of N ranks (used by `distrifusion quality`) has exactly the
+    semantics of real processes: same layers, exchanges and order, so the same numbers."""
+    size, results = world
+    if size != 4:
+        pytest.skip("checked with 4 ranks")
+    simulated = simulate_ranks(4, _simulation_case)
+    for rank in range(4):
+        err = (simulated[rank] - results[rank]["simulated"]).abs().max().item()
+        assert err <= TOL * results[rank]["simulated"].abs().max().item(), f"rank {rank}: {err:.3g}"

@@ -220,6 +220,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up iterations")
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument(
+        "--offset-noise", type=float, default=0.1,
+        help="std of a per-image, per-channel constant added to the training noise (0 disables)",
+    )
+    p.add_argument("--init", type=Path, default=None, help="start from the weights of this pipeline folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--log-every", type=int, default=50)
@@ -231,6 +236,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--crop must be a positive multiple of 8, got {args.crop}")
     if args.max_minutes <= 0:
         raise ValueError("--max-minutes must be positive")
+    if args.offset_noise < 0:
+        raise ValueError("--offset-noise must be non-negative")
+    if args.init is not None and not (args.init / "classes.json").is_file():
+        raise ValueError(f"--init {args.init} is not a pipeline folder (no classes.json)")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError("--ema-decay must be in [0, 1)")
     return args
@@ -250,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
 
     sampler = CropSampler(args.crop, gen)
     unet = build_unet().train()
+    prior: dict = {}  # training metadata of --init, if any
+    if args.init is not None:
+        unet.load_state_dict(UNet2DModel.from_pretrained(args.init, subfolder="unet").float().state_dict())
+        prior = json.loads((args.init / "classes.json").read_text())["trained"]
+        if prior.get("batch_size") != args.batch_size or prior.get("crop") != args.crop:
+            raise ValueError("--init model was trained with a different --batch-size or --crop")
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     ddpm = build_ddpm()
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
@@ -263,21 +278,27 @@ def main(argv: list[str] | None = None) -> None:
     step = 0
 
     def trained_meta() -> dict:
+        # With --init, iterations, minutes and commands accumulate over both phases.
         return {
-            "iters": step,
+            "iters": prior.get("iters", 0) + step,
             "batch_size": args.batch_size,
             "crop": args.crop,
-            "minutes": round((time.time() - start) / 60, 1),
+            "minutes": round(prior.get("minutes", 0) + (time.time() - start) / 60, 1),
             "threads": args.threads,
             "machine": "2-core CPU, no GPU",
-            "command": command,
+            "command": " && ".join(filter(None, [prior.get("command"), command])),
             "seed": args.seed,
             "final_loss_ema": round(loss_ema, 5),
+            "offset_noise": args.offset_noise,
         }
 
     while step < args.iters and (time.time() - start) < args.max_minutes * 60:
         x0, labels = sampler.batch(args.batch_size)
         noise = torch.randn(x0.shape, generator=gen)
+        if args.offset_noise > 0:
+            # Offset noise: hides the image mean from the model at high noise levels, so
+            # it must learn each class's colour instead of reading it off the input.
+            noise = noise + args.offset_noise * torch.randn((x0.shape[0], 3, 1, 1), generator=gen)
         t = torch.randint(ddpm.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         xt = ddpm.add_noise(x0, noise, t)
         loss = F.mse_loss(unet(xt, t, class_labels=labels).sample, noise)

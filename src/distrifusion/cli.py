@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     gen.add_argument("--out", default="image.png", help="output PNG path (written by rank 0)")
     _add_parallel_args(gen)
+
+    qual = sub.add_parser("quality", help="PSNR/SSIM of each parallel method against the one-process image")
+    qual.add_argument("--model", default="embedded", help="a texture model folder (default: the embedded one)")
+    qual.add_argument("--height", type=int, default=256)
+    qual.add_argument("--width", type=int, default=256)
+    qual.add_argument("--steps", type=int, default=20)
+    qual.add_argument("--scheduler", choices=("ddim", "dpm", "euler"), default="ddim")
+    qual.add_argument("--seeds", type=int, default=8, help="images per method (seed i draws class i mod classes)")
+    qual.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8], help="simulated rank counts")
+    qual.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    qual.add_argument("--out-dir", default="quality", help="where quality.md/json and comparison PNGs go")
     return parser
 
 
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --nproc must be >= 1")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch(args.nproc, argv)
-    return {"generate": generate}[args.command](args)
+    return {"generate": generate, "quality": quality}[args.command](args)
 
 
 def launch(nproc: int, argv: list[str]) -> int:
@@ -144,6 +155,22 @@ def generate(args: argparse.Namespace) -> int:
             f"wrote {args.out} ({width}x{height}, {args.steps} steps, {args.mode}, {world} rank(s)); "
             f"generation took {seconds:.1f} s"
         )
+    return 0
+
+
+def quality(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipelines import EMBEDDED, load_texture_pipeline
+    from .quality import run_quality, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_texture_pipeline(EMBEDDED if args.model == "embedded" else args.model)
+    results = run_quality(pipe, args.height, args.width, args.steps, args.scheduler, args.seeds, args.ranks)
+    command = "distrifusion " + " ".join(sys.argv[1:])
+    write_report(results, Path(args.out_dir), command)
+    print(f"wrote {args.out_dir}/quality.md, quality.json and comparison images")
     return 0
 
 
