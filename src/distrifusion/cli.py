@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import torch
 
@@ -66,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8], help="simulated rank counts")
     qual.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     qual.add_argument("--out-dir", default="quality", help="where quality.md/json and comparison PNGs go")
+
+    bench = sub.add_parser("bench", help="step times of the full model and of one rank's share; traffic; latency")
+    bench.add_argument("--arch", default="sdxl", help="sd15 | sd21 | sdxl | PATH.json (random weights)")
+    bench.add_argument("--sizes", type=int, nargs="+", default=[1024], help="square image sizes in pixels")
+    bench.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    bench.add_argument("--simulate", type=int, default=1, help="time one rank's share of N (loopback collectives)")
+    bench.add_argument("--mode", choices=MODES, default="displaced")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    bench.add_argument("--steps", type=int, default=10, help="denoising steps per image with --nproc")
+    bench.add_argument(
+        "--nproc", type=int, default=1, help="also time whole images over N real local processes against one process"
+    )
+    bench.add_argument("--json", default=None, help="write all results to this JSON file")
     return parser
 
 
@@ -74,18 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.nproc < 1:
         raise SystemExit("error: --nproc must be >= 1")
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ and args.command == "generate":
         return launch(args.nproc, argv)
-    return {"generate": generate, "quality": quality}[args.command](args)
+    return {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], env: dict | None = None) -> int:
     """Re-run this command as `nproc` local ranks through torch's elastic launcher."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     threads = max(1, (os.cpu_count() or 1) // nproc)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # ranks share the cores instead of fighting
+    os.environ.update(env or {})
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -171,6 +186,51 @@ def quality(args: argparse.Namespace) -> int:
     command = "distrifusion " + " ".join(sys.argv[1:])
     write_report(results, Path(args.out_dir), command)
     print(f"wrote {args.out_dir}/quality.md, quality.json and comparison images")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from .bench import bench_images, bench_step, format_row
+
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
+    if "LOCAL_RANK" in os.environ:  # a rank launched by the --nproc branch below
+        row = bench_images(args.arch, args.sizes[0], args.sizes[0], dtype, args.steps, args.repeats, args.mode)
+        if _rank() == 0:
+            Path(os.environ["DISTRIFUSION_BENCH_OUT"]).write_text(json.dumps(row))
+        return 0
+    rows = []
+    for size in args.sizes:
+        row = bench_step(args.arch, size, size, dtype, args.simulate, args.repeats, args.mode)
+        print(format_row(row), flush=True)
+        rows.append(row)
+    if args.nproc > 1:
+        cores = os.cpu_count() or 1
+        for threads in sorted({1, cores}):
+            torch.set_num_threads(threads)
+            row = bench_images(args.arch, args.sizes[0], args.sizes[0], dtype, args.steps, args.repeats, args.mode)
+            print(f"1 process x {threads} thread(s): {row['image_s']:.2f} s per image", flush=True)
+            rows.append(row)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rank0.json")
+            argv = [a for a in sys.argv[1:]]
+            threads = max(1, cores // args.nproc)
+            if launch(args.nproc, argv, {"DISTRIFUSION_BENCH_OUT": out, "OMP_NUM_THREADS": str(threads)}):
+                return 1
+            row = json.loads(Path(out).read_text())
+        base = next(r for r in rows if r.get("image_s") and r["threads"] == 1 and r["world_size"] == 1)
+        row["speedup_vs_1x1"] = base["image_s"] / row["image_s"]
+        print(
+            f"{args.nproc} processes x {threads} thread(s): {row['image_s']:.2f} s per image "
+            f"({row['speedup_vs_1x1']:.2f}x vs 1 process x 1 thread)",
+            flush=True,
+        )
+        rows.append(row)
+    if args.json:
+        command = "distrifusion " + " ".join(sys.argv[1:])
+        Path(args.json).write_text(json.dumps({"command": command, "results": rows}, indent=1))
     return 0
 
 

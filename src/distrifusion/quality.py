@@ -34,8 +34,10 @@ class Method:
 METHODS = [
     Method("sync (exact)", "reference", dict(mode="sync")),
     Method("naive patches", "reference", dict(mode="naive")),
-    *[Method(f"displaced, warm-up 4, GN {gn}", "groupnorm", dict(groupnorm=gn))
-      for gn in ("separate", "stale", "corrected_async", "sync")],
+    *[
+        Method(f"displaced, warm-up 4, GN {gn}", "groupnorm", dict(groupnorm=gn))
+        for gn in ("separate", "stale", "corrected_async", "sync")
+    ],
     *[Method(f"displaced, warm-up {w}, GN corrected_async", "warmup", dict(warmup_steps=w)) for w in (0, 1, 2)],
 ]
 SCHEDULERS = ("ddim", "dpm", "euler")
@@ -66,15 +68,29 @@ def _sample(pipe: TexturePipeline, label: int, size: tuple[int, int], steps: int
     return out.images[0]
 
 
-def run_quality(pipe: TexturePipeline, height: int, width: int, steps: int, scheduler: str, seeds: int,
-                ranks: list[int], methods: list[Method] = METHODS, log=print) -> dict:
+def run_quality(
+    pipe: TexturePipeline,
+    height: int,
+    width: int,
+    steps: int,
+    scheduler: str,
+    seeds: int,
+    ranks: list[int],
+    methods: list[Method] = METHODS,
+    log=print,
+) -> dict:
     """Compare every method at every rank count with the one-process images; returns JSON-ready results."""
     pipe.scheduler = make_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     # One pipeline per simulated rank, as real ranks each hold their own replica.
     replicas = [copy.deepcopy(pipe) for _ in range(max(ranks))]
-    results = {"settings": dict(height=height, width=width, steps=steps, scheduler=scheduler, seeds=seeds,
-                                ranks=ranks, classes=pipe.classes), "rows": [], "images": {}}
+    results = {
+        "settings": dict(
+            height=height, width=width, steps=steps, scheduler=scheduler, seeds=seeds, ranks=ranks, classes=pipe.classes
+        ),
+        "rows": [],
+        "images": {},
+    }
     references = []
     for seed in range(seeds):
         references.append(_sample(pipe, seed % len(pipe.classes), (height, width), steps, seed))
@@ -85,7 +101,7 @@ def run_quality(pipe: TexturePipeline, height: int, width: int, steps: int, sche
             scores = []
             for seed, reference in enumerate(references):
 
-                def rank_fn(runtime, seed=seed):
+                def rank_fn(runtime, seed=seed, config=config):
                     replica = replicas[runtime.rank]
                     parallelize(replica, config, runtime=runtime)
                     try:
@@ -98,11 +114,20 @@ def run_quality(pipe: TexturePipeline, height: int, width: int, steps: int, sche
                 if seed == 0:
                     results["images"][method.label, n] = image
             p, s = np.array(scores).T
-            row = dict(method=method.label, family=method.family, ranks=n, psnr=float(p.mean()),
-                       psnr_min=float(p.min()), ssim=float(s.mean()), seconds=time.perf_counter() - start)
+            row = dict(
+                method=method.label,
+                family=method.family,
+                ranks=n,
+                psnr=float(p.mean()),
+                psnr_min=float(p.min()),
+                ssim=float(s.mean()),
+                seconds=time.perf_counter() - start,
+            )
             results["rows"].append(row)
-            log(f"{method.label:45s} N={n}: PSNR {row['psnr']:6.2f} dB (min {row['psnr_min']:6.2f}), "
-                f"SSIM {row['ssim']:.4f}  [{row['seconds']:.0f} s]")
+            log(
+                f"{method.label:45s} N={n}: PSNR {row['psnr']:6.2f} dB (min {row['psnr_min']:6.2f}), "
+                f"SSIM {row['ssim']:.4f}  [{row['seconds']:.0f} s]"
+            )
     results["images"]["reference", 0] = references[0]
     return results
 
@@ -114,12 +139,17 @@ def write_report(results: dict, out_dir: Path, command: str) -> None:
     settings = results["settings"]
     (out_dir / "quality.json").write_text(json.dumps({**results, "command": command}, indent=1))
     ranks = settings["ranks"]
-    lines = [f"`{command}`", "", "| method | " + " | ".join(f"N={n} PSNR / SSIM" for n in ranks) + " |",
-             "|---|" + "---|" * len(ranks)]
+    lines = [
+        f"`{command}`",
+        "",
+        "| method | " + " | ".join(f"N={n} PSNR / SSIM" for n in ranks) + " |",
+        "|---|" + "---|" * len(ranks),
+    ]
     for label in dict.fromkeys(r["method"] for r in results["rows"]):
         cells = {r["ranks"]: r for r in results["rows"] if r["method"] == label}
-        lines.append(f"| {label} | " + " | ".join(
-            f"{cells[n]['psnr']:.1f} dB / {cells[n]['ssim']:.3f}" for n in ranks) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"{cells[n]['psnr']:.1f} dB / {cells[n]['ssim']:.3f}" for n in ranks) + " |"
+        )
     lines.append("")
     lines.append("LPIPS and FID: skipped (their network weights cannot be downloaded on this machine).")
     (out_dir / "quality.md").write_text("\n".join(lines) + "\n")
@@ -133,5 +163,7 @@ def write_report(results: dict, out_dir: Path, command: str) -> None:
         strip = np.concatenate([np.pad(p, ((4, 4), (4, 4), (0, 0)), constant_values=1) for p in panels], 1)
         Image.fromarray((strip * 255).round().astype(np.uint8)).save(out_dir / f"compare_{family}_N{n}.png")
         (out_dir / f"compare_{family}_N{n}.txt").write_text(
-            "panels, left to right: reference (1 process) | naive | " + " | ".join(labels)
-            + " | then |image - reference| x 10 for each of those\n")
+            "panels, left to right: reference (1 process) | naive | "
+            + " | ".join(labels)
+            + " | then |image - reference| x 10 for each of those\n"
+        )

@@ -1,0 +1,216 @@
+"""`distrifusion bench`: step times of the full model and of one rank's share, and the traffic.
+
+Everything here is measured, never assumed: the full step (plain diffusers, and ours with one
+rank), one rank's share of N (`--simulate N`: this process plays the rank with the largest strip,
+with loopback collectives of the right sizes), the bytes each rank receives per step, and — with
+`--nproc N` — whole images over real processes against one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .comm import Communicator, PendingGather
+from .config import ParallelConfig
+from .parallelize import parallelize, remove, reset
+from .simulate import loopback_runtime
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+ARCHS = {"sd15": "sd15_unet.json", "sd21": "sd21_unet.json", "sdxl": "sdxl_unet.json"}
+# Nominal one-direction bandwidths, bytes per second.
+LINKS = {
+    "NVLink 4 (H100)": 450e9,
+    "PCIe 5 x16": 64e9,
+    "PCIe 4 x16": 32e9,
+    "400 Gb Ethernet": 50e9,
+    "100 Gb Ethernet": 12.5e9,
+}
+
+
+def build_unet(arch: str, dtype: torch.dtype, device: torch.device):
+    """A random-weight UNet2DConditionModel of a published architecture (or a config JSON path)."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(arch) if arch.endswith(".json") else CONFIGS / ARCHS[arch]
+    config = json.loads(path.read_text())
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(config).to(device, dtype).eval()
+
+
+def unet_inputs(unet, height: int, width: int, batch: int = 2):
+    """CFG-batch inputs for a pixel size (latents are 8x smaller), like a text-to-image pipeline."""
+    cfg, p = unet.config, next(unet.parameters())
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch),
+        }
+    sample = torch.randn(batch, cfg.in_channels, height // 8, width // 8, generator=g)
+    move = lambda t: t.to(p.device, p.dtype)  # noqa: E731
+    kwargs = {
+        k: ({kk: move(vv) for kk, vv in v.items()} if isinstance(v, dict) else move(v)) for k, v in kwargs.items()
+    }
+    return move(sample), kwargs
+
+
+class CountingCommunicator:
+    """Counts the bytes this rank receives (from the group's other members) through `inner`."""
+
+    def __init__(self, inner: Communicator, counter: dict) -> None:
+        self.inner, self.counter = inner, counter
+        self.rank, self.size = inner.rank, inner.size
+
+    def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
+        self.counter["bytes"] += (self.size - 1) * tensor.numel() * tensor.element_size()
+        return self.inner.all_gather(tensor, async_op)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def bench_step(
+    arch: str,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    simulate: int,
+    repeats: int,
+    mode: str = "displaced",
+    device: torch.device | None = None,
+) -> dict:
+    """Full-step and one-rank-share step times, traffic per step and peak memory for one size."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet = build_unet(arch, dtype, device)
+    sample, kwargs = unet_inputs(unet, height, width)
+    t = torch.tensor(500, device=device)
+    row = dict(
+        arch=arch,
+        height=height,
+        width=width,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        card=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        threads=torch.get_num_threads(),
+    )
+    with torch.no_grad():
+        row["diffusers_eager_s"] = time_calls(lambda: unet(sample, t, **kwargs), device, repeats)
+        row["diffusers_graph_s"] = None  # CUDA graphs are not implemented yet (see BENCHMARKS.md)
+        parallelize(unet, ParallelConfig(mode="sync"), runtime=loopback_runtime(1, device=device))
+        row["ours_world1_s"] = time_calls(lambda: unet(sample, t, **kwargs), device, repeats)
+        remove(unet)
+        if simulate > 1:
+            counter = {"bytes": 0}
+            runtime = loopback_runtime(simulate, device=device)
+            runtime.world = CountingCommunicator(runtime.world, counter)
+            runtime.patch_groups = {k: CountingCommunicator(c, counter) for k, c in runtime.patch_groups.items()}
+            config = ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True)
+            parallelize(unet, config, runtime=runtime)
+            state = unet._distrifusion_state
+
+            def step():
+                counter["bytes"] = 0
+                unet(sample, t, **kwargs)
+
+            step()  # step 0 is synchronous: its traffic is the synchronous figure
+            row["sync_step_bytes"] = counter["bytes"]
+            row["sync_step_s"] = time_calls(lambda: (reset(unet), step()), device, repeats, warmup=0)
+            reset(unet)
+            step()  # step 0 again; from here on displaced (or sync, with --mode sync)
+            row["share_step_s"] = time_calls(step, device, repeats)
+            row["step_bytes"] = counter["bytes"]
+            row["ranks"] = simulate
+            row["cfg_groups"] = state.plan.cfg_groups
+            row["largest_strip_rows"] = max(state.plan.rows)
+            row["compute_speedup"] = row["diffusers_eager_s"] / row["share_step_s"]
+            row["bandwidth_needed_GBps"] = row["step_bytes"] / row["share_step_s"] / 1e9
+            row["links_that_hide_it"] = [
+                name for name, bw in LINKS.items() if bw >= row["step_bytes"] / row["share_step_s"]
+            ]
+            remove(unet)
+    row["peak_memory_mb"] = peak_memory_mb(device)
+    return row
+
+
+def format_row(row: dict) -> str:
+    text = (
+        f"{row['arch']} {row['height']}x{row['width']} {row['dtype']} on {row['card']}, {row['threads']} threads: "
+        f"diffusers eager {row['diffusers_eager_s'] * 1e3:.0f} ms, ours (1 rank) {row['ours_world1_s'] * 1e3:.0f} ms"
+    )
+    if "ranks" in row:
+        text += (
+            f"\n  one rank's share of {row['ranks']} ({row['cfg_groups']} CFG groups, strip of "
+            f"{row['largest_strip_rows']} latent rows): {row['share_step_s'] * 1e3:.0f} ms per step "
+            f"-> compute-bound speedup {row['compute_speedup']:.2f}x; sync step {row['sync_step_s'] * 1e3:.0f} ms"
+            f"\n  received per rank: {row['step_bytes'] / 1e9:.3f} GB per displaced step, "
+            f"{row['sync_step_bytes'] / 1e9:.3f} GB per synchronous step; hiding it needs "
+            f"{row['bandwidth_needed_GBps']:.2f} GB/s: " + (", ".join(row["links_that_hide_it"]) or "no listed link")
+        )
+    return text + f"\n  peak memory {row['peak_memory_mb']:.0f} MB"
+
+
+def bench_images(arch: str, height: int, width: int, dtype: torch.dtype, steps: int, images: int, mode: str) -> dict:
+    """Whole-image latency (all UNet steps, CFG batch, DDIM) in this process or under torchrun."""
+    from diffusers import DDIMScheduler
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = ParallelConfig(mode=mode)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet = build_unet(arch, dtype, device)
+    if world > 1:
+        parallelize(unet, config)
+    sample, kwargs = unet_inputs(unet, height, width)
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+
+    def image():
+        if world > 1:
+            reset(unet)
+        scheduler.set_timesteps(steps)
+        latent = sample[:1]
+        for t in scheduler.timesteps:
+            noise = unet(torch.cat([latent, latent]), t, **kwargs).sample
+            latent = scheduler.step(noise.chunk(2)[1], t, latent).prev_sample
+
+    with torch.no_grad():
+        seconds = time_calls(image, device, images)
+    return dict(
+        arch=arch,
+        height=height,
+        width=width,
+        steps=steps,
+        mode=mode,
+        world_size=world,
+        threads=torch.get_num_threads(),
+        image_s=seconds,
+        peak_memory_mb=peak_memory_mb(device),
+    )

@@ -1,0 +1,56 @@
+"""The bench command's measurements and JSON (speed itself is never asserted here)."""
+
+import json
+import subprocess
+import sys
+
+from helpers import CONFIGS
+
+
+def test_bench_json_fields(tmp_path):
+    arch = tmp_path / "tiny_sd15.json"
+    arch.write_text(json.dumps({**CONFIGS["sd15"], "sample_size": 8}))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distrifusion",
+            "bench",
+            "--arch",
+            str(arch),
+            "--sizes",
+            "64",
+            "128",
+            "--simulate",
+            "4",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("distrifusion bench --arch")
+    small, large = report["results"]
+    for row in (small, large):
+        assert row["card"].startswith("CPU") and row["diffusers_graph_s"] is None
+        for key in (
+            "diffusers_eager_s",
+            "ours_world1_s",
+            "share_step_s",
+            "sync_step_s",
+            "compute_speedup",
+            "bandwidth_needed_GBps",
+            "peak_memory_mb",
+        ):
+            assert row[key] > 0, key
+        assert row["ranks"] == 4 and row["cfg_groups"] == 2  # CFG batch of 2: two groups of 2
+        assert row["step_bytes"] > 0 and row["sync_step_bytes"] >= row["step_bytes"]
+    # Traffic grows with the image: halos with the width, keys/values with the area.
+    assert large["step_bytes"] > 2 * small["step_bytes"]
+    assert "one rank's share of 4" in proc.stdout
