@@ -6,6 +6,8 @@ concatenated keys): about 1e-13 here. The tolerance, 1e-9 of the output's scale,
 anything a wrong halo, a misplaced strip or a stale value would give (those are O(1)).
 """
 
+import copy
+
 import pytest
 import torch
 from helpers import BLOCK, denoise, model_inputs, psnr, run_ranks, tiny_model
@@ -38,10 +40,7 @@ def rank_job(world_size: int) -> dict:
         for mode, warmup, split in EXACT_CASES:
             cfg = distrifusion.ParallelConfig(mode=mode, warmup_steps=warmup, split_cfg=split)
             out[kind, mode, split] = _run(model, kind, cfg)
-        # A slowly changing sequence of calls, as consecutive denoising steps of a trained model are.
-        latent, kwargs = model_inputs(model, kind, HEIGHT, WIDTH)
-        drift = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5), dtype=latent.dtype)
-        calls = [(torch.cat([latent + 0.02 * k * drift] * 2), 500 - 5 * k) for k in range(STEPS)]
+        calls, kwargs = _drifting_calls(model, kind)
         with torch.no_grad():
             exact = [model(x, t, **kwargs).sample for x, t in calls]
             for mode in ("displaced", "naive"):
@@ -50,13 +49,14 @@ def rank_job(world_size: int) -> dict:
                 distrifusion.remove(model)
                 out[kind, mode, "approx"] = [psnr(p, e) for p, e in zip(preds[1:], exact[1:])]
         # Displaced steps on an unchanged input borrow context equal to the fresh one: exact again.
+        latent = calls[0][0][:1]
         with torch.no_grad():
             out[kind, "frozen reference"] = model(torch.cat([latent, latent]), 500, **kwargs).sample
             for gn in EXACT_GN_MODES:
                 distrifusion.parallelize(model, distrifusion.ParallelConfig(warmup_steps=0, groupnorm=gn))
-                calls = [model(torch.cat([latent, latent]), 500, **kwargs).sample for _ in range(3)]
+                frozen = [model(torch.cat([latent, latent]), 500, **kwargs).sample for _ in range(3)]
                 distrifusion.remove(model)
-                out[kind, "frozen", gn] = torch.stack(calls)
+                out[kind, "frozen", gn] = torch.stack(frozen)
     if world_size == 4:
         out["simulated"] = _simulation_case(None)
         model = tiny_model("sd15")
@@ -77,10 +77,20 @@ def rank_job(world_size: int) -> dict:
     return out
 
 
-def _simulation_case(runtime):
+def _drifting_calls(model, kind):
+    """A slowly changing sequence of calls, as consecutive denoising steps of a trained model are."""
+    latent, kwargs = model_inputs(model, kind, HEIGHT, WIDTH)
+    drift = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5), dtype=latent.dtype)
+    return [(torch.cat([latent + 0.02 * k * drift] * 2), 500 - 5 * k) for k in range(STEPS)], kwargs
+
+
+def _simulation_case(runtime, model=None):
     """Displaced steps with CFG split over 2x2 ranks: compared between processes and threads."""
-    cfg = distrifusion.ParallelConfig(warmup_steps=1, split_cfg=True)
-    return _run(tiny_model("sdxl"), "sdxl", cfg, steps=STEPS, runtime=runtime)
+    model = model or tiny_model("sdxl")
+    calls, kwargs = _drifting_calls(model, "sdxl")
+    distrifusion.parallelize(model, distrifusion.ParallelConfig(warmup_steps=1, split_cfg=True), runtime=runtime)
+    with torch.no_grad():
+        return torch.stack([model(x, t, **kwargs).sample for x, t in calls])
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
@@ -180,7 +190,8 @@ def test_thread_simulation_matches_processes(world):
     size, results = world
     if size != 4:
         pytest.skip("checked with 4 ranks")
-    simulated = simulate_ranks(4, _simulation_case)
+    base = tiny_model("sdxl")  # built once: threads share the global RNG that tiny_model seeds
+    simulated = simulate_ranks(4, lambda runtime: _simulation_case(runtime, copy.deepcopy(base)))
     for rank in range(4):
         err = (simulated[rank] - results[rank]["simulated"]).abs().max().item()
         assert err <= TOL * results[rank]["simulated"].abs().max().item(), f"rank {rank}: {err:.3g}"

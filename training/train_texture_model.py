@@ -1,4 +1,4 @@
-"""Train the small class-conditional texture diffusion model embedded in distrifusion.
+r"""Train the small class-conditional texture diffusion model embedded in distrifusion.
 
 The model is a tiny diffusers ``UNet2DModel`` (about 3.7 M parameters) trained with
 the standard DDPM epsilon-prediction loss on random crops of six photographs that ship
@@ -9,10 +9,24 @@ inside the scikit-image wheel, one class each (label order):
 Self-attention is used only at the coarsest UNet level (plus the mid block) so that the
 model can sample 1024x1024 images on a small CPU in a few minutes.
 
-The shipped weights were produced on a 2-core CPU (no GPU), with one thread, by:
+The shipped weights were produced on a 2-core CPU (no GPU), with one thread, in two
+phases (run from the repository root):
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python training/train_texture_model.py \
-        --out src/distrifusion/data/textures --threads 1 --max-minutes 80
+        --out src/distrifusion/data/textures --threads 1 --max-minutes 60 --offset-noise 0
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python training/train_texture_model.py \
+        --init src/distrifusion/data/textures --out src/distrifusion/data/textures \
+        --threads 1 --max-minutes 20 --offset-noise 0.1 --warmup 50
+
+(The first phase was started with ``--max-minutes 80`` and stopped by hand right after
+its 60-minute checkpoint, which is what ``--max-minutes 60`` does.) A single 80-minute run
+with the default ``--offset-noise 0.1`` is the simpler recipe, but it has not been run.
+
+Why offset noise: with epsilon prediction and this noise schedule the model can read each
+image's mean colour off the input even at the noisiest sampled timestep, so it never
+learns to produce it; sampled from zero-mean noise, trained without offset noise, it
+gave mid-grey star fields and brown retinas. Offset noise hides the mean at high noise
+levels and makes the model learn it per class.
 
 The output folder is a diffusers-style pipeline folder::
 
@@ -35,8 +49,8 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -221,7 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up iterations")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument(
-        "--offset-noise", type=float, default=0.1,
+        "--offset-noise",
+        type=float,
+        default=0.1,
         help="std of a per-image, per-channel constant added to the training noise (0 disables)",
     )
     p.add_argument("--init", type=Path, default=None, help="start from the weights of this pipeline folder")
