@@ -162,7 +162,7 @@ def run_ranks(world_size: int, fn, *args):
     """Run `fn(*args)` on `world_size` gloo ranks (spawned processes); return every rank's result.
 
     `fn` must be importable (module level). Processes are joined before returning; an exception in
-    any rank is raised here.
+    any rank is raised here. A rank that exited without a result (status 0) gives None.
     """
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
@@ -172,4 +172,5 @@ def run_ranks(world_size: int, fn, *args):
             join=True,
             start_method="spawn",
         )
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
+        paths = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
+        return [torch.load(p) if os.path.exists(p) else None for p in paths]  # None: the rank left no result
