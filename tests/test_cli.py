@@ -70,3 +70,25 @@ def test_unknown_class_lists_the_classes(tmp_path):
     )
     assert proc.returncode != 0
     assert "unknown class 'marble'" in proc.stderr and "brick" in proc.stderr
+
+
+def test_quality_command_writes_report(tmp_path):
+    proc, _ = run_cli(
+        "quality",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--ranks",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "quality.md").read_text()
+    assert "| sync (exact) |" in table and "| naive patches |" in table and "N=2 PSNR / SSIM" in table
+    assert (tmp_path / "compare_groupnorm_N2.png").exists() and (tmp_path / "quality.json").exists()

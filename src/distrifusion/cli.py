@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.nproc < 1:
+    if getattr(args, "nproc", 1) < 1:
         raise SystemExit("error: --nproc must be >= 1")
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ and args.command == "generate":
+    if args.command == "generate" and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch(args.nproc, argv)
     return {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
 
