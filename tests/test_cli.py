@@ -92,3 +92,33 @@ def test_quality_command_writes_report(tmp_path):
     table = (tmp_path / "quality.md").read_text()
     assert "| sync (exact) |" in table and "| naive patches |" in table and "N=2 PSNR / SSIM" in table
     assert (tmp_path / "compare_groupnorm_N2.png").exists() and (tmp_path / "quality.json").exists()
+
+
+def test_generate_loads_a_saved_pipeline_from_a_path(tmp_path):
+    """The real loading path (`from_pretrained` on a folder) with a tiny SD pipeline saved here."""
+    import torch
+    from test_pipelines import tiny_sd
+
+    pipe = tiny_sd().to(torch.float32)
+    pipe.save_pretrained(tmp_path / "sd")
+    out = tmp_path / "sd.png"
+    proc, _ = run_cli(
+        "generate",
+        "--nproc",
+        "2",
+        "--model",
+        str(tmp_path / "sd"),
+        "--prompt",
+        "a cat",
+        "--height",
+        "40",
+        "--width",
+        "24",
+        "--steps",
+        "2",
+        "--no-split-cfg",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(out).size == (24, 40)
