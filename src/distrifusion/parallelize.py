@@ -156,6 +156,7 @@ class _ParallelForward:
         self.model, self.state = model, state
         self.signature = inspect.signature(type(model).forward)
         self.original = type(model).forward
+        self.noticed_no_split = False
 
     def __call__(self, *args, **kwargs):
         bound = self.signature.bind(self.model, *args, **kwargs)
@@ -198,11 +199,11 @@ class _ParallelForward:
                 f"{world} and batch {batch}. Use split_cfg=True to fall back to one group."
             )
         cfg_groups = 2 if (config.split_cfg and can_split) else 1
-        if config.split_cfg and not can_split and world > 1 and not getattr(self, "_noticed", False):
-            log.warning(
+        if config.split_cfg and not can_split and world > 1 and not self.noticed_no_split:
+            log.info(
                 "distrifusion: batch %d over %d ranks cannot be split in CFG halves; using one group", batch, world
             )
-            self._noticed = True
+            self.noticed_no_split = True
         patch_size = world // cfg_groups
         block = state.block
         if height % block:
