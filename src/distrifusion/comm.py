@@ -104,14 +104,16 @@ def init_runtime(timeout_s: float = 300.0) -> Runtime:
     """Build (once per process group) the runtime from torchrun's environment.
 
     Initialises the default process group if torchrun's variables say there are several ranks
-    and none exists yet: nccl when CUDA is available, else gloo. Without them, one process.
+    and none exists yet: nccl when CUDA is available, else gloo (or the backend named by the
+    DISTRIFUSION_BACKEND environment variable). Without them, one process.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_initialized() and world_size > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # DISTRIFUSION_BACKEND=gloo lets several ranks share one GPU (nccl refuses that).
+        backend = os.environ.get("DISTRIFUSION_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
