@@ -159,25 +159,21 @@ class _ParallelForward:
         self.noticed_no_split = False
 
     def __call__(self, *args, **kwargs):
+        state = self.state
+        if state.runtime.world_size == 1:  # one process: exactly the original model
+            return self.original(self.model, *args, **kwargs)
         bound = self.signature.bind(self.model, *args, **kwargs)
         sample = bound.arguments["sample"]
-        state = self.state
         plan = self.plan(sample)
         state.begin_step(plan)
-        if state.runtime.world_size == 1:
-            out = self.original(self.model, *args, **kwargs)
-            state.end_step()
-            return out
         if state.step == 0:
             self.check_same_inputs(sample, bound.arguments.get("timestep"))
         batch = slice(plan.cfg_index * plan.local_batch, (plan.cfg_index + 1) * plan.local_batch)
         rows = (plan.row_start, plan.row_start + plan.rows[plan.patch_rank])
-        arguments = {
-            name: _local(value, plan.batch, plan.height, plan.width, batch, rows)
-            for name, value in bound.arguments.items()
-            if name != "self"
-        }
-        out = self.original(self.model, **arguments)
+        for name, value in bound.arguments.items():
+            if name != "self":
+                bound.arguments[name] = _local(value, plan.batch, plan.height, plan.width, batch, rows)
+        out = self.original(*bound.args, **bound.kwargs)
         state.end_step()
         local = out[0] if isinstance(out, tuple) else out.sample
         full = self.gather(local, plan)
