@@ -60,6 +60,9 @@ def test_unsplittable_height_fails_on_every_rank_quickly(tmp_path):
     )
     assert proc.returncode != 0
     assert proc.stderr.count("too small to split over 2 ranks; the minimum is 16 rows") == 2, proc.stderr[-3000:]
+    # The launcher's summary; whichever rank fails second may already have been stopped by the launcher.
+    summary = next(line for line in proc.stderr.splitlines() if line.startswith("distrifusion: failed on rank"))
+    assert "(exit 2)" in summary
     assert not (tmp_path / "x.png").exists()
     assert seconds < 90  # process start-up included; a hang would run into the collective timeout
 
