@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder or hub id (e.g. an SD 1.5 / SD 2.1 / SDXL pipeline)",
     )
     gen.add_argument(
-        "--prompt", default=None, help="text prompt; for the embedded model, the texture class (default: brick)"
+        "--prompt", default=None, help="text prompt; for the embedded model, the texture class (default: gravel)"
     )
     gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: 1024)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: 1024)")
@@ -140,7 +140,8 @@ def generate(args: argparse.Namespace) -> int:
             from .pipelines import load_texture_pipeline
 
             pipe = load_texture_pipeline(torch_dtype=dtype)
-            label = pipe.class_index(args.prompt or pipe.classes[0])  # unknown class: error before any rank work
+            default_class = "gravel" if "gravel" in pipe.classes else pipe.classes[0]
+            label = pipe.class_index(args.prompt or default_class)  # unknown class: error before any rank work
             pipe = distrifusion.parallelize(pipe, config)
             start = time.perf_counter()
             image = pipe(label, height=height, width=width, num_inference_steps=args.steps, generator=generator).images[
