@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = list(argv)  # to relaunch as ranks, and (quoted) to name the command in reports
+    args.command_line = shlex.join(["distrifusion", *argv])
     if getattr(args, "nproc", 1) < 1:
         raise SystemExit("error: --nproc must be >= 1")
     if args.command == "generate" and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -193,8 +196,7 @@ def quality(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     pipe = load_texture_pipeline(EMBEDDED if args.model == "embedded" else args.model)
     results = run_quality(pipe, args.height, args.width, args.steps, args.scheduler, args.seeds, args.ranks)
-    command = "distrifusion " + " ".join(sys.argv[1:])
-    write_report(results, Path(args.out_dir), command)
+    write_report(results, Path(args.out_dir), args.command_line)
     print(f"wrote {args.out_dir}/quality.md, quality.json and comparison images")
     return 0
 
@@ -225,9 +227,8 @@ def bench(args: argparse.Namespace) -> int:
             rows.append(row)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rank0.json")
-            argv = [a for a in sys.argv[1:]]
             threads = max(1, cores // args.nproc)
-            if launch(args.nproc, argv, {"DISTRIFUSION_BENCH_OUT": out, "OMP_NUM_THREADS": str(threads)}):
+            if launch(args.nproc, args.argv, {"DISTRIFUSION_BENCH_OUT": out, "OMP_NUM_THREADS": str(threads)}):
                 return 1
             row = json.loads(Path(out).read_text())
         base = next(r for r in rows if r.get("image_s") and r["threads"] == 1 and r["world_size"] == 1)
@@ -239,8 +240,7 @@ def bench(args: argparse.Namespace) -> int:
         )
         rows.append(row)
     if args.json:
-        command = "distrifusion " + " ".join(sys.argv[1:])
-        Path(args.json).write_text(json.dumps({"command": command, "results": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"command": args.command_line, "results": rows}, indent=1))
     return 0
 
 

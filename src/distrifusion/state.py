@@ -103,11 +103,9 @@ class Exchange:
         """Send the open bucket (called when it is full and at the end of every step)."""
         if not self._open:
             return
-        dtypes = {p.dtype for _, p in self._open}
-        if len(dtypes) > 1:  # buckets are flat buffers of one dtype; mixed payloads go per dtype
-            groups = [[(k, p) for k, p in self._open if p.dtype == d] for d in sorted(dtypes, key=str)]
-        else:
-            groups = [self._open]
+        # Buckets are flat buffers of one dtype: mixed payloads (fp16 activations, fp32 statistics) go per dtype.
+        dtypes = dict.fromkeys(p.dtype for _, p in self._open)
+        groups = [[(k, p) for k, p in self._open if p.dtype == d] for d in dtypes]
         self._open, self._open_bytes = [], 0
         for group in groups:
             flat = torch.cat([p.reshape(-1) for _, p in group])
