@@ -25,6 +25,8 @@ def fake_runtime(world_size: int, rank: int = 0) -> Runtime:
         ("warmup_steps", True),
         ("split_cfg", "yes"),
         ("split_cfg", 1),
+        ("cuda_graphs", "yes"),
+        ("cuda_graphs", 1),
         ("comm_bucket_mb", 0),
         ("timeout_s", -1),
     ],

@@ -29,6 +29,14 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
         help="do not split the CFG batch halves over two rank groups",
     )
     p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_const",
+        const=False,
+        default=None,
+        help="run every step eagerly (default: CUDA graphs where possible)",
+    )
+    p.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -79,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="denoising steps per image with --nproc")
     bench.add_argument(
         "--nproc", type=int, default=1, help="also time whole images over N real local processes against one process"
+    )
+    bench.add_argument(
+        "--graphs",
+        choices=["auto", "on", "off"],
+        nargs="+",
+        default=["auto"],
+        help="CUDA graphs for our runs (auto: on CUDA); several values give one row each",
     )
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     return parser
@@ -132,7 +147,11 @@ def generate(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING, format="%(message)s")
     config = ParallelConfig(
-        mode=args.mode, warmup_steps=args.warmup_steps, groupnorm=args.groupnorm, split_cfg=args.split_cfg
+        mode=args.mode,
+        warmup_steps=args.warmup_steps,
+        groupnorm=args.groupnorm,
+        split_cfg=args.split_cfg,
+        cuda_graphs=args.cuda_graphs,
     )
     height, width = args.height or 1024, args.width or 1024
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
@@ -208,21 +227,27 @@ def bench(args: argparse.Namespace) -> int:
     from .bench import bench_images, bench_step, format_row
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
+    graph_choices = [{"auto": None, "on": True, "off": False}[g] for g in dict.fromkeys(args.graphs)]
+    graphs = graph_choices[0]
     if "LOCAL_RANK" in os.environ:  # a rank launched by the --nproc branch below
-        row = bench_images(args.arch, args.sizes[0], args.sizes[0], dtype, args.steps, args.repeats, args.mode)
+        row = bench_images(args.arch, args.sizes[0], args.sizes[0], dtype, args.steps, args.repeats, args.mode, graphs)
         if _rank() == 0:
             Path(os.environ["DISTRIFUSION_BENCH_OUT"]).write_text(json.dumps(row))
         return 0
     rows = []
     for size in args.sizes:
-        row = bench_step(args.arch, size, size, dtype, args.simulate, args.repeats, args.mode)
-        print(format_row(row), flush=True)
-        rows.append(row)
+        for graphs in graph_choices:
+            row = bench_step(args.arch, size, size, dtype, args.simulate, args.repeats, args.mode, graphs=graphs)
+            print(format_row(row), flush=True)
+            rows.append(row)
+    graphs = graph_choices[0]  # --nproc runs use the first choice
     if args.nproc > 1:
         cores = os.cpu_count() or 1
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
-            row = bench_images(args.arch, args.sizes[0], args.sizes[0], dtype, args.steps, args.repeats, args.mode)
+            row = bench_images(
+                args.arch, args.sizes[0], args.sizes[0], dtype, args.steps, args.repeats, args.mode, graphs
+            )
             print(f"1 process x {threads} thread(s): {row['image_s']:.2f} s per image", flush=True)
             rows.append(row)
         with tempfile.TemporaryDirectory() as tmp:

@@ -29,9 +29,15 @@ class PendingGather(Protocol):
 class Communicator(Protocol):
     rank: int
     size: int
+    capturable: bool
+    """Whether its collectives can be captured in a CUDA graph (nccl, loopback, a group of one)."""
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
         """Gather one equally shaped tensor from every member, stacked along a new first dim."""
+        ...
+
+    def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
+        """Fill the other members' rows of a contiguous (size, ...) buffer whose row `rank` holds ours."""
         ...
 
 
@@ -52,9 +58,13 @@ class SoloCommunicator:
 
     rank = 0
     size = 1
+    capturable = True
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
         return _Done(tensor.unsqueeze(0))
+
+    def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
+        return _Done(buffer)
 
 
 class DistCommunicator:
@@ -64,12 +74,20 @@ class DistCommunicator:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        # NCCL collectives can be captured in CUDA graphs; gloo's synchronise with the host.
+        self.capturable = dist.get_backend(group) == "nccl"
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
-        # A flat output buffer: gloo checks sizes by concatenation along the first dim.
-        flat = tensor.new_empty(self.size * tensor.numel())
-        work = _all_gather_single(flat, tensor.reshape(-1), group=self.group, async_op=async_op)
-        return _Done(flat.view(self.size, *tensor.shape), work)
+        out = tensor.new_empty(self.size, *tensor.shape)
+        out[self.rank] = tensor
+        return self.all_gather_inplace(out, async_op)
+
+    def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
+        # Flat views: gloo checks sizes by concatenation along the first dim. Input inside the output
+        # is NCCL's documented in-place all-gather (and works with gloo): no send buffer, no copy.
+        flat = buffer.view(-1)
+        work = _all_gather_single(flat, buffer[self.rank].view(-1), group=self.group, async_op=async_op)
+        return _Done(buffer, work)
 
 
 # Renamed in recent torch; the old name still works but warns.

@@ -40,6 +40,12 @@ class ParallelConfig:
     """Displaced-step exchanges are coalesced into all-gathers of about this many megabytes, so
     that a UNet issues a few large collectives instead of hundreds of small ones."""
 
+    cuda_graphs: bool | None = None
+    """Replay each denoising step as a CUDA graph (one per image size and phase, captured at its
+    second use), collectives included. None: on when the model runs on CUDA and the collectives
+    can be captured (nccl, or a single rank); True: the same, but raise if they cannot; False:
+    eager steps."""
+
     timeout_s: float = 300.0
     """Timeout of every collective when `parallelize` creates the process group, so that a rank
     that dies cannot leave the others blocked forever."""
@@ -55,6 +61,8 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not (isinstance(self.split_cfg, bool) or self.split_cfg == "force"):
             raise ValueError(f"ParallelConfig.split_cfg must be True, False or 'force', got {self.split_cfg!r}")
+        if not (self.cuda_graphs is None or isinstance(self.cuda_graphs, bool)):
+            raise ValueError(f"ParallelConfig.cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
         if not self.comm_bucket_mb > 0:
             raise ValueError(f"ParallelConfig.comm_bucket_mb must be > 0, got {self.comm_bucket_mb}")
         if not self.timeout_s > 0:

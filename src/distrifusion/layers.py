@@ -96,20 +96,18 @@ class PatchGroupNorm:
             count = torch.full_like(mean, groups.shape[-1])
             local = torch.stack([mean, var, count], -1)
             if mode == "sync" or state.sync_step:
-                mean, var = _combine(state.context(self.name, local, fresh=True))
-            else:
-                previous = state.context(self.name, local)
+                mean, var = _combine(state.context(self.name, local, fresh=mode == "sync"))
+            elif mode == "stale":  # other strips' previous statistics, this strip's fresh ones
+                mean, var = _combine(state.context(self.name, local))
+            else:  # corrected_async: previous global moments plus the change of the local ones
+                others, old_local = state.context_and_own_previous(self.name, local)
                 rank = state.plan.patch_rank
-                if mode == "stale":
-                    mean, var = _combine(torch.cat([previous[:rank], local[None], previous[rank + 1 :]]))
-                else:  # corrected_async: previous global moments plus the change of the local ones
-                    old_mean, old_var = _combine(previous)
-                    old_local = previous[rank]
-                    new_mean = old_mean + (mean - old_local[..., 0])
-                    second = old_var + old_mean**2 + (var + mean**2) - (old_local[..., 1] + old_local[..., 0] ** 2)
-                    new_var = second - new_mean**2
-                    # Stale moments can imply a negative variance; fall back to the local one there.
-                    mean, var = new_mean, torch.where(new_var < 0, var, new_var)
+                old_mean, old_var = _combine(torch.cat([others[:rank], old_local[None], others[rank + 1 :]]))
+                new_mean = old_mean + (mean - old_local[..., 0])
+                second = old_var + old_mean**2 + (var + mean**2) - (old_local[..., 1] + old_local[..., 0] ** 2)
+                new_var = second - new_mean**2
+                # Stale moments can imply a negative variance; fall back to the local one there.
+                mean, var = new_mean, torch.where(new_var < 0, var, new_var)
         out = (groups - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
         out = out.view(x.shape)
         if norm.affine:
@@ -130,10 +128,12 @@ def _combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class PatchAttnProcessor:
     """Self-attention of a strip's queries over the keys/values of the whole image.
 
-    Keys and values are projected in one matmul. Other strips' keys/values are fresh in a
-    synchronous step and the previous step's in a displaced one; this strip's are always fresh.
-    Cross-attention (text keys/values) does not depend on the strip and runs the original
-    processor unchanged.
+    Keys and values are projected in one matmul, straight into this rank's row of the exchange
+    buffer. Other strips' keys/values are fresh in a synchronous step and the previous step's in
+    a displaced one; this strip's are always fresh. With equal strips and one image per rank the
+    attention reads the gathered buffer in place. Cross-attention (text keys/values) does not
+    depend on the strip; its keys/values are computed once per image and reused while the text
+    embedding is unchanged (in eager mode; a CUDA graph recomputes them, at no launch cost).
     """
 
     def __init__(self, attn: nn.Module, name: str, state: ParallelState, original) -> None:
@@ -142,19 +142,39 @@ class PatchAttnProcessor:
         self.name, self.state, self.original = name, state, original
         self._fused: tuple | None = None
 
-    def _kv(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _fused_weights(self, attn: nn.Module, dtype: torch.dtype):
+        """(weight, bias) of the key and value projections side by side, or None if they are not
+        plain linears (e.g. LoRA-wrapped); rebuilt whenever either weight changes."""
         k, v = attn.to_k, attn.to_v
-        if not (type(k) is nn.Linear and type(v) is nn.Linear):  # e.g. LoRA-wrapped projections
-            return torch.cat([k(x), v(x)], -1)
-        version = (k.weight._version, v.weight._version, k.weight.data_ptr(), v.weight.data_ptr(), x.dtype)
+        if not (type(k) is nn.Linear and type(v) is nn.Linear):
+            return None
+        version = (k.weight._version, v.weight._version, k.weight.data_ptr(), v.weight.data_ptr(), dtype)
         if self._fused is None or self._fused[0] != version:
             bias = None if k.bias is None else torch.cat([k.bias, v.bias])
             self._fused = (version, torch.cat([k.weight, v.weight]), bias)
-        return F.linear(x, self._fused[1], self._fused[2])
+        return self._fused[1:]
+
+    def _kv(self, attn: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys and values side by side, (batch, tokens, 2 * channels); written into `out` when it
+        is a contiguous (batch, tokens, 2 * channels) tensor."""
+        fused = self._fused_weights(attn, x.dtype)
+        if fused is None:
+            return torch.cat([attn.to_k(x), attn.to_v(x)], -1)
+        weight, bias = fused
+        direct = out is not None and out.shape[:2] == x.shape[:2] and out.is_contiguous()
+        # out= kernels take no part in autocast: only when every dtype already agrees.
+        if not direct or not (out.dtype == x.dtype == weight.dtype) or torch.is_autocast_enabled():
+            return F.linear(x, weight, bias)
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        if bias is None:
+            torch.mm(flat_x, weight.t(), out=flat_out)
+        else:
+            torch.addmm(bias, flat_x, weight.t(), out=flat_out)
+        return out
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state = self.state
-        if encoder_hidden_states is not None or not state.split:
+        if not state.split or attention_mask is not None and encoder_hidden_states is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if attention_mask is not None:
             raise ValueError(f"distrifusion: a self-attention mask in {self.name!r} cannot be split into strips")
@@ -163,32 +183,67 @@ class PatchAttnProcessor:
         if spatial:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
         query = attn.to_q(hidden_states)
-        kv = self._kv(attn, hidden_states)
-        if not state.naive:
-            tokens = state.sizes(kv.shape[1])
-            others = state.context(self.name, _pad_to(kv, 1, max(tokens)))
-            rank = state.plan.patch_rank
-            kv = torch.cat([kv if j == rank else others[j][:, :n] for j, n in enumerate(tokens)], 1)
-        key, value = kv.chunk(2, -1)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        if encoder_hidden_states is not None:
+            kv = self._cross_kv(attn, encoder_hidden_states)
+        else:
+            kv = self._self_kv(attn, hidden_states)
+        out = _attend(attn, query, kv)
         if spatial:
             out = out.transpose(-1, -2).reshape(batch, channels, height, width)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _self_kv(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Keys/values of every strip's tokens, in image order; this strip's fresh."""
+        state = self.state
+        if state.naive:
+            return self._kv(attn, hidden_states)
+        tokens = state.sizes(hidden_states.shape[1])
+        row = state.own_row(self.name)
+        kv = self._kv(attn, hidden_states, None if row is None else row[:, : hidden_states.shape[1]])
+        gathered = state.context(self.name, _pad_to(kv, 1, max(tokens)), alone=True)
+        if gathered.shape[1] == 1 and min(tokens) == max(tokens):  # (ranks, 1, tokens, c): one image's tokens
+            return gathered.view(1, -1, gathered.shape[-1])
+        return torch.cat([gathered[j][:, :n] for j, n in enumerate(tokens)], 1)
+
+    def _cross_kv(self, attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.state.graphs is not None:
+            return self._kv(attn, _norm_cross(attn, encoder_hidden_states))
+        source = encoder_hidden_states
+        weights = [attn.to_k, attn.to_v] + ([attn.norm_cross] if attn.norm_cross else [])
+        try:  # the same tensor, unmodified (views share the version counter), with the same weights
+            key = (source.data_ptr(), source.shape, source.stride(), source.dtype, source._version)
+            key += tuple((p.data_ptr(), p._version) for m in weights for p in m.parameters())
+        except RuntimeError:  # inference-mode tensors keep no version: nothing tells they are unchanged
+            return self._kv(attn, _norm_cross(attn, source))
+        cached = self.state.cross_kv.get(self.name)
+        if cached is None or cached[0] != key:
+            # Holding `source` keeps its memory from being reused by another tensor at the same address.
+            cached = self.state.cross_kv[self.name] = (key, self._kv(attn, _norm_cross(attn, source)), source)
+        return cached[1]
+
+
+def _norm_cross(attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    return attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+
+
+def _attend(attn: nn.Module, query: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of `query` over keys/values side by side in `kv`, then the output
+    projection: what diffusers' AttnProcessor2_0 does after its projections."""
+    batch = query.shape[0]
+    key, value = kv.chunk(2, -1)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](out))

@@ -14,6 +14,7 @@ from torch import nn
 
 from .comm import Runtime, init_runtime
 from .config import ParallelConfig
+from .graphs import CudaGraphs
 from .layers import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
 from .state import ParallelState, Plan, split_rows
 
@@ -64,11 +65,14 @@ def parallelize_model(model: nn.Module, config: ParallelConfig, runtime: Runtime
     3. every GroupNorm gets whole-image statistics (`PatchGroupNorm`);
     4. every attention gets `PatchAttnProcessor` (self-attention over all strips' keys/values;
        cross-attention unchanged);
-    5. the model's forward splits its inputs, runs the strip and gathers the output.
+    5. the model's forward splits its inputs, runs the strip and gathers the output, as a CUDA
+       graph per image size and phase where `config.cuda_graphs` allows.
     Everything else (1x1 convs, linears, activations, up/down-sampling, skips, embeddings)
     is already local to a strip.
     """
     state = ParallelState(config, block_rows(model), runtime)
+    if use_cuda_graphs(config, runtime):
+        state.graphs = CudaGraphs(runtime.device)
     setattr(model, _STATE_ATTR, state)
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
@@ -81,13 +85,26 @@ def parallelize_model(model: nn.Module, config: ParallelConfig, runtime: Runtime
     return state
 
 
+def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
+    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives."""
+    comms = [runtime.world, *runtime.patch_groups.values()]
+    possible = runtime.device.type == "cuda" and all(getattr(c, "capturable", False) for c in comms)
+    if config.cuda_graphs and not possible:
+        raise ValueError(
+            "distrifusion: cuda_graphs=True needs a CUDA device and collectives that a graph can capture "
+            f"(nccl, or one rank); this rank runs on {runtime.device} with "
+            f"{', '.join(sorted({type(c).__name__ for c in comms}))}. Use cuda_graphs=None or False."
+        )
+    return possible if config.cuda_graphs is None else config.cuda_graphs
+
+
 def remove(pipe_or_model) -> None:
     """Undo `parallelize`: restore the original forwards and attention processors."""
     model = getattr(pipe_or_model, "unet", pipe_or_model)
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         return
-    state.reset()
+    state.release()
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), (PatchConv2d, PatchGroupNorm, _ParallelForward)):
             del module.forward
@@ -106,6 +123,13 @@ def reset(pipe_or_model) -> None:
     if state is None:
         raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
     state.reset()
+    if state.graphs is not None:
+        # Graphs read the weights' memory: replaced or modified weights need new graphs (and the fused
+        # key/value projections a refresh, which the first eager step does).
+        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        if weights != state.graph_weights:
+            state.graphs.clear()
+            state.graph_weights = weights
 
 
 def block_rows(model: nn.Module) -> int:
@@ -160,24 +184,54 @@ class _ParallelForward:
 
     def __call__(self, *args, **kwargs):
         state = self.state
-        if state.runtime.world_size == 1:  # one process: exactly the original model
+        if state.runtime.world_size == 1 and state.graphs is None:  # exactly the original model
             return self.original(self.model, *args, **kwargs)
         bound = self.signature.bind(self.model, *args, **kwargs)
-        sample = bound.arguments["sample"]
+        inputs = {k: v for k, v in bound.arguments.items() if k != "self"}
+        if state.graphs is not None and isinstance(inputs.get("timestep"), (int, float)):
+            # A number would be baked into the graph; diffusers turns it into the same tensor itself.
+            t = inputs["timestep"]
+            inputs["timestep"] = torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
+        if state.runtime.world_size == 1:
+            full, kind = state.graphs("solo", self.run_solo, inputs)
+            return self.output(full, kind)
+        sample = inputs["sample"]
         plan = self.plan(sample)
         state.begin_step(plan)
         if state.step == 0:
-            self.check_same_inputs(sample, bound.arguments.get("timestep"))
+            self.check_same_inputs(sample, inputs.get("timestep"))
         batch = slice(plan.cfg_index * plan.local_batch, (plan.cfg_index + 1) * plan.local_batch)
         rows = (plan.row_start, plan.row_start + plan.rows[plan.patch_rank])
-        for name, value in bound.arguments.items():
-            if name != "self":
-                bound.arguments[name] = _local(value, plan.batch, plan.height, plan.width, batch, rows)
-        out = self.original(*bound.args, **bound.kwargs)
-        state.end_step()
-        local = out[0] if isinstance(out, tuple) else out.sample
-        full = self.gather(local, plan)
-        return (full,) if isinstance(out, tuple) else type(out)(sample=full)
+        inputs = {k: _local(v, plan.batch, plan.height, plan.width, batch, rows) for k, v in inputs.items()}
+        if state.graphs is None:
+            full, kind = self.run_split(inputs)
+        else:
+            full, kind = state.graphs(("sync" if state.sync_step else "displaced", plan), self.run_split, inputs)
+        state.step += 1
+        return self.output(full, kind)
+
+    def call_original(self, inputs: dict):
+        bound = inspect.BoundArguments(self.signature, {"self": self.model, **inputs})
+        return self.original(*bound.args, **bound.kwargs)
+
+    def run_solo(self, inputs: dict) -> tuple[torch.Tensor, type]:
+        """One process's step (graphed): the original forward."""
+        out = self.call_original(inputs)
+        return (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
+
+    def run_split(self, inputs: dict) -> tuple[torch.Tensor, type]:
+        """This rank's strip of one step and the gathered full output: the work a graph captures."""
+        out = self.call_original(inputs)
+        self.state.end_step()
+        local, kind = (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
+        full = self.gather(local, self.state.plan)
+        if self.state.graphs is not None:
+            self.state.exchange.settle()  # a graph must not leave collectives in flight
+        return full, kind
+
+    @staticmethod
+    def output(sample: torch.Tensor, kind: type):
+        return (sample,) if kind is tuple else kind(sample=sample)
 
     def plan(self, sample: torch.Tensor) -> Plan:
         """Validate the call's shape (identically on every rank, before any collective) and split it."""

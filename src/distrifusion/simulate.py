@@ -25,11 +25,19 @@ T = TypeVar("T")
 class LoopbackCommunicator:
     """Plays a group of `size` whose other members send copies of this rank's payload."""
 
+    capturable = True  # local copies only: a CUDA graph can hold them
+
     def __init__(self, size: int, rank: int = 0) -> None:
         self.size, self.rank = size, rank
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
         return _Done(tensor.unsqueeze(0).expand(self.size, *tensor.shape).clone())
+
+    def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
+        for r in range(self.size):
+            if r != self.rank:
+                buffer[r].copy_(buffer[self.rank])
+        return _Done(buffer)
 
 
 def loopback_runtime(world_size: int, rank: int = 0, device: torch.device | str = "cpu") -> Runtime:
@@ -51,16 +59,25 @@ class _ThreadGroup:
 class ThreadCommunicator:
     """All-gather among threads: write own slot, wait for all, read all, wait again."""
 
+    capturable = False
+
     def __init__(self, group: _ThreadGroup, rank: int) -> None:
         self.group, self.rank, self.size = group, rank, group.size
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
+        out = tensor.new_empty(self.size, *tensor.shape)
+        out[self.rank] = tensor
+        return self.all_gather_inplace(out, async_op)
+
+    def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
         group = self.group
-        group.slots[self.rank] = tensor
+        group.slots[self.rank] = buffer[self.rank]
         group.barrier.wait()
-        out = torch.stack(group.slots)
+        for r, row in enumerate(group.slots):
+            if r != self.rank:
+                buffer[r].copy_(row)
         group.barrier.wait()  # nobody overwrites a slot before every member has read it
-        return _Done(out)
+        return _Done(buffer)
 
 
 def simulate_ranks(world_size: int, fn: Callable[[Runtime], T], device: torch.device | str = "cpu") -> list[T]:

@@ -7,7 +7,7 @@ contributed (`exchange`). Everything that changes from step to step lives here, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,83 +49,182 @@ def split_rows(height: int, block: int, parts: int) -> tuple[int, ...]:
     return tuple((base + (i < extra)) * block for i in range(parts))
 
 
-@dataclass
-class _Bucket:
-    pending: PendingGather
-    gathered: torch.Tensor | None = None
+@dataclass(frozen=True)
+class _Slot:
+    buffer: int
+    """Index of the exchange buffer that holds this payload."""
+    offset: int
+    numel: int
+    shape: torch.Size
+    dtype: torch.dtype
 
-    def result(self) -> torch.Tensor:
-        if self.gathered is None:
-            self.gathered = self.pending.wait()
-        return self.gathered
 
-
-@dataclass
 class Exchange:
-    """The context each layer shares with the other ranks of its patch group.
+    """Preallocated buffers in which the ranks of a patch group swap their layers' context.
 
-    Synchronous steps gather fresh payloads at once. Displaced steps post payloads into buckets
-    that are all-gathered asynchronously once they reach `bucket_bytes`, and read them in the
-    next step, waiting on a bucket only right before its first use.
+    Every layer call of a step owns a slot: a (ranks, *payload) view of a buffer of shape
+    (ranks, n). This rank writes its payload into its row; an in-place all-gather fills the
+    other rows. Small payloads (conv halos, GroupNorm statistics) share buckets of about
+    `bucket_bytes`, gathered as one collective; payloads read in place (attention keys/values)
+    or gathered at once in every step have a buffer each.
+
+    The layout is learnt in the first (always synchronous) step of a split and is fixed after
+    it, so the same buffers serve every later step, image and CUDA graph. In displaced steps a
+    bucket's gather starts once its last payload is written and the layer that wrote it has
+    read its context, and is waited for right before the bucket's first use in the next step.
     """
 
-    comm: Communicator
-    bucket_bytes: int
-    _latest: dict[str, torch.Tensor | tuple[_Bucket, int, int, torch.Size]] = field(default_factory=dict)
-    _open: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    _open_bytes: int = 0
+    def __init__(self, comm: Communicator, bucket_bytes: int) -> None:
+        self.comm, self.bucket_bytes = comm, bucket_bytes
+        self.slots: dict[str, _Slot] = {}
+        self.buffers: list[torch.Tensor | None] = []
+        self.fixed = False
+        """True once the first step has laid out every slot and allocated every buffer."""
+        self._last_key: list[str] = []  # per buffer: the payload whose writing completes it
+        self._filled: list[int] = []  # per buffer: elements laid out so far
+        self._open: dict[torch.dtype, int] = {}  # per dtype: the bucket being laid out
+        self._staged: dict[str, torch.Tensor] = {}  # first-step gathers of bucketed payloads
+        self._device: torch.device | None = None
+        self._written: set[int] = set()
+        self._ready: list[int] = []
+        self._pending: dict[int, PendingGather] = {}
 
-    def gather_now(self, key: str, payload: torch.Tensor) -> torch.Tensor:
-        """Blocking all-gather; the result also serves as the previous step's context next step."""
+    def view(self, key: str) -> torch.Tensor:
+        """All ranks' payloads of one slot, shape (ranks, *payload shape); a view of its buffer."""
+        slot = self.slots[key]
+        buffer = self._wait(slot.buffer)
+        return buffer[:, slot.offset : slot.offset + slot.numel].unflatten(1, slot.shape)
+
+    def own_row(self, key: str) -> torch.Tensor | None:
+        """This rank's row of a laid-out slot, to compute a payload straight into; else None."""
+        slot = self.slots.get(key)
+        if slot is None or self.buffers[slot.buffer] is None:
+            return None
+        return self.view(key)[self.comm.rank]
+
+    def gather_now(self, key: str, payload: torch.Tensor, alone: bool = False) -> torch.Tensor:
+        """Blocking exchange: every rank's fresh payload; also kept as the next step's context."""
+        self._send_ready()
+        slot = self._place(key, payload, alone)
+        buffer = self.buffers[slot.buffer]
+        if buffer is not None and (alone or slot.numel == buffer.shape[1]):
+            view = self.view(key)
+            _write(view[self.comm.rank], payload)
+            self.comm.all_gather_inplace(buffer).wait()
+            return view
         gathered = self.comm.all_gather(payload).wait()
-        self._latest[key] = gathered
-        return gathered
+        if buffer is None:
+            self._staged[key] = gathered
+            return gathered
+        view = self.view(key)
+        view.copy_(gathered)
+        return view
 
-    def previous(self, key: str) -> torch.Tensor:
-        """All ranks' payloads for `key` from the step before, shape (ranks, *payload shape)."""
-        entry = self._latest.get(key)
-        if entry is None:
-            raise RuntimeError(f"distrifusion: no context from the previous step for layer {key!r}")
-        if isinstance(entry, torch.Tensor):
-            return entry
-        bucket, offset, numel, shape = entry
-        flat = bucket.result()
-        return flat[:, offset : offset + numel].unflatten(1, shape)
-
-    def post(self, key: str, payload: torch.Tensor) -> None:
-        """Queue this rank's fresh payload; it is sent asynchronously with its bucket."""
-        self._open.append((key, payload))
-        self._open_bytes += payload.numel() * payload.element_size()
-        if self._open_bytes >= self.bucket_bytes:
-            self.flush()
+    def swap(self, key: str, payload: torch.Tensor, keep_own: bool = False):
+        """Displaced exchange: write this rank's fresh payload, return the slot with the other rows
+        as the previous step left them (and, with `keep_own`, a copy of this rank's old row)."""
+        self._send_ready()
+        slot = self.slots.get(key)
+        if slot is None or not self.fixed:
+            raise RuntimeError(
+                f"distrifusion: layer call {key!r} did not run in the first step of this image size; every "
+                "denoising step must run the same layers (call distrifusion.reset() before a new image)"
+            )
+        self._check(key, slot, payload)
+        view = self.view(key)
+        old_own = view[self.comm.rank].clone() if keep_own else None
+        _write(view[self.comm.rank], payload)
+        self._written.add(slot.buffer)
+        if key == self._last_key[slot.buffer]:
+            # Sent at the next exchange call, after this layer's kernels that read the slot are queued.
+            self._written.discard(slot.buffer)
+            self._ready.append(slot.buffer)
+        return (view, old_own) if keep_own else view
 
     def flush(self) -> None:
-        """Send the open bucket (called when it is full and at the end of every step)."""
-        if not self._open:
-            return
-        # Buckets are flat buffers of one dtype: mixed payloads (fp16 activations, fp32 statistics) go per dtype.
-        dtypes = dict.fromkeys(p.dtype for _, p in self._open)
-        groups = [[(k, p) for k, p in self._open if p.dtype == d] for d in dtypes]
-        self._open, self._open_bytes = [], 0
-        for group in groups:
-            flat = torch.cat([p.reshape(-1) for _, p in group])
-            bucket = _Bucket(self.comm.all_gather(flat, async_op=True))
-            offset = 0
-            for key, payload in group:
-                self._latest[key] = (bucket, offset, payload.numel(), payload.shape)
-                offset += payload.numel()
+        """End of a step: fix the layout after the first step, send every written bucket."""
+        if not self.fixed:
+            self._allocate()
+        self._ready.extend(sorted(self._written))
+        self._written.clear()
+        self._send_ready()
 
-    def clear(self) -> None:
-        """Drop all context; in-flight gathers are waited for so no buffer is freed under them."""
-        for entry in self._latest.values():
-            if not isinstance(entry, torch.Tensor):
-                entry[0].result()
-        self._latest.clear()
-        self._open, self._open_bytes = [], 0
+    def settle(self) -> None:
+        """Send what is written and wait for every gather in flight."""
+        self.flush()
+        for index in list(self._pending):
+            self._wait(index)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _place(self, key: str, payload: torch.Tensor, alone: bool) -> _Slot:
+        slot = self.slots.get(key)
+        if slot is not None:
+            self._check(key, slot, payload)
+            return slot
+        if self.fixed:
+            raise RuntimeError(f"distrifusion: layer call {key!r} did not run in the first step of this image size")
+        self._device = payload.device
+        nbytes = payload.numel() * payload.element_size()
+        index = self._open.get(payload.dtype)
+        if alone or nbytes >= self.bucket_bytes:
+            index = self._new_buffer(key)
+            self.buffers[index] = payload.new_empty(self.comm.size, payload.numel())
+        elif index is None or (self._filled[index] * payload.element_size() + nbytes > self.bucket_bytes):
+            index = self._open[payload.dtype] = self._new_buffer(key)
+        slot = _Slot(index, self._filled[index], payload.numel(), payload.shape, payload.dtype)
+        self._filled[index] += payload.numel()
+        self._last_key[index] = key
+        self.slots[key] = slot
+        return slot
+
+    def _new_buffer(self, key: str) -> int:
+        self.buffers.append(None)
+        self._last_key.append(key)
+        self._filled.append(0)
+        return len(self.buffers) - 1
+
+    def _allocate(self) -> None:
+        for index, buffer in enumerate(self.buffers):
+            if buffer is None:
+                dtype = next(s.dtype for s in self.slots.values() if s.buffer == index)
+                self.buffers[index] = torch.empty(self.comm.size, self._filled[index], dtype=dtype, device=self._device)
+        for key, gathered in self._staged.items():
+            self.view(key).copy_(gathered)
+        self._staged.clear()
+        self._open.clear()
+        self.fixed = True
+
+    def _check(self, key: str, slot: _Slot, payload: torch.Tensor) -> None:
+        if payload.shape != slot.shape or payload.dtype != slot.dtype:
+            raise RuntimeError(
+                f"distrifusion: layer call {key!r} sent a {payload.dtype} payload of shape {tuple(payload.shape)}, "
+                f"but {slot.dtype} {tuple(slot.shape)} in the first step of this image size"
+            )
+
+    def _send_ready(self) -> None:
+        for index in self._ready:
+            self._pending[index] = self.comm.all_gather_inplace(self.buffers[index], async_op=True)
+        self._ready.clear()
+
+    def _wait(self, index: int) -> torch.Tensor:
+        pending = self._pending.pop(index, None)
+        if pending is not None:
+            pending.wait()
+        return self.buffers[index]
+
+
+def _write(row: torch.Tensor, payload: torch.Tensor) -> None:
+    """Copy a payload into its row, unless it was computed there in the first place."""
+    if payload.data_ptr() != row.data_ptr() or payload.stride() != row.stride():
+        row.copy_(payload)
 
 
 class ParallelState:
-    """Everything the patch-parallel layers of one model share: config, split, step, context."""
+    """Everything the patch-parallel layers of one model share: config, split, step, context.
+
+    Exchange buffers are kept per split (`Plan`) until `release`, so that switching between image
+    sizes reuses them, and CUDA graphs captured for a size stay valid.
+    """
 
     def __init__(self, config: ParallelConfig, block: int, runtime) -> None:
         self.config = config
@@ -135,28 +234,46 @@ class ParallelState:
         self.plan: Plan | None = None
         self.step = 0
         self.exchange: Exchange | None = None
+        self.graphs = None
+        """The model's `CudaGraphs` when steps run as CUDA graphs, else None."""
+        self.graph_weights: tuple | None = None
+        """(address, version) of every weight when the graphs were last checked (see `reset`)."""
+        self.cross_kv: dict[str, tuple] = {}
+        """Cross-attention keys/values per layer, computed once per image (see PatchAttnProcessor)."""
+        self._exchanges: dict[Plan, Exchange] = {}
         self._calls: dict[str, int] = {}
 
     # -- step bookkeeping ------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new image: step 0 (synchronous), no stale context."""
+        """Start a new image: step 0 (synchronous); the context buffers are kept for reuse."""
         if self.exchange is not None:
-            self.exchange.clear()
+            self.exchange.settle()
         self.step = 0
         self._calls.clear()
+        self.cross_kv.clear()
+
+    def release(self) -> None:
+        """Drop every buffer and graph (for `remove`)."""
+        self.reset()
+        self._exchanges.clear()
+        self.exchange = self.plan = None
+        if self.graphs is not None:
+            self.graphs.clear()
 
     def begin_step(self, plan: Plan) -> None:
         if plan != self.plan:
             self.reset()
             self.plan = plan
-            comm = self.runtime.patch_groups[plan.cfg_groups]
-            self.exchange = Exchange(comm, int(self.config.comm_bucket_mb * 2**20))
+            if plan not in self._exchanges:
+                comm = self.runtime.patch_groups[plan.cfg_groups]
+                self._exchanges[plan] = Exchange(comm, int(self.config.comm_bucket_mb * 2**20))
+            self.exchange = self._exchanges[plan]
         self._calls.clear()
 
     def end_step(self) -> None:
-        if self.exchange is not None:
-            self.exchange.flush()
-        self.step += 1
+        """Send this step's remaining context. Part of the step's work (a CUDA graph captures it);
+        the step counter is advanced by the caller, outside any graph."""
+        self.exchange.flush()
 
     # -- what layers ask -------------------------------------------------------------------
     @property
@@ -184,22 +301,31 @@ class ParallelState:
             raise RuntimeError(f"distrifusion: a layer saw {local} rows or tokens, not a share of {mine} rows")
         return [local * r // mine for r in plan.rows]
 
-    def key(self, name: str) -> str:
+    def key(self, name: str, peek: bool = False) -> str:
         """A per-step unique key for a layer call (a module may run more than once per step)."""
         count = self._calls.get(name, 0)
-        self._calls[name] = count + 1
+        if not peek:
+            self._calls[name] = count + 1
         return name if count == 0 else f"{name}#{count}"
 
-    def context(self, name: str, payload: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+    def own_row(self, name: str) -> torch.Tensor | None:
+        """Where this rank's payload for the layer's next `context` call lives (None if not yet laid out)."""
+        return self.exchange.own_row(self.key(name, peek=True))
+
+    def context(self, name: str, payload: torch.Tensor, *, alone: bool = False, fresh: bool = False) -> torch.Tensor:
         """All patch ranks' payloads for this layer call, shape (ranks, *payload shape).
 
-        In a synchronous step (or with `fresh`) they are this step's, gathered now. In a
-        displaced step they are the previous step's, and this rank's fresh payload is posted
-        for the next step without waiting.
+        This rank's row is `payload`. The other rows are this step's in a synchronous step (or
+        with `fresh`: a blocking exchange), else the previous step's, and `payload` goes out to
+        the others for the next step without waiting. The result is a view of the exchange
+        buffer, valid until this layer's next call. `alone` gives the payload its own buffer,
+        so that the result is one contiguous tensor.
         """
         key = self.key(name)
         if fresh or self.sync_step:
-            return self.exchange.gather_now(key, payload)
-        stale = self.exchange.previous(key)
-        self.exchange.post(key, payload)
-        return stale
+            return self.exchange.gather_now(key, payload, alone or fresh)
+        return self.exchange.swap(key, payload)
+
+    def context_and_own_previous(self, name: str, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `context` in a displaced step, plus this rank's payload from the previous step."""
+        return self.exchange.swap(self.key(name), payload, keep_own=True)

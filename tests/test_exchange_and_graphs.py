@@ -1,0 +1,212 @@
+"""The hot path: preallocated exchange buffers, attention over them in place, cross-attention keys/values
+computed once per image, and the CUDA-graph step path (driven on CPU by a stand-in for the graph).
+
+Ranks are simulated with threads (tests/test_parity.py shows they match real processes bit for bit).
+Float64 throughout, so the tolerance of the parity tests applies: 1e-9 of the output's scale.
+"""
+
+import copy
+
+import pytest
+import torch
+from helpers import BLOCK, denoise, model_inputs, tiny_model
+
+import distrifusion
+from distrifusion.comm import Runtime, SoloCommunicator
+from distrifusion.graphs import CudaGraphs
+from distrifusion.simulate import LoopbackCommunicator, simulate_ranks
+from distrifusion.state import Exchange
+
+TOL = 1e-9
+WIDTH = 3 * BLOCK
+
+
+def _on_ranks(world: int, kind: str, config: distrifusion.ParallelConfig, body):
+    """`body(model, state)` on `world` simulated ranks, each with its own copy of one tiny model."""
+    base = tiny_model(kind)
+
+    def rank(runtime):
+        model = copy.deepcopy(base)
+        distrifusion.parallelize(model, config, runtime=runtime)
+        return body(model, model._distrifusion_state)
+
+    return simulate_ranks(world, rank)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a - b).abs().max().item() <= TOL * b.abs().max().item()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("mode,warmup", [("sync", 0), ("displaced", 6)])
+def test_even_strips_read_keys_and_values_in_place(world, mode, warmup):
+    """Equal strips and one image per rank (CFG split): attention reads the gathered buffer itself."""
+    height = 8 * BLOCK
+    reference = denoise(tiny_model("sdxl"), "sdxl", height, WIDTH)
+    config = distrifusion.ParallelConfig(mode=mode, warmup_steps=warmup)
+
+    def body(model, state):
+        out = denoise(model, "sdxl", height, WIDTH)
+        assert state.plan.local_batch == 1 and len(set(state.plan.rows)) == 1  # the in-place case
+        return out
+
+    for out in _on_ranks(world, "sdxl", config, body):
+        assert _close(out, reference)
+
+
+def test_exchange_buffers_are_fixed_after_the_first_step():
+    """No buffer is allocated after step 0: later steps and images reuse the same memory."""
+    config = distrifusion.ParallelConfig(warmup_steps=1, split_cfg=False)
+
+    def body(model, state):
+        denoise(model, "sd15", 5 * BLOCK, WIDTH, steps=4)
+        first = [b.data_ptr() for b in state.exchange.buffers]
+        distrifusion.reset(model)
+        denoise(model, "sd15", 5 * BLOCK, WIDTH, steps=4)
+        return first, [b.data_ptr() for b in state.exchange.buffers], state.exchange.fixed
+
+    for first, second, fixed in _on_ranks(2, "sd15", config, body):
+        assert fixed and first == second and len(first) > 1
+
+
+def test_exchange_swaps_rows_in_place():
+    """Bucketed and lone slots: this rank's row is always the fresh payload, the others' rows are
+    the previous step's; payloads of the wrong shape or from layers unseen in step 0 are refused."""
+    exchange = Exchange(LoopbackCommunicator(3, rank=1), bucket_bytes=64)
+    small = [torch.full((2, 3), float(k)) for k in range(3)]  # 48 bytes each: one per 64-byte bucket
+    exchange.gather_now("a", small[0])
+    exchange.gather_now("b", small[0] + 10)
+    exchange.gather_now("kv", torch.zeros(4, 5), alone=True)
+    exchange.flush()
+    for step in (1, 2):
+        a = exchange.swap("a", small[step])
+        assert torch.equal(a[1], small[step]) and torch.equal(a[0], small[step - 1]) and torch.equal(a[2], a[0])
+        kv = exchange.swap("kv", torch.full((4, 5), float(step)))
+        assert kv.is_contiguous() and torch.equal(kv[0], torch.full((4, 5), step - 1.0))
+        b = exchange.swap("b", small[step] + 10)
+        assert torch.equal(b[0], small[step - 1] + 10)
+        exchange.flush()
+    with pytest.raises(RuntimeError, match="shape"):
+        exchange.swap("a", torch.zeros(3, 2))
+    with pytest.raises(RuntimeError, match="first step"):
+        exchange.swap("new layer", small[0])
+
+
+def test_cross_attention_keys_values_once_per_image():
+    """Cached while the text embedding is the same unmodified tensor; recomputed when it changes
+    (here in place), with the results of a run that recomputes them at every call."""
+    config = distrifusion.ParallelConfig(warmup_steps=1, split_cfg=False)
+    latent, kwargs = model_inputs(tiny_model("sd15"), "sd15", 5 * BLOCK, WIDTH)
+    sample, text = torch.cat([latent, latent]), kwargs["encoder_hidden_states"]
+    calls = ((900, 1.0), (880, 1.0), (860, 0.5))  # the third is a displaced step
+
+    def cached(model, state):
+        mine = text.clone()
+        with torch.no_grad():
+            model(sample, 900, encoder_hidden_states=mine)
+            first = {name: entry[1] for name, entry in state.cross_kv.items()}
+            model(sample, 880, encoder_hidden_states=mine)
+            reused = all(state.cross_kv[name][1] is kv for name, kv in first.items())
+            mine.mul_(0.5)  # in place: the version counter says the keys/values are stale
+            out = model(sample, 860, encoder_hidden_states=mine).sample
+            recomputed = all(state.cross_kv[name][1] is not kv for name, kv in first.items())
+        return len(first), reused, recomputed, out
+
+    def fresh_tensors(model, state):  # a new tensor at every call: nothing is reused
+        with torch.no_grad():
+            for t, scale in calls:
+                out = model(sample, t, encoder_hidden_states=text * scale).sample
+        return out
+
+    expected = _on_ranks(2, "sd15", config, fresh_tensors)
+    for (count, reused, recomputed, out), ref in zip(_on_ranks(2, "sd15", config, cached), expected):
+        assert count == sum(getattr(m, "is_cross_attention", False) for m in tiny_model("sd15").modules()) > 0
+        assert reused and recomputed
+        assert torch.equal(out, ref)
+
+
+def _solo() -> Runtime:
+    solo = SoloCommunicator()
+    return Runtime(0, 1, torch.device("cpu"), solo, {1: solo})
+
+
+def _stand_in_capture(state):
+    """Plays torch.cuda.graph on CPU. Capture records without running, so the exchange buffers are
+    restored after the recording run; replay re-runs the function on the same static inputs into the
+    same output. The function must leave the step counter alone (a real replay runs no Python)."""
+
+    class Replay:
+        def __init__(self, fn, static, out):
+            self.fn, self.static, self.out = fn, static, out
+
+        def replay(self):
+            step = state.step
+            state._calls.clear()  # the per-step layer-call counts, as at the recording run
+            out, _ = self.fn(self.static)
+            assert state.step == step, "the graphed function changed Python state"
+            self.out.copy_(out)
+
+    def capture(fn, static, pool):
+        buffers = [b.clone() for b in state.exchange.buffers] if state.exchange else []
+        out, meta = fn(static)
+        for saved, buffer in zip(buffers, state.exchange.buffers if state.exchange else []):
+            buffer.copy_(saved)
+        return Replay(fn, static, out), out, meta, pool
+
+    return capture
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "unet2d"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_graph_path_matches_eager(kind, world):
+    """Steps replayed through `CudaGraphs` (one graph per size and phase, captured at the second use)
+    give the eager results: two images, a change of size and back, sync and displaced phases."""
+    heights = (5 * BLOCK, 8 * BLOCK, 5 * BLOCK)
+
+    def run(model, state, graphed):
+        if graphed:
+            state.graphs = CudaGraphs(torch.device("cpu"), capture=_stand_in_capture(state))
+        outs = []
+        for height in heights:
+            distrifusion.reset(model)
+            outs.append(denoise(model, kind, height, WIDTH, steps=4))
+        return outs, (len(state.graphs) if graphed else 0)
+
+    config = distrifusion.ParallelConfig(warmup_steps=1, cuda_graphs=False)
+    eager = _on_ranks(world, kind, config, lambda m, s: run(m, s, False))
+    graphed = _on_ranks(world, kind, config, lambda m, s: run(m, s, True))
+    for (expected, _), (outs, captured) in zip(eager, graphed):
+        for out, ref in zip(outs, expected):
+            assert _close(out, ref)
+        # One process: one graph per size. Several: sync and displaced per size (4 steps, warm-up 1).
+        assert captured == (2 if world == 1 else 4)
+
+
+def test_graph_path_takes_number_timesteps():
+    """A Python number timestep becomes a tensor input, so one graph serves every timestep."""
+
+    def body(model, state):
+        state.graphs = CudaGraphs(torch.device("cpu"), capture=_stand_in_capture(state))
+        latent, kwargs = model_inputs(model, "sd15", 5 * BLOCK, WIDTH)
+        with torch.no_grad():
+            outs = [model(torch.cat([latent, latent]), t, **kwargs).sample for t in (900, 700, 500)]
+        return outs, len(state.graphs)
+
+    config = distrifusion.ParallelConfig(mode="sync", cuda_graphs=False)
+    reference = tiny_model("sd15")
+    latent, kwargs = model_inputs(reference, "sd15", 5 * BLOCK, WIDTH)
+    with torch.no_grad():
+        expected = [reference(torch.cat([latent, latent]), t, **kwargs).sample for t in (900, 700, 500)]
+    for outs, captured in _on_ranks(2, "sd15", config, body):
+        assert captured == 1
+        for out, ref in zip(outs, expected):
+            assert _close(out, ref)
+
+
+def test_cuda_graphs_off_on_cpu_and_refused_when_forced():
+    model = tiny_model("sd15")
+    distrifusion.parallelize(model, distrifusion.ParallelConfig(), runtime=_solo())
+    assert model._distrifusion_state.graphs is None  # auto: CUDA only
+    distrifusion.remove(model)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        distrifusion.parallelize(model, distrifusion.ParallelConfig(cuda_graphs=True), runtime=_solo())
