@@ -54,3 +54,17 @@ def test_bench_json_fields(tmp_path):
     # Traffic grows with the image: halos with the width, keys/values with the area.
     assert large["step_bytes"] > 2 * small["step_bytes"]
     assert "one rank's share of 4" in proc.stdout
+
+
+def test_traffic_only_counts_what_a_real_run_sends(tmp_path):
+    """The shape-only count (meta device) equals the bytes counted in a real loopback run."""
+    import torch
+
+    from distrifusion.bench import bench_step, count_traffic
+
+    arch = tmp_path / "tiny_sd15.json"
+    arch.write_text(json.dumps({**CONFIGS["sd15"], "sample_size": 8}))
+    counted = count_traffic(str(arch), [128], torch.float32, [4])
+    measured = bench_step(str(arch), 128, 128, torch.float32, [4], repeats=1)
+    assert counted[0]["step_bytes"] == measured[0]["step_bytes"] > 0
+    assert counted[0]["sync_step_bytes"] == measured[0]["sync_step_bytes"]

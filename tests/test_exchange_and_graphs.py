@@ -69,6 +69,27 @@ def test_exchange_buffers_are_fixed_after_the_first_step():
         assert fixed and first == second and len(first) > 1
 
 
+def test_a_failed_first_step_leaves_no_partial_layout():
+    """An error halfway through step 0 (on every rank) must not leave half a layout behind."""
+    config = distrifusion.ParallelConfig(mode="sync", split_cfg=False)
+    reference = denoise(tiny_model("sd15"), "sd15", 5 * BLOCK, WIDTH, steps=3)
+
+    def body(model, state):
+        def fail(module, args):
+            raise RuntimeError("injected")
+
+        hook = model.mid_block.register_forward_pre_hook(fail)
+        latent, kwargs = model_inputs(model, "sd15", 5 * BLOCK, WIDTH)
+        with pytest.raises(RuntimeError, match="injected"), torch.no_grad():
+            model(torch.cat([latent, latent]), 900, **kwargs)
+        hook.remove()
+        distrifusion.reset(model)
+        return denoise(model, "sd15", 5 * BLOCK, WIDTH, steps=3)
+
+    for out in _on_ranks(2, "sd15", config, body):
+        assert _close(out, reference)
+
+
 def test_exchange_swaps_rows_in_place():
     """Bucketed and lone slots: this rank's row is always the fresh payload, the others' rows are
     the previous step's; payloads of the wrong shape or from layers unseen in step 0 are refused."""
@@ -210,3 +231,29 @@ def test_cuda_graphs_off_on_cpu_and_refused_when_forced():
     distrifusion.remove(model)
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
         distrifusion.parallelize(model, distrifusion.ParallelConfig(cuda_graphs=True), runtime=_solo())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("world", [1, 4])
+def test_real_cuda_graphs_match_eager(world):
+    """On a GPU: steps captured by torch.cuda.graph equal eager steps. Several ranks are played by
+    one process with loopback collectives (every rank's work, same kernels and buffers); those
+    numbers are not a real split, but graph and eager must agree on them exactly all the same."""
+    from distrifusion.simulate import loopback_runtime
+
+    results = {}
+    for graphs in (False, True):
+        model = tiny_model("sdxl")
+        runtime = loopback_runtime(world, rank=world - 1, device="cuda")
+        distrifusion.parallelize(
+            model, distrifusion.ParallelConfig(warmup_steps=1, cuda_graphs=graphs), runtime=runtime
+        )
+        outs = []
+        for height in (5 * BLOCK, 8 * BLOCK, 5 * BLOCK):
+            distrifusion.reset(model)
+            outs.append(denoise(model, "sdxl", height, WIDTH, steps=4))
+        results[graphs] = outs, len(model._distrifusion_state.graphs or ())
+    (eager, _), (graphed, captured) = results[False], results[True]
+    assert captured == (2 if world == 1 else 4)
+    for out, ref in zip(graphed, eager):
+        assert _close(out, ref)

@@ -36,13 +36,15 @@ LINKS = {
 
 
 def build_unet(arch: str, dtype: torch.dtype, device: torch.device):
-    """A random-weight UNet2DConditionModel of a published architecture (or a config JSON path)."""
+    """A random-weight UNet2DConditionModel of a published architecture (or a config JSON path),
+    initialised on `device` itself (an SDXL UNet initialised on the CPU takes a minute)."""
     from diffusers import UNet2DConditionModel
 
     path = Path(arch) if arch.endswith(".json") else CONFIGS / ARCHS[arch]
     config = json.loads(path.read_text())
     torch.manual_seed(0)
-    return UNet2DConditionModel.from_config(config).to(device, dtype).eval()
+    with torch.device(device):
+        return UNet2DConditionModel.from_config(config).to(dtype).eval()
 
 
 def unet_inputs(unet, height: int, width: int, batch: int = 2):
@@ -115,19 +117,21 @@ def bench_step(
     height: int,
     width: int,
     dtype: torch.dtype,
-    simulate: int,
+    simulate: list[int],
     repeats: int,
     mode: str = "displaced",
     device: torch.device | None = None,
     graphs: bool | None = None,
-) -> dict:
-    """Full-step and one-rank-share step times, traffic per step and peak memory for one size.
+    unet=None,
+) -> list[dict]:
+    """Full-step times for one size, then one rank's share of each N in `simulate` (N > 1): one
+    row per N (or one row without a share), with traffic per step and peak memory.
 
     `graphs` is `ParallelConfig.cuda_graphs` for our runs (None: on where possible, i.e. CUDA);
     plain diffusers is timed eagerly and, on CUDA, also as a CUDA graph.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet = build_unet(arch, dtype, device)
+    unet = unet or build_unet(arch, dtype, device)
     sample, kwargs = unet_inputs(unet, height, width)
     t = torch.tensor(500, device=device)
     row = dict(
@@ -140,6 +144,8 @@ def bench_step(
         threads=torch.get_num_threads(),
         mode=mode,
     )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
         row["diffusers_eager_s"] = time_calls(lambda: unet(sample, t, **kwargs), device, repeats)
         row["diffusers_graph_s"] = None  # CUDA graphs exist on CUDA only
@@ -149,30 +155,81 @@ def bench_step(
             plain = lambda i: (unet(**i).sample, None)  # noqa: E731
             row["diffusers_graph_s"] = time_calls(lambda: graphed("plain", plain, inputs), device, repeats, warmup=2)
             del graphed
-        config = ParallelConfig(mode="sync", cuda_graphs=graphs)
-        parallelize(unet, config, runtime=loopback_runtime(1, device=device))
+        parallelize(unet, ParallelConfig(mode="sync", cuda_graphs=graphs), runtime=loopback_runtime(1, device=device))
         row["graphs"] = unet._distrifusion_state.graphs is not None
         row["ours_world1_s"] = time_calls(lambda: unet(sample, t, **kwargs), device, repeats, warmup=2)
         remove(unet)
-        if simulate > 1:
-            row.update(_bench_share(unet, sample, t, kwargs, simulate, repeats, mode, device, graphs))
-            # Against the fastest way to run the whole step on one device, so the ratio is honest.
-            full = min(row[k] for k in ("diffusers_eager_s", "diffusers_graph_s", "ours_world1_s") if row[k])
-            row["full_step_s"] = full
-            row["compute_speedup"] = full / row["share_step_s"]
-            need = row["step_bytes"] / row["share_step_s"]
-            row["bandwidth_needed_GBps"] = need / 1e9
-            row["links_that_hide_it"] = [name for name, bw in LINKS.items() if bw >= need]
-    row["peak_memory_mb"] = peak_memory_mb(device)
-    return row
+        # Against the fastest way to run the whole step on one device, so that the ratio is honest.
+        row["full_step_s"] = min(row[k] for k in ("diffusers_eager_s", "diffusers_graph_s", "ours_world1_s") if row[k])
+        row["peak_memory_mb"] = peak_memory_mb(device)
+        rows = []
+        for ranks in [n for n in simulate if n > 1] or [1]:
+            if ranks == 1:
+                rows.append(row)
+                continue
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            share = dict(row, **_bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs))
+            share["compute_speedup"] = row["full_step_s"] / share["share_step_s"]
+            need = share["step_bytes"] / share["share_step_s"]
+            share["bandwidth_needed_GBps"] = need / 1e9
+            share["links_that_hide_it"] = [name for name, bw in LINKS.items() if bw >= need]
+            share["peak_memory_mb"] = peak_memory_mb(device)
+            rows.append(share)
+    return rows
+
+
+def counting_loopback_runtime(ranks: int, device: torch.device, counter: dict):
+    """This process as the last rank of `ranks` (loopback), counting the bytes it receives."""
+    runtime = loopback_runtime(ranks, device=device)
+    runtime.world = CountingCommunicator(runtime.world, counter)
+    runtime.patch_groups = {k: CountingCommunicator(c, counter) for k, c in runtime.patch_groups.items()}
+    return runtime
+
+
+def count_traffic(arch: str, sizes: list[int], dtype: torch.dtype, ranks: list[int], mode: str = "displaced"):
+    """Bytes each rank receives per synchronous and per displaced step, for every size and N.
+
+    Traffic depends on shapes only, so the model runs on the meta device: no weights, no compute,
+    any image size in seconds on any machine. Counted at the communicator, like `bench_step`.
+    """
+    device = torch.device("meta")
+    unet = build_unet(arch, dtype, device)
+    t = torch.tensor(500, device=device)
+    rows = []
+    for size in sizes:
+        sample, kwargs = unet_inputs(unet, size, size)
+        for n in ranks:
+            counter = {"bytes": 0}
+            config = ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=False)
+            parallelize(unet, config, runtime=counting_loopback_runtime(n, device, counter))
+            plan_of = unet._distrifusion_state
+            with torch.no_grad():
+                unet(sample, t, **kwargs)
+                sync_bytes, counter["bytes"] = counter["bytes"], 0
+                unet(sample, t, **kwargs)
+            rows.append(
+                dict(
+                    arch=arch,
+                    height=size,
+                    width=size,
+                    dtype=str(dtype).removeprefix("torch."),
+                    mode=mode,
+                    ranks=n,
+                    cfg_groups=plan_of.plan.cfg_groups,
+                    largest_strip_rows=max(plan_of.plan.rows),
+                    sync_step_bytes=sync_bytes,
+                    step_bytes=counter["bytes"],
+                )
+            )
+            remove(unet)
+    return rows
 
 
 def _bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs) -> dict:
     """One rank's share of `ranks`: this process plays the largest strip with loopback collectives."""
     counter = {"bytes": 0}
-    runtime = loopback_runtime(ranks, device=device)
-    runtime.world = CountingCommunicator(runtime.world, counter)
-    runtime.patch_groups = {k: CountingCommunicator(c, counter) for k, c in runtime.patch_groups.items()}
+    runtime = counting_loopback_runtime(ranks, device, counter)
     parallelize(unet, ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=graphs), runtime=runtime)
     state = unet._distrifusion_state
 
@@ -190,7 +247,9 @@ def _bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs) 
     row["sync_step_s"] = time_calls(sync_step, device, repeats, warmup=2)
     state.reset()
     step()
-    row["step_bytes"] = step()  # the first displaced step (or sync, with mode="sync") runs eagerly
+    # The first displaced (or naive) step runs eagerly, so its traffic is counted; with mode="sync"
+    # this call replays the synchronous graph, so the synchronous figure stands.
+    row["step_bytes"] = step() if mode != "sync" else row["sync_step_bytes"]
     row["share_step_s"] = time_calls(step, device, repeats, warmup=2)
     row["ranks"] = ranks
     row["cfg_groups"] = state.plan.cfg_groups

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--arch", default="sdxl", help="sd15 | sd21 | sdxl | PATH.json (random weights)")
     bench.add_argument("--sizes", type=int, nargs="+", default=[1024], help="square image sizes in pixels")
     bench.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
-    bench.add_argument("--simulate", type=int, default=1, help="time one rank's share of N (loopback collectives)")
+    bench.add_argument(
+        "--simulate", type=int, nargs="+", default=[1], help="time one rank's share of each N (loopback collectives)"
+    )
     bench.add_argument("--mode", choices=MODES, default="displaced")
     bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     bench.add_argument("--steps", type=int, default=10, help="denoising steps per image with --nproc")
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["auto"],
         help="CUDA graphs for our runs (auto: on CUDA); several values give one row each",
+    )
+    bench.add_argument(
+        "--traffic-only",
+        action="store_true",
+        help="only count the bytes per step for each size and --simulate N (shape-only run: seconds, any size)",
     )
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     return parser
@@ -224,7 +231,7 @@ def bench(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
-    from .bench import bench_images, bench_step, format_row
+    from .bench import bench_images, bench_step, build_unet, count_traffic, format_row
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
     graph_choices = [{"auto": None, "on": True, "off": False}[g] for g in dict.fromkeys(args.graphs)]
@@ -234,12 +241,34 @@ def bench(args: argparse.Namespace) -> int:
         if _rank() == 0:
             Path(os.environ["DISTRIFUSION_BENCH_OUT"]).write_text(json.dumps(row))
         return 0
-    rows = []
+    rows: list[dict] = []
+
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"command": args.command_line, "results": rows}, indent=1))
+
+    if args.traffic_only:
+        for row in count_traffic(args.arch, args.sizes, dtype, args.simulate, args.mode):
+            print(
+                f"{row['arch']} {row['height']}x{row['width']} {row['dtype']}, {row['ranks']} ranks "
+                f"({row['cfg_groups']} CFG groups): received per rank {row['step_bytes'] / 1e9:.3f} GB per "
+                f"{row['mode']} step, {row['sync_step_bytes'] / 1e9:.3f} GB per synchronous step",
+                flush=True,
+            )
+            rows.append(row)
+        save(rows)
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet = build_unet(args.arch, dtype, device)
     for size in args.sizes:
         for graphs in graph_choices:
-            row = bench_step(args.arch, size, size, dtype, args.simulate, args.repeats, args.mode, graphs=graphs)
-            print(format_row(row), flush=True)
-            rows.append(row)
+            for row in bench_step(
+                args.arch, size, size, dtype, args.simulate, args.repeats, args.mode, device, graphs, unet
+            ):
+                print(format_row(row), flush=True)
+                rows.append(row)
+                save(rows)  # after every row: a later size that runs out of memory keeps the earlier ones
+    del unet
     graphs = graph_choices[0]  # --nproc runs use the first choice
     if args.nproc > 1:
         cores = os.cpu_count() or 1
@@ -264,8 +293,7 @@ def bench(args: argparse.Namespace) -> int:
             flush=True,
         )
         rows.append(row)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": args.command_line, "results": rows}, indent=1))
+    save(rows)
     return 0
 
 

@@ -193,7 +193,7 @@ class _ParallelForward:
             t = inputs["timestep"]
             inputs["timestep"] = torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
         if state.runtime.world_size == 1:
-            full, kind = state.graphs("solo", self.run_solo, inputs)
+            full, kind = state.graphs("solo", self.run_local, inputs)
             return self.output(full, kind)
         sample = inputs["sample"]
         plan = self.plan(sample)
@@ -210,20 +210,16 @@ class _ParallelForward:
         state.step += 1
         return self.output(full, kind)
 
-    def call_original(self, inputs: dict):
+    def run_local(self, inputs: dict) -> tuple[torch.Tensor, type]:
+        """The original forward on this rank's inputs: (output sample, output type)."""
         bound = inspect.BoundArguments(self.signature, {"self": self.model, **inputs})
-        return self.original(*bound.args, **bound.kwargs)
-
-    def run_solo(self, inputs: dict) -> tuple[torch.Tensor, type]:
-        """One process's step (graphed): the original forward."""
-        out = self.call_original(inputs)
+        out = self.original(*bound.args, **bound.kwargs)
         return (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
 
     def run_split(self, inputs: dict) -> tuple[torch.Tensor, type]:
         """This rank's strip of one step and the gathered full output: the work a graph captures."""
-        out = self.call_original(inputs)
+        local, kind = self.run_local(inputs)
         self.state.end_step()
-        local, kind = (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
         full = self.gather(local, self.state.plan)
         if self.state.graphs is not None:
             self.state.exchange.settle()  # a graph must not leave collectives in flight
@@ -277,6 +273,8 @@ class _ParallelForward:
 
     def check_same_inputs(self, sample: torch.Tensor, timestep) -> None:
         """Refuse inputs that differ between ranks (e.g. latents drawn without a shared seed)."""
+        if sample.device.type == "meta":
+            return  # a shape-only run (bench counting traffic) has no values to compare
         t = torch.as_tensor(timestep, device=sample.device).double().sum()
         summary = torch.stack([sample.double().sum(), sample.double().abs().sum(), t])
         gathered = self.state.runtime.world.all_gather(summary).wait()

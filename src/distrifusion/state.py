@@ -246,8 +246,11 @@ class ParallelState:
     # -- step bookkeeping ------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new image: step 0 (synchronous); the context buffers are kept for reuse."""
-        if self.exchange is not None:
+        if self.exchange is not None and self.exchange.fixed:
             self.exchange.settle()
+        elif self.exchange is not None:  # a first step that did not finish: its partial layout is no use
+            self._exchanges.pop(self.plan, None)
+            self.exchange = self.plan = None
         self.step = 0
         self._calls.clear()
         self.cross_kv.clear()

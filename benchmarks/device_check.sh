@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one device command of issue 3: GPU parity checks, then the SDXL table, then a 2-rank generate.
+#
+#   here, once:     bash benchmarks/fetch_device_wheels.sh            (diffusers wheels -> .whl/)
+#   on the device:  run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=590)
+#   on a CPU:       DEVICE_CHECK_SMALL=1 bash benchmarks/device_check.sh   (the same steps, tiny sizes)
+#
+# Everything it writes goes to $OUT (the device tool's folder that comes back; /tmp/device_check here).
+# Each step has its own time limit, so that one that fails or overruns leaves the others' results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_check}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+log() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/steps.log"; }
+
+log environment
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
+} | tee "$OUT/environment.txt"
+
+if [ -n "${DEVICE_CHECK_SMALL:-}" ]; then
+  ARCH=sd15; DTYPE=float32; SIZES_A="256"; SIZES_B="128"; REPEATS=1; GEN=128; GRAPHS_A=off; GRAPHS_B=off
+else
+  ARCH=sdxl; DTYPE=float16; SIZES_A="1024 2048"; SIZES_B="3840"; REPEATS=10; GEN=512; GRAPHS_A="on off"; GRAPHS_B="off on"
+fi
+
+# 1. Parity on the GPU, float64 tiny models: real CUDA graphs against eager steps (tests marked for CUDA),
+#    and 2, 3, 4 real processes on the one GPU over gloo with CUDA tensors against one process
+#    (nccl refuses several ranks on one GPU).
+log "parity (pytest)"
+DISTRIFUSION_BACKEND=gloo timeout 200 python3 -m pytest -q -p no:cacheprovider -rs \
+  tests/test_exchange_and_graphs.py tests/test_parity.py 2>&1 | tee "$OUT/pytest.log"
+echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$OUT/steps.log"
+
+# 2. The table: full step (diffusers eager, diffusers graph, ours with 1 rank) and one rank's share of
+#    N = 2, 4, 8 with CFG split, graphs on and off. 3840² last and alone: its graphs may not fit.
+log "bench $ARCH $SIZES_A"
+timeout 240 python3 -m distrifusion bench --arch $ARCH --dtype $DTYPE --sizes $SIZES_A --simulate 2 4 8 \
+  --graphs $GRAPHS_A --repeats $REPEATS --json "$OUT/bench_${ARCH}_a.json" 2>&1 | tee "$OUT/bench.log"
+log "bench $ARCH $SIZES_B"
+timeout 150 python3 -m distrifusion bench --arch $ARCH --dtype $DTYPE --sizes $SIZES_B --simulate 2 4 8 \
+  --graphs $GRAPHS_B --repeats 3 --json "$OUT/bench_${ARCH}_b.json" 2>&1 | tee -a "$OUT/bench.log"
+
+# 3. The CLI end to end on the GPU with two real ranks (gloo): the embedded model, a PNG back.
+log "generate --nproc 2"
+DISTRIFUSION_BACKEND=gloo timeout 90 python3 -m distrifusion generate --nproc 2 --height $GEN --width $GEN \
+  --steps 20 --out "$OUT/gravel_${GEN}_nproc2_gpu.png" 2>&1 | tee "$OUT/generate.log"
+log done
