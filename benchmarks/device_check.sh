@@ -24,7 +24,7 @@ log environment
 } | tee "$OUT/environment.txt"
 
 if [ -n "${DEVICE_CHECK_SMALL:-}" ]; then
-  ARCH=sd15; DTYPE=float32; SIZES_A="256"; SIZES_B="128"; REPEATS=1; GEN=128; GRAPHS_A=off; GRAPHS_B=off
+  ARCH=sd15; DTYPE=float32; SIZES_A="256"; SIZES_B="256"; REPEATS=1; GEN=128; GRAPHS_A=off; GRAPHS_B=off
 else
   ARCH=sdxl; DTYPE=float16; SIZES_A="1024 2048"; SIZES_B="3840"; REPEATS=10; GEN=512; GRAPHS_A="on off"; GRAPHS_B="off on"
 fi
