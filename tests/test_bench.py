@@ -67,4 +67,11 @@ def test_traffic_only_counts_what_a_real_run_sends(tmp_path):
     counted = count_traffic(str(arch), [128], torch.float32, [4])
     measured = bench_step(str(arch), 128, 128, torch.float32, [4], repeats=1)
     assert counted[0]["step_bytes"] == measured[0]["step_bytes"] > 0
-    assert counted[0]["sync_step_bytes"] == measured[0]["sync_step_bytes"]
+    # Step 0 also compares the ranks' inputs (3 float64 from each of the 3 others), which a shape-only run skips.
+    assert measured[0]["sync_step_bytes"] - counted[0]["sync_step_bytes"] == 3 * 8 * 3
+    out = tmp_path / "traffic.json"
+    command = ["bench", "--arch", str(arch), "--sizes", "128", "--simulate", "2", "4", "--traffic-only", "--json"]
+    proc = subprocess.run([sys.executable, "-m", "distrifusion", *command, str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["ranks"] for r in rows] == [2, 4] and rows[1]["step_bytes"] == counted[0]["step_bytes"]

@@ -222,8 +222,8 @@ def _write(row: torch.Tensor, payload: torch.Tensor) -> None:
 class ParallelState:
     """Everything the patch-parallel layers of one model share: config, split, step, context.
 
-    Exchange buffers are kept per split (`Plan`) until `release`, so that switching between image
-    sizes reuses them, and CUDA graphs captured for a size stay valid.
+    With CUDA graphs, exchange buffers are kept per split (`Plan`) until `release`, because the
+    graphs captured for a size read them; eager steps keep only the current size's.
     """
 
     def __init__(self, config: ParallelConfig, block: int, runtime) -> None:
@@ -266,6 +266,8 @@ class ParallelState:
     def begin_step(self, plan: Plan) -> None:
         if plan != self.plan:
             self.reset()
+            if self.graphs is None:  # eager steps need only this size's buffers; graphs hold on to theirs
+                self._exchanges.clear()
             self.plan = plan
             if plan not in self._exchanges:
                 comm = self.runtime.patch_groups[plan.cfg_groups]
