@@ -257,3 +257,44 @@ def test_real_cuda_graphs_match_eager(world):
     assert captured == (2 if world == 1 else 4)
     for out, ref in zip(graphed, eager):
         assert _close(out, ref)
+
+
+def test_a_failed_capture_names_the_way_out():
+    def broken_capture(fn, static, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = CudaGraphs(torch.device("cpu"), capture=broken_capture)
+    step = lambda inputs: (inputs["x"] * 2, None)  # noqa: E731
+    inputs = {"x": torch.ones(3)}
+    assert torch.equal(graphs("k", step, inputs)[0], torch.full((3,), 2.0))  # first use: eager
+    with pytest.raises(RuntimeError, match="cuda_graphs=False"):
+        graphs("k", step, inputs)
+
+
+def test_cuda_graphs_keys_copies_and_eager_fallbacks():
+    """A graph per key and input signature (shapes, dtypes, non-tensor values), captured at the second
+    use; the result is a copy of the graph's output; unhashable inputs always run eagerly."""
+    captured = []
+
+    def capture(fn, static, pool):
+        out, meta = fn(static)
+        captured.append(out)
+
+        class Replay:
+            def replay(self):
+                out.copy_(fn(static)[0])
+
+        return Replay(), out, meta, pool
+
+    graphs = CudaGraphs(torch.device("cpu"), capture=capture)
+    step = lambda inputs: (inputs["x"] * inputs["k"], "meta")  # noqa: E731
+    results = [graphs("p", step, {"x": torch.full((2,), v), "k": 3}) for v in (1.0, 2.0, 4.0)]
+    assert [r[0].tolist() for r in results] == [[3, 3], [6, 6], [12, 12]] and results[2][1] == "meta"
+    assert len(graphs) == 1 and results[2][0].data_ptr() != captured[0].data_ptr()
+    assert graphs("p", step, {"x": torch.ones(2), "k": 5})[0].tolist() == [5, 5]  # another value: another key
+    assert graphs("p", step, {"x": torch.ones(3), "k": 3})[0].tolist() == [3, 3, 3]  # another shape
+    for _ in range(3):
+        graphs("p", step, {"x": torch.ones(2), "k": 3, "unhashable": {1}})
+    assert len(graphs) == 1
+    graphs.clear()
+    assert len(graphs) == 0

@@ -70,7 +70,13 @@ class CudaGraphs:
             return fn(inputs)
         if entry is _WARMED:
             static = _static_copy(inputs, self.device)
-            graph, out, meta, self._pool = self.capture(fn, static, self._pool)
+            try:
+                graph, out, meta, self._pool = self.capture(fn, static, self._pool)
+            except Exception as e:  # name the way out; the original error follows
+                raise RuntimeError(
+                    f"distrifusion: capturing a step as a CUDA graph failed ({type(e).__name__}: {e}); "
+                    "run without graphs: ParallelConfig(cuda_graphs=False), or --no-cuda-graphs"
+                ) from e
             entry = self._graphs[key] = _Captured(graph, static, out, meta)
         _copy_into(entry.static, inputs)
         entry.graph.replay()
