@@ -259,16 +259,39 @@ def test_real_cuda_graphs_match_eager(world):
         assert _close(out, ref)
 
 
-def test_a_failed_capture_names_the_way_out():
-    def broken_capture(fn, static, pool):
-        raise RuntimeError("operation not permitted when stream is capturing")
+def test_a_failed_capture_falls_back_to_eager_on_every_rank(caplog):
+    """A capture that fails on one rank makes every rank run that step shape eagerly (none may replay
+    collectives the others do not), with a warning that names the switch; results stay exact."""
+    config = distrifusion.ParallelConfig(warmup_steps=1, cuda_graphs=False)
+    reference = denoise(tiny_model("sd15"), "sd15", 5 * BLOCK, WIDTH, steps=4)
 
-    graphs = CudaGraphs(torch.device("cpu"), capture=broken_capture)
-    step = lambda inputs: (inputs["x"] * 2, None)  # noqa: E731
-    inputs = {"x": torch.ones(3)}
-    assert torch.equal(graphs("k", step, inputs)[0], torch.full((3,), 2.0))  # first use: eager
-    with pytest.raises(RuntimeError, match="cuda_graphs=False"):
-        graphs("k", step, inputs)
+    def body(model, state):
+        capture = _stand_in_capture(state)
+
+        def fails_on_rank_1(fn, static, pool):
+            captured = capture(fn, static, pool)  # the stand-in runs the collectives a real capture records
+            if state.runtime.rank == 1:
+                raise torch.cuda.OutOfMemoryError("out of memory at capture")
+            return captured
+
+        from functools import partial
+
+        from distrifusion.parallelize import _everywhere
+
+        state.graphs = CudaGraphs(
+            torch.device("cpu"),
+            capture=fails_on_rank_1,
+            agree=partial(_everywhere, state.runtime),
+            abort=state.abort_step,
+        )
+        out = denoise(model, "sd15", 5 * BLOCK, WIDTH, steps=4)
+        return out, len(state.graphs)
+
+    with caplog.at_level("WARNING", logger="distrifusion"):
+        results = _on_ranks(2, "sd15", config, body)
+    for out, captured in results:
+        assert captured == 0 and _close(out, reference)
+    assert "cuda_graphs=False" in caplog.text and "out of memory at capture" in caplog.text
 
 
 def test_cuda_graphs_keys_copies_and_eager_fallbacks():
@@ -288,6 +311,10 @@ def test_cuda_graphs_keys_copies_and_eager_fallbacks():
 
     graphs = CudaGraphs(torch.device("cpu"), capture=capture)
     step = lambda inputs: (inputs["x"] * inputs["k"], "meta")  # noqa: E731
+    graphs("p", step, {"x": torch.ones(2), "k": 3})
+    graphs("p", step, {"x": torch.ones(2), "k": 3})
+    assert len(graphs) == 0  # autograd on: always eager (a graph records no backward)
+    torch.set_grad_enabled(False)
     results = [graphs("p", step, {"x": torch.full((2,), v), "k": 3}) for v in (1.0, 2.0, 4.0)]
     assert [r[0].tolist() for r in results] == [[3, 3], [6, 6], [12, 12]] and results[2][1] == "meta"
     assert len(graphs) == 1 and results[2][0].data_ptr() != captured[0].data_ptr()
@@ -298,3 +325,59 @@ def test_cuda_graphs_keys_copies_and_eager_fallbacks():
     assert len(graphs) == 1
     graphs.clear()
     assert len(graphs) == 0
+    torch.set_grad_enabled(True)
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_buffers_kept_for_recent_sizes_only(graphed):
+    """Eager steps keep the current size's buffers; with graphs the KEPT_SIZES most recent sizes keep
+    theirs and their graphs, and going back to an evicted size recaptures it."""
+    from distrifusion.state import KEPT_SIZES
+
+    config = distrifusion.ParallelConfig(mode="sync", split_cfg=False, cuda_graphs=False)
+    heights = [(4 + k) * BLOCK for k in range(KEPT_SIZES + 1)] + [4 * BLOCK]
+
+    def body(model, state):
+        if graphed:
+            state.graphs = CudaGraphs(torch.device("cpu"), capture=_stand_in_capture(state))
+        kept = []
+        for height in heights:
+            distrifusion.reset(model)
+            denoise(model, "sd15", height, WIDTH, steps=2)
+            kept.append((len(state._exchanges), len(state.graphs) if graphed else 0))
+        return kept
+
+    for kept in _on_ranks(2, "sd15", config, body):
+        if graphed:
+            assert kept[KEPT_SIZES - 1] == (KEPT_SIZES, KEPT_SIZES) and kept[-1] == (KEPT_SIZES, KEPT_SIZES)
+        else:
+            assert all(k == (1, 0) for k in kept)
+
+
+def test_replay_watchdog_ends_a_hung_rank():
+    """A replay that never finishes (a dead peer inside a captured collective) ends the process with a
+    message naming the rank and the timeout, instead of waiting forever; finished replays do not."""
+    import threading
+
+    from distrifusion.graphs import ReplayWatchdog
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    fired = threading.Event()
+    messages = []
+    events = iter([Event(True), Event(False)])
+
+    def on_timeout(message):
+        messages.append(message)
+        fired.set()
+
+    watchdog = ReplayWatchdog(0.2, rank=3, make_event=lambda: next(events), on_timeout=on_timeout, poll_s=0.01)
+    watchdog.watch()  # finishes at once
+    watchdog.watch()  # never finishes
+    assert fired.wait(5)
+    assert len(messages) == 1 and "rank 3" in messages[0] and "timeout_s=0.2" in messages[0]

@@ -102,6 +102,17 @@ def time_calls(fn, device: torch.device, repeats: int, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement (CUDA allocator; on Linux also this process's VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the resident-set high-water mark (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -144,8 +155,7 @@ def bench_step(
         threads=torch.get_num_threads(),
         mode=mode,
     )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     with torch.no_grad():
         row["diffusers_eager_s"] = time_calls(lambda: unet(sample, t, **kwargs), device, repeats)
         row["diffusers_graph_s"] = None  # CUDA graphs exist on CUDA only
@@ -167,8 +177,7 @@ def bench_step(
             if ranks == 1:
                 rows.append(row)
                 continue
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory(device)
             share = dict(row, **_bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs))
             share["compute_speedup"] = row["full_step_s"] / share["share_step_s"]
             need = share["step_bytes"] / share["share_step_s"]
@@ -298,6 +307,7 @@ def bench_images(
     parallelize(unet, config)  # one process: the original model (as a CUDA graph where graphs are on)
     sample, kwargs = unet_inputs(unet, height, width)
     scheduler = DDIMScheduler(num_train_timesteps=1000)
+    reset_peak_memory(device)
 
     def image():
         reset(unet)

@@ -10,13 +10,22 @@ outlive the graph (weights, the exchange buffers).
 
 from __future__ import annotations
 
+import logging
+import os
+import queue
+import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-_WARMED = object()
+log = logging.getLogger("distrifusion")
+
+_WARMED = object()  # used once eagerly: captured at the next use
+_EAGER = object()  # its capture failed on some rank: always eager
 
 
 @dataclass
@@ -47,49 +56,134 @@ class CudaGraphs:
 
     The first call with a key runs eagerly (it warms up kernels and allocates lazily created
     buffers); the second captures a graph and replays it; later ones only copy the inputs into
-    the graph's static inputs and replay. Inputs whose non-tensor values are not hashable run
-    eagerly every time. The returned tensor is a copy: the next replay overwrites the graph's.
-    All graphs of one object share one memory pool; they must be replayed one at a time.
+    the graph's static inputs and replay. The returned tensor is a copy: the next replay
+    overwrites the graph's. All graphs of one object share one memory pool; they are replayed
+    one at a time.
+
+    Calls run eagerly, without a graph, when their inputs are not hashable, when autograd or
+    autocast is on (a graph would bake in autocast's cached casts and record no backward), and
+    for a key whose capture failed: `agree(ok)` tells every rank whether all ranks captured it
+    (a collective, so that no rank replays collectives the others do not), and `abort()` undoes
+    what the aborted capture did to the caller's Python state before the eager rerun.
     """
 
-    def __init__(self, device: torch.device, capture: Callable = capture_cuda_graph) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        capture: Callable = capture_cuda_graph,
+        agree: Callable[[bool], bool] = bool,
+        abort: Callable[[], None] = lambda: None,
+        watchdog: ReplayWatchdog | None = None,
+    ) -> None:
         self.device = device
-        self.capture = capture
+        self.capture, self.agree, self.abort = capture, agree, abort
+        self.watchdog = watchdog
+        """Watches that replays finish (with collectives inside, a dead rank would hang them forever)."""
         self._graphs: dict[Any, Any] = {}
         self._pool = None
 
     def __call__(self, key: Any, fn: Callable[[dict], tuple[torch.Tensor, Any]], inputs: dict):
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(self.device.type):
+            return fn(inputs)
         try:
             key = (key, _signature(inputs))
             hash(key)
         except TypeError:
             return fn(inputs)
         entry = self._graphs.get(key)
-        if entry is None:
-            self._graphs[key] = _WARMED
-            return fn(inputs)
+        if entry is None or entry is _EAGER:
+            result = fn(inputs)
+            self._graphs.setdefault(key, _WARMED)  # only once it ran through
+            return result
         if entry is _WARMED:
             static = _static_copy(inputs, self.device)
             try:
-                graph, out, meta, self._pool = self.capture(fn, static, self._pool)
-            except Exception as e:  # name the way out; the original error follows
-                raise RuntimeError(
-                    f"distrifusion: capturing a step as a CUDA graph failed ({type(e).__name__}: {e}); "
-                    "run without graphs: ParallelConfig(cuda_graphs=False), or --no-cuda-graphs"
-                ) from e
+                graph, out, meta, pool = self.capture(fn, static, self._pool)
+                error = None
+            except Exception as e:  # noqa: BLE001 - reported below, then the step runs eagerly
+                error = e
+            if not self.agree(error is None):
+                self._graphs[key] = _EAGER
+                log.warning(
+                    "distrifusion: capturing a step as a CUDA graph failed (%s); steps of this shape run eagerly. "
+                    "ParallelConfig(cuda_graphs=False) or --no-cuda-graphs turns graphs off.",
+                    f"{type(error).__name__}: {error}" if error else "on another rank",
+                )
+                self.abort()
+                return fn(inputs)
+            self._pool = pool
             entry = self._graphs[key] = _Captured(graph, static, out, meta)
         _copy_into(entry.static, inputs)
         entry.graph.replay()
+        if self.watchdog is not None:
+            self.watchdog.watch()
         return entry.out.clone(), entry.meta
 
     def __len__(self) -> int:
         """How many graphs are captured."""
         return sum(isinstance(e, _Captured) for e in self._graphs.values())
 
-    def clear(self) -> None:
-        """Drop every graph (e.g. after the model's weights were replaced)."""
-        self._graphs.clear()
-        self._pool = None
+    def clear(self, keep: Callable[[Any], bool] = lambda key: False) -> None:
+        """Drop every graph, or those whose caller's key `keep` rejects."""
+        self._graphs = {k: v for k, v in self._graphs.items() if keep(k[0])}
+        if not self._graphs:
+            self._pool = None
+
+
+class ReplayWatchdog:
+    """Ends the process when a replayed graph has not finished after `timeout_s`.
+
+    Collectives captured in a graph are invisible to the process group's own timeout (its watchdog
+    never sees them), so a rank that died would leave the others waiting forever. A background thread
+    polls an event recorded after each replay, and past the deadline calls `on_timeout(message)`,
+    which by default logs the message and exits with status 1: the launcher then reports the rank.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        rank: int,
+        make_event: Callable[[], Any] | None = None,
+        on_timeout: Callable[[str], None] | None = None,
+        poll_s: float = 0.05,
+    ) -> None:
+        self.timeout_s, self.rank, self.poll_s = timeout_s, rank, poll_s
+        self.make_event = make_event or _recorded_cuda_event
+        self.on_timeout = on_timeout or _exit_hung
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def watch(self) -> None:
+        """Watch the work queued so far on the current stream (called right after a replay)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="distrifusion-replay-watchdog", daemon=True)
+            self._thread.start()
+        self._queue.put((self.make_event(), time.monotonic() + self.timeout_s))
+
+    def _run(self) -> None:
+        while True:
+            event, deadline = self._queue.get()
+            while not event.query():
+                if time.monotonic() > deadline:
+                    self.on_timeout(
+                        f"distrifusion: error on rank {self.rank}: a step replayed as a CUDA graph did not finish "
+                        f"within timeout_s={self.timeout_s:g} s (did another rank die?); exiting so that no rank "
+                        "waits forever"
+                    )
+                    return
+                time.sleep(self.poll_s)
+
+
+def _recorded_cuda_event():
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _exit_hung(message: str) -> None:
+    log.error(message)
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _signature(value) -> Any:

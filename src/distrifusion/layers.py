@@ -148,7 +148,7 @@ class PatchAttnProcessor:
         k, v = attn.to_k, attn.to_v
         if not (type(k) is nn.Linear and type(v) is nn.Linear):
             return None
-        version = (k.weight._version, v.weight._version, k.weight.data_ptr(), v.weight.data_ptr(), dtype)
+        version = (tensor_version(k.weight), tensor_version(v.weight), k.weight.data_ptr(), v.weight.data_ptr(), dtype)
         if self._fused is None or self._fused[0] != version:
             bias = None if k.bias is None else torch.cat([k.bias, v.bias])
             self._fused = (version, torch.cat([k.weight, v.weight]), bias)
@@ -162,8 +162,9 @@ class PatchAttnProcessor:
             return torch.cat([attn.to_k(x), attn.to_v(x)], -1)
         weight, bias = fused
         direct = out is not None and out.shape[:2] == x.shape[:2] and out.is_contiguous()
-        # out= kernels take no part in autocast: only when every dtype already agrees.
-        if not direct or not (out.dtype == x.dtype == weight.dtype) or torch.is_autocast_enabled():
+        # out= kernels take no part in autocast or autograd: only in inference, when every dtype agrees.
+        usable = direct and out.dtype == x.dtype == weight.dtype and not torch.is_grad_enabled()
+        if not usable or _autocast_on(x.device):
             return F.linear(x, weight, bias)
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         if bias is None:
@@ -215,16 +216,32 @@ class PatchAttnProcessor:
             return self._kv(attn, _norm_cross(attn, encoder_hidden_states))
         source = encoder_hidden_states
         weights = [attn.to_k, attn.to_v] + ([attn.norm_cross] if attn.norm_cross else [])
-        try:  # the same tensor, unmodified (views share the version counter), with the same weights
-            key = (source.data_ptr(), source.shape, source.stride(), source.dtype, source._version)
-            key += tuple((p.data_ptr(), p._version) for m in weights for p in m.parameters())
-        except RuntimeError:  # inference-mode tensors keep no version: nothing tells they are unchanged
+        # The same tensor, unmodified (views share the version counter), with the same weights and autocast.
+        key = (source.data_ptr(), source.shape, source.stride(), source.dtype, tensor_version(source))
+        key += tuple((p.data_ptr(), tensor_version(p)) for m in weights for p in m.parameters())
+        key += (_autocast_on(source.device), torch.is_grad_enabled())
+        if key[4] is None:  # inference-mode tensors keep no version: nothing tells they are unchanged
             return self._kv(attn, _norm_cross(attn, source))
         cached = self.state.cross_kv.get(self.name)
         if cached is None or cached[0] != key:
             # Holding `source` keeps its memory from being reused by another tensor at the same address.
             cached = self.state.cross_kv[self.name] = (key, self._kv(attn, _norm_cross(attn, source)), source)
         return cached[1]
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta): never on
+        return False
+
+
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (None for inference-mode tensors, which keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _norm_cross(attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from functools import partial
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
@@ -14,8 +15,8 @@ from torch import nn
 
 from .comm import Runtime, init_runtime
 from .config import ParallelConfig
-from .graphs import CudaGraphs
-from .layers import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
+from .graphs import CudaGraphs, ReplayWatchdog
+from .layers import PatchAttnProcessor, PatchConv2d, PatchGroupNorm, tensor_version
 from .state import ParallelState, Plan, split_rows
 
 log = logging.getLogger("distrifusion")
@@ -72,7 +73,9 @@ def parallelize_model(model: nn.Module, config: ParallelConfig, runtime: Runtime
     """
     state = ParallelState(config, block_rows(model), runtime)
     if use_cuda_graphs(config, runtime):
-        state.graphs = CudaGraphs(runtime.device)
+        watchdog = ReplayWatchdog(config.timeout_s, runtime.rank) if runtime.world_size > 1 else None
+        agree = partial(_everywhere, runtime)
+        state.graphs = CudaGraphs(runtime.device, agree=agree, abort=state.abort_step, watchdog=watchdog)
     setattr(model, _STATE_ATTR, state)
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
@@ -83,6 +86,12 @@ def parallelize_model(model: nn.Module, config: ParallelConfig, runtime: Runtime
             module.set_processor(PatchAttnProcessor(module, name, state, module.processor))
     model.forward = _ParallelForward(model, state)
     return state
+
+
+def _everywhere(runtime: Runtime, ok: bool) -> bool:
+    """Whether `ok` holds on every rank (a collective: every rank must ask)."""
+    flags = runtime.world.all_gather(torch.tensor([float(ok)], device=runtime.device)).wait()
+    return bool(flags.min().item() > 0)
 
 
 def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
@@ -116,8 +125,13 @@ def remove(pipe_or_model) -> None:
         pipe_or_model.__class__ = base
 
 
-def reset(pipe_or_model) -> None:
-    """Start a new image: the next call is step 0 (synchronous) and no stale context remains."""
+def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
+    """Start a new image: the next call is step 0 (synchronous) and no stale context remains.
+
+    CUDA graphs are re-captured by themselves when weights were changed or replaced; changes that
+    alter the computation without touching a weight (FreeU, a LoRA scale, switching adapters) need
+    `drop_graphs=True`.
+    """
     model = getattr(pipe_or_model, "unet", pipe_or_model)
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
@@ -126,8 +140,8 @@ def reset(pipe_or_model) -> None:
     if state.graphs is not None:
         # Graphs read the weights' memory: replaced or modified weights need new graphs (and the fused
         # key/value projections a refresh, which the first eager step does).
-        weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
-        if weights != state.graph_weights:
+        weights = tuple((p.data_ptr(), tensor_version(p)) for p in model.parameters())
+        if weights != state.graph_weights or drop_graphs:
             state.graphs.clear()
             state.graph_weights = weights
 
@@ -189,9 +203,12 @@ class _ParallelForward:
         bound = self.signature.bind(self.model, *args, **kwargs)
         inputs = {k: v for k, v in bound.arguments.items() if k != "self"}
         if state.graphs is not None and isinstance(inputs.get("timestep"), (int, float)):
-            # A number would be baked into the graph; diffusers turns it into the same tensor itself.
+            # A number would be baked into the graph: make it the tensor the model itself would make of it.
             t = inputs["timestep"]
-            inputs["timestep"] = torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
+            if isinstance(self.model, UNet2DModel):
+                inputs["timestep"] = torch.tensor(t, dtype=torch.long)
+            else:
+                inputs["timestep"] = torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
         if state.runtime.world_size == 1:
             full, kind = state.graphs("solo", self.run_local, inputs)
             return self.output(full, kind)

@@ -14,6 +14,9 @@ import torch
 from .comm import Communicator, PendingGather
 from .config import ParallelConfig
 
+KEPT_SIZES = 4
+"""With CUDA graphs: image sizes whose exchange buffers and graphs are kept (least recently used go)."""
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -155,6 +158,12 @@ class Exchange:
         for index in list(self._pending):
             self._wait(index)
 
+    def forget_in_flight(self) -> None:
+        """After a CUDA-graph capture that failed: its collectives were recorded, never run."""
+        self._pending.clear()
+        self._ready.clear()
+        self._written.clear()
+
     # -- internals ----------------------------------------------------------------------------
     def _place(self, key: str, payload: torch.Tensor, alone: bool) -> _Slot:
         slot = self.slots.get(key)
@@ -222,8 +231,9 @@ def _write(row: torch.Tensor, payload: torch.Tensor) -> None:
 class ParallelState:
     """Everything the patch-parallel layers of one model share: config, split, step, context.
 
-    With CUDA graphs, exchange buffers are kept per split (`Plan`) until `release`, because the
-    graphs captured for a size read them; eager steps keep only the current size's.
+    Exchange buffers are kept per split (`Plan`): eager steps keep only the current size's; with
+    CUDA graphs, which read them, the `KEPT_SIZES` most recently used sizes keep theirs and their
+    graphs.
     """
 
     def __init__(self, config: ParallelConfig, block: int, runtime) -> None:
@@ -263,16 +273,26 @@ class ParallelState:
         if self.graphs is not None:
             self.graphs.clear()
 
+    def abort_step(self) -> None:
+        """Undo the bookkeeping of a step whose CUDA-graph capture failed, before it reruns eagerly."""
+        self._calls.clear()
+        if self.exchange is not None:
+            self.exchange.forget_in_flight()
+
     def begin_step(self, plan: Plan) -> None:
         if plan != self.plan:
             self.reset()
-            if self.graphs is None:  # eager steps need only this size's buffers; graphs hold on to theirs
-                self._exchanges.clear()
             self.plan = plan
             if plan not in self._exchanges:
                 comm = self.runtime.patch_groups[plan.cfg_groups]
                 self._exchanges[plan] = Exchange(comm, int(self.config.comm_bucket_mb * 2**20))
-            self.exchange = self._exchanges[plan]
+            self._exchanges[plan] = self.exchange = self._exchanges.pop(plan)  # now the most recent
+            # Eager steps need only this size's buffers; graphs read theirs, so a few sizes stay, with their graphs.
+            while len(self._exchanges) > (1 if self.graphs is None else KEPT_SIZES):
+                oldest = next(iter(self._exchanges))
+                del self._exchanges[oldest]
+                if self.graphs is not None:
+                    self.graphs.clear(keep=lambda key, oldest=oldest: not (isinstance(key, tuple) and oldest in key))
         self._calls.clear()
 
     def end_step(self) -> None:
