@@ -54,6 +54,8 @@ def test_bench_json_fields(tmp_path):
     # Traffic grows with the image: halos with the width, keys/values with the area.
     assert large["step_bytes"] > 2 * small["step_bytes"]
     assert "one rank's share of 4" in proc.stdout
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| 128x128")]
+    assert len(table) == 1 and "| 4 |" in table[0]  # the markdown summary has a row per size
 
 
 def test_traffic_only_counts_what_a_real_run_sends(tmp_path):

@@ -287,6 +287,29 @@ def format_row(row: dict) -> str:
     return text + f"\n  peak memory {row['peak_memory_mb']:.0f} MB"
 
 
+def format_table(rows: list[dict]) -> str:
+    """The step rows as one markdown table (what BENCHMARKS.md holds)."""
+    ms = lambda v: "–" if v is None else f"{v * 1e3:.0f} ms"  # noqa: E731
+    lines = [
+        "| size | dtype | graphs | diffusers eager | diffusers graph | ours, 1 rank | N | one rank's share "
+        "| compute-bound speedup | GB received per displaced step | peak memory per rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "diffusers_eager_s" not in r:
+            continue
+        share = "ranks" in r
+        speedup = f"{r['compute_speedup']:.2f}x" if share else "–"
+        received = f"{r['step_bytes'] / 1e9:.3f}" if share else "–"
+        lines.append(
+            f"| {r['height']}x{r['width']} | {r['dtype']} | {'on' if r['graphs'] else 'off'} "
+            f"| {ms(r['diffusers_eager_s'])} | {ms(r['diffusers_graph_s'])} | {ms(r['ours_world1_s'])} "
+            f"| {r['ranks'] if share else 1} | {ms(r['share_step_s']) if share else '–'} "
+            f"| {speedup} | {received} | {r['peak_memory_mb'] / 1024:.1f} GB |"
+        )
+    return "\n".join(lines)
+
+
 def bench_images(
     arch: str,
     height: int,
@@ -319,7 +342,7 @@ def bench_images(
 
     with torch.no_grad():
         seconds = time_calls(image, device, images)
-    return dict(
+    row = dict(
         arch=arch,
         height=height,
         width=width,
@@ -331,3 +354,5 @@ def bench_images(
         image_s=seconds,
         peak_memory_mb=peak_memory_mb(device),
     )
+    remove(unet)  # breaks the model <-> wrapper reference cycles, so the next row starts without this model
+    return row

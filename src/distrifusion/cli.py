@@ -231,7 +231,7 @@ def bench(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
-    from .bench import bench_images, bench_step, build_unet, count_traffic, format_row
+    from .bench import bench_images, bench_step, build_unet, count_traffic, format_row, format_table
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
     graph_choices = [{"auto": None, "on": True, "off": False}[g] for g in dict.fromkeys(args.graphs)]
@@ -269,6 +269,7 @@ def bench(args: argparse.Namespace) -> int:
                 rows.append(row)
                 save(rows)  # after every row: a later size that runs out of memory keeps the earlier ones
     del unet
+    print(format_table(rows), flush=True)
     graphs = graph_choices[0]  # --nproc runs use the first choice
     if args.nproc > 1:
         cores = os.cpu_count() or 1
