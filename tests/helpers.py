@@ -152,10 +152,21 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn, args) ->
 
     try:
         result = fn(*args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # On the CPU, so that the test process can compare results from ranks that ran on a GPU.
+        torch.save(_cpu(result), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
 
 
 def run_ranks(world_size: int, fn, *args):
