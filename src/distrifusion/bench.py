@@ -8,6 +8,7 @@ with loopback collectives of the right sizes), the bytes each rank receives per 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -102,6 +103,13 @@ def time_calls(fn, device: torch.device, repeats: int, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def free_cached_memory(device: torch.device) -> None:
+    """Hand freed graph pools and cached blocks back between measurements (3840² needs the room)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory measurement (CUDA allocator; on Linux also this process's VmHWM)."""
     if device.type == "cuda":
@@ -165,10 +173,12 @@ def bench_step(
             plain = lambda i: (unet(**i).sample, None)  # noqa: E731
             row["diffusers_graph_s"] = time_calls(lambda: graphed("plain", plain, inputs), device, repeats, warmup=2)
             del graphed
+            free_cached_memory(device)
         parallelize(unet, ParallelConfig(mode="sync", cuda_graphs=graphs), runtime=loopback_runtime(1, device=device))
         row["graphs"] = unet._distrifusion_state.graphs is not None
         row["ours_world1_s"] = time_calls(lambda: unet(sample, t, **kwargs), device, repeats, warmup=2)
         remove(unet)
+        free_cached_memory(device)
         # Against the fastest way to run the whole step on one device, so that the ratio is honest.
         row["full_step_s"] = min(row[k] for k in ("diffusers_eager_s", "diffusers_graph_s", "ours_world1_s") if row[k])
         row["peak_memory_mb"] = peak_memory_mb(device)
@@ -264,6 +274,7 @@ def _bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs) 
     row["cfg_groups"] = state.plan.cfg_groups
     row["largest_strip_rows"] = max(state.plan.rows)
     remove(unet)
+    free_cached_memory(device)
     return row
 
 
