@@ -41,7 +41,7 @@ def capture_cuda_graph(fn: Callable, static: dict, pool) -> tuple[Any, torch.Ten
     """Capture `fn(static)` on the current CUDA device; return (graph, output, meta, memory pool).
 
     Capture records kernels without running them. "thread_local" keeps other threads' CUDA calls
-    (the NCCL watchdog's event queries) from invalidating the capture.
+    (the NCCL watchdog's and our `ReplayWatchdog`'s event queries) from invalidating the capture.
     """
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
