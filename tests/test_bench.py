@@ -77,3 +77,12 @@ def test_traffic_only_counts_what_a_real_run_sends(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["ranks"] for r in rows] == [2, 4] and rows[1]["step_bytes"] == counted[0]["step_bytes"]
+
+
+def test_bench_graphs_on_without_cuda_is_a_clear_error(tmp_path):
+    arch = tmp_path / "tiny_sd15.json"
+    arch.write_text(json.dumps({**CONFIGS["sd15"], "sample_size": 8}))
+    command = ["bench", "--arch", str(arch), "--sizes", "64", "--repeats", "1", "--graphs", "on"]
+    proc = subprocess.run([sys.executable, "-m", "distrifusion", *command], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cuda_graphs=True needs a CUDA device" in proc.stderr

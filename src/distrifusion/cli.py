@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --nproc must be >= 1")
     if args.command == "generate" and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch(args.nproc, argv)
-    return {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
+    try:
+        return {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
+    except (ValueError, TypeError, OSError) as e:  # bad input: one line, not a traceback
+        print(f"distrifusion: error on rank {_rank()}: {e}", file=sys.stderr)
+        return 2
 
 
 def launch(nproc: int, argv: list[str], env: dict | None = None) -> int:
