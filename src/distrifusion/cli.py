@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return launch(args.nproc, argv)
     try:
         return {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
-    except (ValueError, TypeError, OSError) as e:  # bad input: one line, not a traceback
+    except (ValueError, TypeError, OSError) as e:  # bad input, a model that cannot be loaded: one line
         print(f"distrifusion: error on rank {_rank()}: {e}", file=sys.stderr)
         return 2
 
@@ -168,41 +168,35 @@ def generate(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
     generator = torch.Generator().manual_seed(args.seed)
     step_ends: list[float] = []
-    try:
-        if args.model == "embedded":
-            from .pipelines import load_texture_pipeline
+    if args.model == "embedded":
+        from .pipelines import load_texture_pipeline
 
-            pipe = load_texture_pipeline(torch_dtype=dtype)
-            default_class = "gravel" if "gravel" in pipe.classes else pipe.classes[0]
-            label = pipe.class_index(args.prompt or default_class)  # unknown class: error before any rank work
-            pipe = distrifusion.parallelize(pipe, config)
-            start = time.perf_counter()
-            image = pipe(label, height=height, width=width, num_inference_steps=args.steps, generator=generator).images[
-                0
-            ]
-        else:
-            from diffusers import DiffusionPipeline
+        pipe = load_texture_pipeline(torch_dtype=dtype)
+        default_class = "gravel" if "gravel" in pipe.classes else pipe.classes[0]
+        label = pipe.class_index(args.prompt or default_class)  # unknown class: error before any rank work
+        pipe = distrifusion.parallelize(pipe, config)
+        start = time.perf_counter()
+        image = pipe(label, height=height, width=width, num_inference_steps=args.steps, generator=generator).images[0]
+    else:
+        from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
-            pipe = distrifusion.parallelize(pipe, config)
-            start = time.perf_counter()
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        pipe = distrifusion.parallelize(pipe, config)
+        start = time.perf_counter()
 
-            def on_step_end(pipe, step, timestep, tensors):
-                step_ends.append(time.perf_counter())
-                return tensors
+        def on_step_end(pipe, step, timestep, tensors):
+            step_ends.append(time.perf_counter())
+            return tensors
 
-            image = pipe(
-                prompt=args.prompt or "a photograph of a lighthouse at dusk",
-                height=height,
-                width=width,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale,
-                generator=generator,
-                callback_on_step_end=on_step_end,
-            ).images[0]
-    except (ValueError, TypeError, OSError) as e:  # bad input or a model that cannot be loaded
-        print(f"distrifusion: error on rank {_rank()}: {e}", file=sys.stderr)
-        return 2
+        image = pipe(
+            prompt=args.prompt or "a photograph of a lighthouse at dusk",
+            height=height,
+            width=width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            generator=generator,
+            callback_on_step_end=on_step_end,
+        ).images[0]
     seconds = time.perf_counter() - start
     # Text pipelines also encode the prompt and decode the latent; the last step's end bounds the denoising.
     denoising = (step_ends[-1] - start) if step_ends else seconds
