@@ -73,7 +73,6 @@ class CountingCommunicator:
     def __init__(self, inner: Communicator, counter: dict) -> None:
         self.inner, self.counter = inner, counter
         self.rank, self.size = inner.rank, inner.size
-
         self.capturable = inner.capturable
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
@@ -222,27 +221,31 @@ def count_traffic(arch: str, sizes: list[int], dtype: torch.dtype, ranks: list[i
             counter = {"bytes": 0}
             config = ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=False)
             parallelize(unet, config, runtime=counting_loopback_runtime(n, device, counter))
-            plan_of = unet._distrifusion_state
             with torch.no_grad():
-                unet(sample, t, **kwargs)
-                sync_bytes, counter["bytes"] = counter["bytes"], 0
-                unet(sample, t, **kwargs)
-            rows.append(
-                dict(
-                    arch=arch,
-                    height=size,
-                    width=size,
-                    dtype=str(dtype).removeprefix("torch."),
-                    mode=mode,
-                    ranks=n,
-                    cfg_groups=plan_of.plan.cfg_groups,
-                    largest_strip_rows=max(plan_of.plan.rows),
-                    sync_step_bytes=sync_bytes,
-                    step_bytes=counter["bytes"],
-                )
-            )
+                traffic = _first_steps_traffic(unet, sample, t, kwargs, counter, mode)
+            dtype_name = str(dtype).removeprefix("torch.")
+            rows.append(dict(arch=arch, height=size, width=size, dtype=dtype_name, mode=mode, ranks=n, **traffic))
             remove(unet)
     return rows
+
+
+def _first_steps_traffic(unet, sample, t, kwargs, counter: dict, mode: str) -> dict:
+    """Bytes received in step 0 (synchronous) and step 1 of a freshly parallelised model, and its split.
+
+    Both run eagerly (a graph is captured at a phase's second use) so the communicator sees them; with
+    mode="sync" step 1 would be the synchronous graph's first replay, so the synchronous figure stands.
+    """
+    counter["bytes"] = 0
+    unet(sample, t, **kwargs)
+    sync_bytes, counter["bytes"] = counter["bytes"], 0
+    unet(sample, t, **kwargs)
+    plan = unet._distrifusion_state.plan
+    return dict(
+        cfg_groups=plan.cfg_groups,
+        largest_strip_rows=max(plan.rows),
+        sync_step_bytes=sync_bytes,
+        step_bytes=counter["bytes"] if mode != "sync" else sync_bytes,
+    )
 
 
 def _bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs) -> dict:
@@ -251,28 +254,16 @@ def _bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs) 
     runtime = counting_loopback_runtime(ranks, device, counter)
     parallelize(unet, ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=graphs), runtime=runtime)
     state = unet._distrifusion_state
-
-    def step() -> int:
-        """One call; the bytes it sent (counted only when Python runs it, not in a graph replay)."""
-        counter["bytes"] = 0
-        unet(sample, t, **kwargs)
-        return counter["bytes"]
+    step = lambda: unet(sample, t, **kwargs)  # noqa: E731
 
     def sync_step() -> None:
         state.reset()  # step 0: synchronous
         step()
 
-    row = {"sync_step_bytes": step()}  # the first call is step 0 (synchronous) and eager
+    row = dict(ranks=ranks, **_first_steps_traffic(unet, sample, t, kwargs, counter, mode))
     row["sync_step_s"] = time_calls(sync_step, device, repeats, warmup=2)
-    state.reset()
-    step()
-    # The first displaced (or naive) step runs eagerly, so its traffic is counted; with mode="sync"
-    # this call replays the synchronous graph, so the synchronous figure stands.
-    row["step_bytes"] = step() if mode != "sync" else row["sync_step_bytes"]
+    sync_step()  # from here on displaced steps (or sync, with mode="sync")
     row["share_step_s"] = time_calls(step, device, repeats, warmup=2)
-    row["ranks"] = ranks
-    row["cfg_groups"] = state.plan.cfg_groups
-    row["largest_strip_rows"] = max(state.plan.rows)
     remove(unet)
     free_cached_memory(device)
     return row

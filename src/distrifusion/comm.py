@@ -78,9 +78,7 @@ class DistCommunicator:
         self.capturable = dist.get_backend(group) == "nccl"
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
-        out = tensor.new_empty(self.size, *tensor.shape)
-        out[self.rank] = tensor
-        return self.all_gather_inplace(out, async_op)
+        return gather_through_inplace(self, tensor, async_op)
 
     def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
         # Flat views: gloo checks sizes by concatenation along the first dim. Input inside the output
@@ -88,6 +86,14 @@ class DistCommunicator:
         flat = buffer.view(-1)
         work = _all_gather_single(flat, buffer[self.rank].view(-1), group=self.group, async_op=async_op)
         return _Done(buffer, work)
+
+
+def gather_through_inplace(comm: Communicator, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
+    """`all_gather` for a communicator whose primitive is `all_gather_inplace`: a fresh buffer with
+    this member's row filled in."""
+    out = tensor.new_empty(comm.size, *tensor.shape)
+    out[comm.rank] = tensor
+    return comm.all_gather_inplace(out, async_op)
 
 
 # Renamed in recent torch; the old name still works but warns.

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from .comm import Communicator, PendingGather, Runtime, _Done
+from .comm import Communicator, PendingGather, Runtime, _Done, gather_through_inplace
 
 T = TypeVar("T")
 
@@ -65,9 +65,7 @@ class ThreadCommunicator:
         self.group, self.rank, self.size = group, rank, group.size
 
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
-        out = tensor.new_empty(self.size, *tensor.shape)
-        out[self.rank] = tensor
-        return self.all_gather_inplace(out, async_op)
+        return gather_through_inplace(self, tensor, async_op)
 
     def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
         group = self.group

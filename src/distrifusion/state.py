@@ -129,10 +129,7 @@ class Exchange:
         self._send_ready()
         slot = self.slots.get(key)
         if slot is None or not self.fixed:
-            raise RuntimeError(
-                f"distrifusion: layer call {key!r} did not run in the first step of this image size; every "
-                "denoising step must run the same layers (call distrifusion.reset() before a new image)"
-            )
+            raise _unknown_layer(key)
         self._check(key, slot, payload)
         view = self.view(key)
         old_own = view[self.comm.rank].clone() if keep_own else None
@@ -171,7 +168,7 @@ class Exchange:
             self._check(key, slot, payload)
             return slot
         if self.fixed:
-            raise RuntimeError(f"distrifusion: layer call {key!r} did not run in the first step of this image size")
+            raise _unknown_layer(key)
         self._device = payload.device
         nbytes = payload.numel() * payload.element_size()
         index = self._open.get(payload.dtype)
@@ -220,6 +217,13 @@ class Exchange:
         if pending is not None:
             pending.wait()
         return self.buffers[index]
+
+
+def _unknown_layer(key: str) -> RuntimeError:
+    return RuntimeError(
+        f"distrifusion: layer call {key!r} did not run in the first step of this image size; every "
+        "denoising step must run the same layers (call distrifusion.reset() before a new image)"
+    )
 
 
 def _write(row: torch.Tensor, payload: torch.Tensor) -> None:
@@ -283,10 +287,10 @@ class ParallelState:
         if plan != self.plan:
             self.reset()
             self.plan = plan
-            if plan not in self._exchanges:
-                comm = self.runtime.patch_groups[plan.cfg_groups]
-                self._exchanges[plan] = Exchange(comm, int(self.config.comm_bucket_mb * 2**20))
-            self._exchanges[plan] = self.exchange = self._exchanges.pop(plan)  # now the most recent
+            exchange = self._exchanges.pop(plan, None)
+            if exchange is None:
+                exchange = Exchange(self.runtime.patch_groups[plan.cfg_groups], int(self.config.comm_bucket_mb * 2**20))
+            self._exchanges[plan] = self.exchange = exchange  # (re)inserted last: the most recently used
             # Eager steps need only this size's buffers; graphs read theirs, so a few sizes stay, with their graphs.
             while len(self._exchanges) > (1 if self.graphs is None else KEPT_SIZES):
                 oldest = next(iter(self._exchanges))
