@@ -6,6 +6,7 @@ Float64 throughout, so the tolerance of the parity tests applies: 1e-9 of the ou
 """
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from helpers import BLOCK, denoise, model_inputs, tiny_model
 import distrifusion
 from distrifusion.comm import Runtime, SoloCommunicator
 from distrifusion.graphs import CudaGraphs
+from distrifusion.parallelize import _everywhere
 from distrifusion.simulate import LoopbackCommunicator, simulate_ranks
 from distrifusion.state import Exchange
 
@@ -274,10 +276,6 @@ def test_a_failed_capture_falls_back_to_eager_on_every_rank(caplog):
                 raise torch.cuda.OutOfMemoryError("out of memory at capture")
             return captured
 
-        from functools import partial
-
-        from distrifusion.parallelize import _everywhere
-
         state.graphs = CudaGraphs(
             torch.device("cpu"),
             capture=fails_on_rank_1,
@@ -381,3 +379,52 @@ def test_replay_watchdog_ends_a_hung_rank():
     watchdog.watch()  # never finishes
     assert fired.wait(5)
     assert len(messages) == 1 and "rank 3" in messages[0] and "timeout_s=0.2" in messages[0]
+
+
+class _Recording:
+    """Wraps a communicator and records every collective's kind, shape and dtype."""
+
+    def __init__(self, inner, log):
+        self.inner, self.log = inner, log
+        self.rank, self.size, self.capturable = inner.rank, inner.size, inner.capturable
+
+    def all_gather(self, tensor, async_op=False):
+        self.log.append(("all_gather", self.size, tuple(tensor.shape), tensor.dtype))
+        return self.inner.all_gather(tensor, async_op)
+
+    def all_gather_inplace(self, buffer, async_op=False):
+        self.log.append(("all_gather_inplace", self.size, tuple(buffer.shape), buffer.dtype))
+        return self.inner.all_gather_inplace(buffer, async_op)
+
+
+def _recorded_steps(runtime):
+    """Three calls (step 0 synchronous, then displaced) of a tiny SDXL-like model; the collectives."""
+    log = []
+    runtime.world = _Recording(runtime.world, log)
+    runtime.patch_groups = {k: _Recording(c, log) for k, c in runtime.patch_groups.items()}
+    model = tiny_model("sdxl")
+    distrifusion.parallelize(model, distrifusion.ParallelConfig(warmup_steps=0), runtime=runtime)
+    latent, kwargs = model_inputs(model, "sdxl", 5 * BLOCK, WIDTH)
+    with torch.no_grad():
+        for t in (900, 880, 860):
+            model(torch.cat([latent, latent]), t, **kwargs)
+    return log
+
+
+def _recorded_rank_job():
+    from distrifusion.comm import init_runtime
+
+    return _recorded_steps(init_runtime())
+
+
+def test_loopback_rank_issues_the_collectives_of_a_real_rank():
+    """A loopback rank (what `bench --simulate` times) issues exactly the collectives of the same rank
+    among real processes: same order, kinds, group sizes, shapes and dtypes (uneven strips, CFG split)."""
+    from helpers import run_ranks
+
+    from distrifusion.simulate import loopback_runtime
+
+    real = run_ranks(4, _recorded_rank_job)
+    for rank in (0, 3):  # the largest strip and the smallest
+        simulated = _recorded_steps(loopback_runtime(4, rank=rank))
+        assert len(simulated) > 10 and simulated == real[rank]
