@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 MODES = ("displaced", "sync", "naive")
 GROUPNORM_MODES = ("corrected_async", "stale", "sync", "separate")
+TEXT_TOKEN_MODES = ("replicated", "sharded")
 
 
 @dataclass
@@ -28,7 +29,15 @@ class ParallelConfig:
     """GroupNorm statistics in displaced steps: "corrected_async" (previous global statistics
     corrected by the change of the local ones, as in the paper), "stale" (other strips'
     statistics from the previous step, own fresh), "sync" (blocking exchange every step: exact
-    statistics, slower), or "separate" (local statistics only)."""
+    statistics, slower), or "separate" (local statistics only). No effect on diffusion
+    transformers (Flux, SD3, PixArt), which normalise per token: setting it for one logs a warning."""
+
+    text_tokens: str = "replicated"
+    """Text tokens of models whose text and image tokens attend jointly (Flux, SD3): "replicated"
+    (every rank computes all of them; nothing to exchange) or "sharded" (each rank computes a
+    share and exchanges their keys/values like image tokens: less repeated work, more traffic,
+    and in displaced steps the other shares' keys/values are a step old). No effect on UNets and
+    PixArt, whose text enters through cross-attention only."""
 
     split_cfg: bool | str = True
     """Split the batch in two halves over two rank groups (with classifier-free guidance the
@@ -55,6 +64,8 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.groupnorm not in GROUPNORM_MODES:
             raise ValueError(f"ParallelConfig.groupnorm must be one of {GROUPNORM_MODES}, got {self.groupnorm!r}")
+        if self.text_tokens not in TEXT_TOKEN_MODES:
+            raise ValueError(f"ParallelConfig.text_tokens must be one of {TEXT_TOKEN_MODES}, got {self.text_tokens!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
             raise ValueError(f"ParallelConfig.warmup_steps must be an int, got {self.warmup_steps!r}")
         if self.warmup_steps < 0:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embed
 from torch import nn
 
 from .state import ParallelState
 
 
-def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """Zero-pad `t` along `dim` to `size`: all-gathers need equally shaped payloads."""
     missing = size - t.shape[dim]
     if missing == 0:
@@ -65,8 +66,8 @@ class PatchConv2d:
         edges = torch.cat([x[:, :, : self.below], x[:, :, rows - self.above :]], 2)
         others = state.context(self.name, edges)
         zeros = x.new_zeros(x.shape[0], x.shape[1], 0, x.shape[3])
-        top = others[rank - 1][:, :, self.below :] if rank > 0 else _pad_to(zeros, 2, self.above)
-        bottom = others[rank + 1][:, :, : self.below] if rank < n - 1 else _pad_to(zeros, 2, self.below)
+        top = others[rank - 1][:, :, self.below :] if rank > 0 else pad_to(zeros, 2, self.above)
+        bottom = others[rank + 1][:, :, : self.below] if rank < n - 1 else pad_to(zeros, 2, self.below)
         x = torch.cat([top, x, bottom], 2)
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups)
 
@@ -203,13 +204,9 @@ class PatchAttnProcessor:
         state = self.state
         if state.naive:
             return self._kv(attn, hidden_states)
-        tokens = state.sizes(hidden_states.shape[1])
         row = state.own_row(self.name)
         kv = self._kv(attn, hidden_states, None if row is None else row[:, : hidden_states.shape[1]])
-        gathered = state.context(self.name, _pad_to(kv, 1, max(tokens)), alone=True)
-        if gathered.shape[1] == 1 and min(tokens) == max(tokens):  # (ranks, 1, tokens, c): one image's tokens
-            return gathered.view(1, -1, gathered.shape[-1])
-        return torch.cat([gathered[j][:, :n] for j, n in enumerate(tokens)], 1)
+        return gather_tokens(state, self.name, kv, state.sizes(hidden_states.shape[1]))
 
     def _cross_kv(self, attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         if self.state.graphs is not None:
@@ -264,3 +261,166 @@ def _attend(attn: nn.Module, query: torch.Tensor, kv: torch.Tensor) -> torch.Ten
     out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
     out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
     return attn.to_out[1](attn.to_out[0](out))
+
+
+def gather_tokens(state: ParallelState, name: str, payload: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every patch rank's part of a per-token payload (batch, local tokens, c), in rank order:
+    (batch, sum(sizes), c). This rank's part is `payload`; the others' are fresh in a synchronous
+    step and the previous step's in a displaced one."""
+    gathered = state.context(name, pad_to(payload, 1, max(sizes)), alone=True)
+    if gathered.shape[1] == 1 and min(sizes) == max(sizes):  # (ranks, 1, tokens, c): read in place
+        return gathered.view(1, -1, gathered.shape[-1])
+    return torch.cat([gathered[j][:, :n] for j, n in enumerate(sizes)], 1)
+
+
+class PatchJointAttnProcessor:
+    """Joint attention of text and image tokens (Flux, SD3) with the image split in strips.
+
+    The queries are this rank's tokens; the keys/values are every strip's image tokens (this
+    strip's fresh, the others' fresh in a synchronous step and a step old in a displaced one)
+    plus the text tokens: all of them on every rank, or, with sharded text, this rank's fresh
+    and the others' exchanged like image tokens. Softmax attention does not depend on the order
+    of the keys, so only the queries keep the model's own order of text and image tokens.
+
+    One processor serves every joint-attention family; the adapter says the text's place:
+    `text_first` (Flux: [text, image]; SD3: [image, text]) and `text_in_hidden` (Flux's
+    single-stream blocks pass text and image concatenated in `hidden_states`, without
+    `encoder_hidden_states`). An attention without text (SD3.5's second, image-only attention)
+    is the same processor with no text tokens. Rotary embeddings (Flux) cover the call's own
+    tokens, [text, image]: keys are exchanged after them.
+    """
+
+    def __init__(
+        self, attn: nn.Module, name: str, state: ParallelState, original, *, text_first: bool, text_in_hidden: bool
+    ) -> None:
+        self.name, self.state, self.original = name, state, original
+        self.text_first, self.text_in_hidden = text_first, text_in_hidden
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs
+    ):
+        state, rotary = self.state, image_rotary_emb
+        if not state.split:
+            if rotary is not None:
+                kwargs["image_rotary_emb"] = rotary
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None or kwargs:
+            extra = ["attention_mask"] * (attention_mask is not None) + sorted(kwargs)
+            raise ValueError(f"distrifusion: attention {self.name!r} got {extra}, which cannot be split into strips")
+        plan = state.plan
+        added = encoder_hidden_states is not None
+        if added:
+            image, text = hidden_states, encoder_hidden_states
+        elif self.text_in_hidden:
+            n_text = plan.text[plan.patch_rank]
+            cut = n_text if self.text_first else hidden_states.shape[1] - n_text
+            first, second = hidden_states[:, :cut], hidden_states[:, cut:]
+            text, image = (first, second) if self.text_first else (second, first)
+        else:
+            image, text = hidden_states, None
+        n_text = 0 if text is None else text.shape[1]
+        if rotary is not None:  # rotary tables for the call's tokens, in the model's order
+            split = n_text if self.text_first else image.shape[1]
+            first, second = [tuple(t[:split] for t in rotary), tuple(t[split:] for t in rotary)]
+            text_rotary, image_rotary = (first, second) if self.text_first else (second, first)
+        else:
+            text_rotary = image_rotary = None
+        q_img, kv_img = _qkv(attn, image, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, image_rotary)
+        if not state.naive:
+            kv_img = gather_tokens(state, self.name, kv_img, state.sizes(image.shape[1]))
+        if text is None:
+            query, kv = q_img, kv_img
+        else:
+            projections = (
+                (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
+                if added
+                else (attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+            )
+            q_txt, kv_txt = _qkv(attn, text, *projections, text_rotary)
+            if state.config.text_tokens == "sharded" and not state.naive:
+                kv_txt = gather_tokens(state, self.name + ".text", kv_txt, list(plan.text))
+            query = torch.cat([q_txt, q_img] if self.text_first else [q_img, q_txt], 1)
+            kv = torch.cat([kv_txt, kv_img], 1)
+        key, value = kv.unflatten(-1, (attn.heads, -1)).transpose(1, 2).chunk(2, -1)  # (batch, heads, tokens, d)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value)
+        out = out.transpose(1, 2).flatten(2).to(query.dtype)
+        if text is None:
+            return _project_out(attn, out)
+        if self.text_first:
+            out_txt, out_img = out[:, :n_text], out[:, n_text:]
+        else:
+            out_img, out_txt = out[:, : image.shape[1]], out[:, image.shape[1] :]
+        if not added:  # single-stream: the block projects the concatenation itself
+            return torch.cat([out_txt, out_img] if self.text_first else [out_img, out_txt], 1)
+        out_img = _project_out(attn, out_img)
+        if getattr(attn, "to_add_out", None) is not None:
+            out_txt = attn.to_add_out(out_txt.contiguous())
+        return out_img, out_txt
+
+
+def _qkv(attn, x, to_q, to_k, to_v, norm_q, norm_k, rotary):
+    """Queries (batch, tokens, heads, head_dim) and keys/values side by side per head, flattened
+    (batch, tokens, heads * 2 * head_dim), normalised and rotated as the model does."""
+    query = to_q(x).unflatten(-1, (attn.heads, -1))
+    key = to_k(x).unflatten(-1, (attn.heads, -1))
+    value = to_v(x).unflatten(-1, (attn.heads, -1))
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    return query, torch.cat([key, value], -1).flatten(2)
+
+
+def _project_out(attn, out: torch.Tensor) -> torch.Tensor:
+    if getattr(attn, "pre_only", False):  # Flux's single-stream attention: the block projects
+        return out
+    return attn.to_out[1](attn.to_out[0](out.contiguous()))
+
+
+class StripPatchEmbed:
+    """A transformer's patch embedding (kernel = stride = patch size: no halo) of one strip,
+    with the positional embedding of the whole image, sliced to the strip's tokens.
+
+    SD3 crops its positional table around the centre of the input it is given, and PixArt builds
+    a sin-cos grid from the input's size: on a strip alone both would give the wrong positions.
+    """
+
+    def __init__(self, embed: nn.Module, name: str, state: ParallelState) -> None:
+        if not embed.flatten:
+            raise TypeError(f"distrifusion: patch embedding {name!r} does not flatten to tokens; not supported")
+        self.embed, self.name, self.state = embed, name, state
+
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        embed, state = self.embed, self.state
+        if not state.split:
+            return type(embed).forward(embed, latent)
+        x = embed.proj(latent).flatten(2).transpose(1, 2)
+        if embed.layer_norm:
+            x = embed.norm(x)
+        if embed.pos_embed is None:
+            return x
+        plan, patch = state.plan, embed.patch_size
+        positions = full_positions(embed, plan.height, plan.width, x.device)
+        start = plan.row_start // patch * (plan.width // patch)
+        return (x + positions[:, start : start + x.shape[1]]).to(x.dtype)
+
+
+def full_positions(embed: nn.Module, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """The positional embedding diffusers' PatchEmbed adds to a `height` x `width` latent."""
+    if embed.pos_embed_max_size:
+        return embed.cropped_pos_embed(height, width)
+    rows, cols = height // embed.patch_size, width // embed.patch_size
+    if (embed.height, embed.width) == (rows, cols):
+        return embed.pos_embed
+    table = get_2d_sincos_pos_embed(
+        embed_dim=embed.pos_embed.shape[-1],
+        grid_size=(rows, cols),
+        base_size=embed.base_size,
+        interpolation_scale=embed.interpolation_scale,
+        device=device,
+        output_type="pt",
+    )
+    return table.float().unsqueeze(0)

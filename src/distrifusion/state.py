@@ -30,7 +30,13 @@ class Plan:
     cfg_index: int
     patch_rank: int
     rows: tuple[int, ...]
-    """Latent rows of every patch rank's strip, top to bottom."""
+    """Rows (latent rows, or token rows of a transformer) of every patch rank's strip, top to bottom."""
+    text: tuple[int, ...] = ()
+    """Text tokens every patch rank computes, for models whose image and text tokens attend jointly:
+    all of them on each rank, or a shard each (`ParallelConfig.text_tokens`)."""
+    sharded_text: bool = False
+    block: int = 1
+    """Rows every strip is a multiple of (a UNet's downsampling, a transformer's patch size)."""
 
     @property
     def patch_size(self) -> int:

@@ -1,0 +1,128 @@
+"""What every model adapter provides, and the input-slicing helpers they share.
+
+An adapter holds the facts of one model family: which modules get patch-parallel layers, how
+the model's inputs map to rows of the image, how the call is cut into this rank's share and how
+the output strips are put back together. It holds no state: the model's `ParallelState` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..state import ParallelState, Plan
+
+
+class ModelAdapter:
+    """Base of the per-family adapters (see `distrifusion.models`)."""
+
+    models: tuple[type, ...] = ()
+    """The diffusers model classes this adapter parallelises."""
+    sample_arg: str = "sample"
+    """The forward argument that carries the noisy image (latent or tokens)."""
+    output_dim: int = 2
+    """The dimension of the output along which strips are stacked (2: rows of a map, 1: tokens)."""
+    row_unit: str = "rows"
+    """What the split's rows are, for error messages (rows of the model's input, or token rows)."""
+    joint_text: bool = False
+    """Whether image and text tokens attend jointly (so text tokens can be sharded among ranks)."""
+    uses_groupnorm: bool = False
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before anything runs, layers whose semantics cannot be split into strips."""
+
+    def block_rows(self, model: nn.Module) -> int:
+        """Rows that every strip must be a multiple of."""
+        raise NotImplementedError
+
+    def install(self, model: nn.Module, state: ParallelState) -> None:
+        """Put the patch-parallel layers on the model's modules (undone by `parallelize.remove`)."""
+        raise NotImplementedError
+
+    def grid(self, inputs: dict) -> tuple[int, int, int]:
+        """(batch, rows, columns) of the call's image, validated identically on every rank."""
+        raise NotImplementedError
+
+    def text_tokens(self, inputs: dict) -> int:
+        """Text tokens that attend jointly with the image tokens (0 if none)."""
+        return 0
+
+    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+        """This rank's share of the call: its batch half, its strip, its text tokens."""
+        raise NotImplementedError
+
+    def timestep_tensor(self, model: nn.Module, t: int | float) -> torch.Tensor:
+        """A timestep given as a number, as the tensor the model itself would make of it (a CUDA
+        graph would otherwise bake the number in)."""
+        return torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
+
+
+def batch_slice(plan: Plan) -> slice:
+    """This rank's half of the batch (the whole batch without a CFG split)."""
+    return slice(plan.cfg_index * plan.local_batch, (plan.cfg_index + 1) * plan.local_batch)
+
+
+def strip_rows(plan: Plan) -> tuple[int, int]:
+    """First and last-plus-one row of this rank's strip."""
+    return plan.row_start, plan.row_start + plan.rows[plan.patch_rank]
+
+
+def shard_text(local: dict, plan: Plan, text: str, ids: str | None = None) -> dict:
+    """With sharded text tokens: cut the text input (batch, tokens, c) and its position ids
+    (tokens, 3) to this rank's share; otherwise return `local` unchanged."""
+    if not plan.sharded_text:
+        return local
+    start = sum(plan.text[: plan.patch_rank])
+    end = start + plan.text[plan.patch_rank]
+    local[text] = slice_tokens(local[text], start, end)
+    if ids is not None:
+        local[ids] = slice_tokens(local[ids], start, end, dim=local[ids].dim() - 2)
+    return local
+
+
+def image_map_grid(sample: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, rows, columns) of a (batch, channels, height, width) latent."""
+    if sample.dim() != 4:
+        raise ValueError(
+            f"distrifusion: expected a 4-D latent (batch, channels, height, width), got {tuple(sample.shape)}"
+        )
+    return sample.shape[0], sample.shape[2], sample.shape[3]
+
+
+def slice_batch(value, plan: Plan):
+    """`value` (a tensor, or dicts/lists of them) cut to this rank's batch half; other values unchanged."""
+    if isinstance(value, dict):
+        return {k: slice_batch(v, plan) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(slice_batch(v, plan) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == plan.batch:
+        return value[batch_slice(plan)]
+    return value
+
+
+def slice_tokens(value, start: int, end: int, dim: int = 1):
+    """Tokens [start, end) of `value` along `dim` (tensors, or lists of them)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return type(value)(slice_tokens(v, start, end, dim) for v in value)
+    return value.narrow(dim, start, end - start)
+
+
+def refuse_inputs(family: str, inputs: dict, names: Iterable[str], why: str) -> None:
+    """Raise for any of `names` given (not None): inputs this adapter cannot split."""
+    for name in names:
+        if inputs.get(name) is not None:
+            raise ValueError(f"distrifusion: {family} input {name!r} is not supported: {why}")
+
+
+def check_kwargs_dict(family: str, inputs: dict, name: str) -> None:
+    """Attention kwargs may carry a LoRA scale (the same on every strip), nothing else."""
+    extra = sorted(set(inputs.get(name) or {}) - {"scale"})
+    if extra:
+        raise ValueError(
+            f"distrifusion: {family} {name} {extra} cannot be split into strips "
+            "(only a LoRA 'scale' is supported); leave them out or run without distrifusion"
+        )

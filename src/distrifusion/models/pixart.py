@@ -1,0 +1,44 @@
+"""PixArt-α/Σ (`PixArtTransformer2DModel`): patch tokens in strips of whole patch rows,
+self-attention over all strips, cross-attention to the text (local), sin-cos positions of the
+whole image; resolution and aspect-ratio conditions come from the pipeline unchanged."""
+
+from __future__ import annotations
+
+from diffusers import PixArtTransformer2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import nn
+
+from ..layers import PatchAttnProcessor, StripPatchEmbed
+from ..state import ParallelState, Plan
+from .base import ModelAdapter, check_kwargs_dict, image_map_grid, refuse_inputs, slice_batch, strip_rows
+from .unet import check_processor
+
+
+class PixArtAdapter(ModelAdapter):
+    models = (PixArtTransformer2DModel,)
+    sample_arg = "hidden_states"
+
+    def check(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if isinstance(module, Attention):
+                check_processor(name, module, (AttnProcessor2_0, AttnProcessor))
+
+    def block_rows(self, model: nn.Module) -> int:
+        return model.config.patch_size
+
+    def install(self, model: nn.Module, state: ParallelState) -> None:
+        model.pos_embed.forward = StripPatchEmbed(model.pos_embed, "pos_embed", state)
+        for name, module in model.named_modules():
+            if isinstance(module, Attention):  # attn1 over all strips; attn2 (text) runs unchanged
+                module.set_processor(PatchAttnProcessor(module, name, state, module.processor))
+
+    def grid(self, inputs: dict) -> tuple[int, int, int]:
+        return image_map_grid(inputs["hidden_states"])
+
+    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+        check_kwargs_dict("PixArt", inputs, "cross_attention_kwargs")
+        refuse_inputs("PixArt", inputs, ["attention_mask"], "a mask over image tokens cannot be split into strips")
+        local = {k: slice_batch(v, plan) for k, v in inputs.items()}
+        first, last = strip_rows(plan)
+        local["hidden_states"] = local["hidden_states"][:, :, first:last]
+        return local

@@ -1,0 +1,54 @@
+"""SD3 / SD3.5 (`SD3Transformer2DModel`): patch tokens in strips of whole patch rows, joint
+attention with the text ([image, text]), SD3.5's second image-only attention, cropped positions."""
+
+from __future__ import annotations
+
+from diffusers import SD3Transformer2DModel
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from torch import nn
+
+from ..layers import PatchJointAttnProcessor, StripPatchEmbed
+from ..state import ParallelState, Plan
+from .base import ModelAdapter, check_kwargs_dict, image_map_grid, shard_text, slice_batch, slice_tokens, strip_rows
+from .unet import check_processor
+
+
+class SD3Adapter(ModelAdapter):
+    models = (SD3Transformer2DModel,)
+    sample_arg = "hidden_states"
+    joint_text = True
+
+    def check(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if isinstance(module, Attention):
+                check_processor(name, module, (JointAttnProcessor2_0,))
+
+    def block_rows(self, model: nn.Module) -> int:
+        return model.config.patch_size  # the patch embedding is a conv with kernel = stride: no halo
+
+    def install(self, model: nn.Module, state: ParallelState) -> None:
+        model.pos_embed.forward = StripPatchEmbed(model.pos_embed, "pos_embed", state)
+        for name, module in model.named_modules():
+            if isinstance(module, Attention):  # joint attention, and SD3.5's image-only attn2
+                processor = PatchJointAttnProcessor(
+                    module, name, state, module.processor, text_first=False, text_in_hidden=False
+                )
+                module.set_processor(processor)
+
+    def grid(self, inputs: dict) -> tuple[int, int, int]:
+        return image_map_grid(inputs["hidden_states"])
+
+    def text_tokens(self, inputs: dict) -> int:
+        return inputs["encoder_hidden_states"].shape[1]
+
+    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+        check_kwargs_dict("SD3", inputs, "joint_attention_kwargs")
+        batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+        batched += ("block_controlnet_hidden_states",)
+        local = {k: slice_batch(v, plan) if k in batched else v for k, v in inputs.items()}
+        first, last = strip_rows(plan)
+        local["hidden_states"] = local["hidden_states"][:, :, first:last]
+        per_row = plan.width // plan.block
+        start, end = first // plan.block * per_row, last // plan.block * per_row
+        local["block_controlnet_hidden_states"] = slice_tokens(local.get("block_controlnet_hidden_states"), start, end)
+        return shard_text(local, plan, "encoder_hidden_states")

@@ -1,0 +1,122 @@
+"""Tiny random-weight diffusion transformers (Flux, SD3.5, PixArt) and a flow-matching loop that
+calls them as their pipelines do, on the full inputs (the engine splits them itself)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+TEXT_LEN, TEXT_DIM, POOLED_DIM = 7, 32, 24
+FAMILIES = ["flux", "sd3", "pixart"]
+# Rows every strip is a multiple of: Flux is split in token rows (2x2 packing happens in the
+# pipeline); SD3 and PixArt in whole patches of 2 latent rows.
+BLOCK = {"flux": 1, "sd3": 2, "pixart": 2}
+
+
+def tiny_transformer(family: str, dtype=torch.float64, seed: int = 0):
+    """The published block structure at toy width: Flux with double- and single-stream blocks;
+    SD3.5 with a dual-attention layer and RMS qk-norm; PixArt with resolution conditions."""
+    torch.manual_seed(seed)
+    if family == "flux":
+        model = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=TEXT_DIM,
+            pooled_projection_dim=POOLED_DIM,
+            guidance_embeds=False,
+            axes_dims_rope=(4, 6, 6),
+        )
+    elif family == "sd3":
+        model = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=TEXT_DIM,
+            caption_projection_dim=16,
+            pooled_projection_dim=POOLED_DIM,
+            out_channels=4,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+    elif family == "pixart":
+        model = PixArtTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=12,  # the resolution conditions need a width divisible by 3
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            cross_attention_dim=24,
+            sample_size=8,
+            patch_size=2,
+            caption_channels=TEXT_DIM,
+            use_additional_conditions=True,
+        )
+    else:
+        raise ValueError(family)
+    model = model.to(dtype).eval()
+    with torch.no_grad():  # zero-initialised or constant parameters would hide paths
+        for p in model.parameters():
+            if p.numel() == 1 or torch.all(p == p.flatten()[0]):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def image_shape(family: str, rows: int, cols: int) -> tuple[int, ...]:
+    """The shape of one image's model input for `rows` x `cols` split units."""
+    if family == "flux":
+        return (rows * cols, 16)
+    return (4, rows * BLOCK[family], cols * BLOCK[family])
+
+
+def call_inputs(family: str, batch: int, rows: int, cols: int, seed: int = 1, dtype=torch.float64) -> dict:
+    """Conditioning of one call (everything but the noisy image and the timestep)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g, dtype=dtype)
+    if family == "flux":
+        ids = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        img_ids = torch.cat([torch.zeros(rows * cols, 1), ids.float()], 1).to(dtype)
+        return dict(
+            encoder_hidden_states=text,
+            pooled_projections=torch.randn(batch, POOLED_DIM, generator=g, dtype=dtype),
+            img_ids=img_ids,
+            txt_ids=torch.zeros(TEXT_LEN, 3, dtype=dtype),
+        )
+    if family == "sd3":
+        return dict(encoder_hidden_states=text, pooled_projections=torch.randn(batch, POOLED_DIM, generator=g, dtype=dtype))
+    h, w = rows * BLOCK[family] * 8, cols * BLOCK[family] * 8
+    conditions = dict(
+        resolution=torch.tensor([[h, w]] * batch, dtype=dtype),
+        aspect_ratio=torch.tensor([[h / w]] * batch, dtype=dtype),
+    )
+    return dict(encoder_hidden_states=text, added_cond_kwargs=conditions)
+
+
+def call(model, family: str, x: torch.Tensor, t: float, cond: dict) -> torch.Tensor:
+    timestep = torch.full((x.shape[0],), t * (1.0 if family == "flux" else 1000.0), dtype=x.dtype)
+    return model(hidden_states=x, timestep=timestep, return_dict=False, **cond)[0]
+
+
+def denoise(
+    model, family: str, rows: int, cols: int, batch: int = 2, steps: int = 5, seed: int = 1, dtype=torch.float64
+):
+    """Euler flow-matching from noise; with batch 2 the halves are guidance branches (scale 3)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, *image_shape(family, rows, cols), generator=g, dtype=dtype)
+    cond = call_inputs(family, batch, rows, cols, seed, dtype)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            v = call(model, family, x.expand(batch, *x.shape[1:]), s, cond)
+            if family == "pixart":
+                v = v[:, :4]  # learned-sigma channels are not part of the velocity
+            v = v[:1] + 3.0 * (v[1:] - v[:1]) if batch == 2 else v
+            x = x + (s_next - s) * v
+    return x
