@@ -9,7 +9,6 @@ import warnings
 from functools import partial
 
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .comm import Runtime, init_runtime
@@ -123,7 +122,7 @@ def remove(pipe_or_model) -> None:
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), (*_LAYERS, _ParallelForward)):
             del module.forward
-        if isinstance(module, Attention) and isinstance(module.processor, _PROCESSORS):
+        if isinstance(getattr(module, "processor", None), _PROCESSORS):
             module.set_processor(module.processor.original)
     delattr(model, _STATE_ATTR)
     base = getattr(type(pipe_or_model), "_distrifusion_base", None)
