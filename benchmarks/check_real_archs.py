@@ -1,7 +1,11 @@
-"""Parity on the published UNet architectures (random weights, float32): N simulated ranks against one
+"""Parity on the published architectures (random weights, float32): N simulated ranks against one
 process. Too heavy for CI (an SDXL UNet is 10 GB in float32); run by hand on a machine with ~24 GB:
 
     python benchmarks/check_real_archs.py [sd15 sd21 sdxl] [--ranks 2 3]
+    python benchmarks/check_real_archs.py flux_dev sd3_medium pixart_alpha --depth 2 --pixels 256 192
+
+Transformers keep their published widths; `--depth` cuts them to that many blocks of each kind
+(Flux: double- and single-stream) so that they fit in memory (Flux-dev alone is 48 GB in float32).
 
 The ranks are threads whose models share one copy of the weights. Checked: sync mode (exact patch
 parallelism) over a few steps, and displaced steps on an unchanged input (the previous step's
@@ -13,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
 import distrifusion
-from distrifusion.bench import build_unet, unet_inputs
+from distrifusion.bench import ARCHS, CONFIGS, build_model, model_inputs
 from distrifusion.simulate import simulate_ranks
 
 
@@ -29,22 +36,35 @@ def shared_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def calls(unet, sample, kwargs, timesteps):
+def calls(model, inputs, timesteps):
     with torch.no_grad():
-        return [unet(sample, t, **kwargs).sample for t in timesteps]
+        return [model(**{**inputs, "timestep": t}, return_dict=False)[0] for t in timesteps]
 
 
-def run_rank(runtime, unet, sample, kwargs, timesteps):
+def run_rank(runtime, model, inputs, timesteps):
     """One simulated rank: sync-mode calls, then displaced calls on an unchanged input."""
-    model = shared_copy(unet)
+    model = shared_copy(model)
     sync = distrifusion.ParallelConfig(mode="sync", split_cfg=False)
     distrifusion.parallelize(model, sync, runtime=runtime)
-    synced = calls(model, sample, kwargs, timesteps)
+    synced = calls(model, inputs, timesteps)
     distrifusion.remove(model)
     displaced = distrifusion.ParallelConfig(warmup_steps=0, split_cfg=False)
     distrifusion.parallelize(model, displaced, runtime=runtime)
-    frozen = calls(model, sample, kwargs, timesteps[:1] * 3)  # step 0 sync, then displaced
+    frozen = calls(model, inputs, timesteps[:1] * 3)  # step 0 sync, then displaced
     return synced, frozen
+
+
+def cut_depth(arch: str, depth: int) -> str:
+    """A config file like `arch`'s with `depth` blocks of each kind (transformers only)."""
+    config = json.loads((CONFIGS / ARCHS[arch]).read_text())
+    for key in ("num_layers", "num_single_layers"):
+        if key in config:
+            config[key] = min(config[key], depth)
+    if "dual_attention_layers" in config:
+        config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < depth]
+    path = Path(tempfile.mkdtemp()) / f"{arch}_depth{depth}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
 
 
 def main() -> None:
@@ -52,28 +72,30 @@ def main() -> None:
     parser.add_argument("archs", nargs="*", default=["sd15", "sd21", "sdxl"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--pixels", type=int, nargs=2, default=(256, 192), help="height width (latent: /8)")
+    parser.add_argument("--depth", type=int, default=2, help="blocks of each kind kept in a transformer")
     args = parser.parse_args()
-    timesteps = [torch.tensor(t) for t in (900, 800, 700)]
     for arch in args.archs:
         start = time.time()
-        unet = build_unet(arch, torch.float32, torch.device("cpu"))
-        # The batch of 2 is the CFG batch, kept whole (split_cfg=False) so that every rank computes strips.
-        sample, kwargs = unet_inputs(unet, *args.pixels)
-        reference = calls(unet, sample, kwargs, timesteps)
+        source = arch if arch in ("sd15", "sd21", "sdxl") or arch.endswith(".json") else cut_depth(arch, args.depth)
+        model = build_model(source, torch.float32, torch.device("cpu"))
+        # The CFG batch is kept whole (split_cfg=False) so that every rank computes strips.
+        inputs = model_inputs(model, *args.pixels)
+        t0 = inputs["timestep"]
+        timesteps = [t0 * f for f in (1.8, 1.6, 1.4)]
+        reference = calls(model, inputs, timesteps)
         frozen_ref = reference[0]
         scale = max(r.abs().max().item() for r in reference)
         for ranks in args.ranks:
-            results = simulate_ranks(
-                ranks, partial(run_rank, unet=unet, sample=sample, kwargs=kwargs, timesteps=timesteps)
-            )
+            results = simulate_ranks(ranks, partial(run_rank, model=model, inputs=inputs, timesteps=timesteps))
             sync_err = max((s - r).abs().max().item() for res in results for s, r in zip(res[0], reference))
             frozen_err = max((f - frozen_ref).abs().max().item() for res in results for f in res[1])
             print(
-                f"{arch}, {ranks} ranks, latent {sample.shape[2]}x{sample.shape[3]}: sync max error "
+                f"{arch}, {ranks} ranks, {args.pixels[0]}x{args.pixels[1]} px: sync max error "
                 f"{sync_err / scale:.2e}, displaced on an unchanged input {frozen_err / scale:.2e} "
                 f"(of the output scale {scale:.2f}; {time.time() - start:.0f} s)",
                 flush=True,
             )
+        del model
 
 
 if __name__ == "__main__":

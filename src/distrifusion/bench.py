@@ -25,7 +25,14 @@ from .parallelize import parallelize, remove, reset
 from .simulate import loopback_runtime
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
-ARCHS = {"sd15": "sd15_unet.json", "sd21": "sd21_unet.json", "sdxl": "sdxl_unet.json"}
+ARCHS = {
+    "sd15": "sd15_unet.json",
+    "sd21": "sd21_unet.json",
+    "sdxl": "sdxl_unet.json",
+    "flux_dev": "flux_dev_transformer.json",
+    "sd3_medium": "sd3_medium_transformer.json",
+    "pixart_alpha": "pixart_alpha_transformer.json",
+}
 # Nominal one-direction bandwidths, bytes per second.
 LINKS = {
     "NVLink 4 (H100)": 450e9,
@@ -36,35 +43,90 @@ LINKS = {
 }
 
 
-def build_unet(arch: str, dtype: torch.dtype, device: torch.device):
-    """A random-weight UNet2DConditionModel of a published architecture (or a config JSON path),
-    initialised on `device` itself (an SDXL UNet initialised on the CPU takes a minute)."""
-    from diffusers import UNet2DConditionModel
+def build_model(arch: str, dtype: torch.dtype, device: torch.device):
+    """A random-weight denoiser of a published architecture (or a config JSON path; its
+    `_class_name` picks the diffusers class, UNet2DConditionModel by default), initialised on
+    `device` itself (an SDXL UNet initialised on the CPU takes a minute)."""
+    import diffusers
 
+    if arch not in ARCHS and not arch.endswith(".json"):
+        raise ValueError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)} or a config .json path")
     path = Path(arch) if arch.endswith(".json") else CONFIGS / ARCHS[arch]
     config = json.loads(path.read_text())
+    cls = getattr(diffusers, config.pop("_class_name", "UNet2DConditionModel"))
     torch.manual_seed(0)
     with torch.device(device):
-        return UNet2DConditionModel.from_config(config).to(dtype).eval()
+        return cls.from_config(config).to(dtype).eval()
 
 
-def unet_inputs(unet, height: int, width: int, batch: int = 2):
-    """CFG-batch inputs for a pixel size (latents are 8x smaller), like a text-to-image pipeline."""
-    cfg, p = unet.config, next(unet.parameters())
+def model_inputs(model, height: int, width: int, batch: int | None = None) -> dict:
+    """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller), as the
+    model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3 and PixArt; one image
+    with distilled guidance for Flux-dev. Text lengths are the pipelines' defaults (CLIP 77, SD3
+    333, PixArt 120, Flux 512)."""
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+    cfg, p = model.config, next(model.parameters())
     g = torch.Generator().manual_seed(0)
-    kwargs = {"encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)}
-    if cfg.addition_embed_type == "text_time":
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, pooled, generator=g),
-            "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch),
-        }
-    sample = torch.randn(batch, cfg.in_channels, height // 8, width // 8, generator=g)
-    move = lambda t: t.to(p.device, p.dtype)  # noqa: E731
-    kwargs = {
-        k: ({kk: move(vv) for kk, vv in v.items()} if isinstance(v, dict) else move(v)) for k, v in kwargs.items()
-    }
-    return move(sample), kwargs
+    rand = lambda *shape: torch.randn(*shape, generator=g) if p.device.type != "meta" else torch.empty(shape)  # noqa: E731
+    h, w = height // 8, width // 8
+    if isinstance(model, FluxTransformer2DModel):
+        batch = batch or 1
+        rows, cols = h // 2, w // 2  # the pipeline packs 2x2 latent cells per token
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        inputs = dict(
+            hidden_states=rand(batch, rows * cols, cfg.in_channels),
+            encoder_hidden_states=rand(batch, 512, cfg.joint_attention_dim),
+            pooled_projections=rand(batch, cfg.pooled_projection_dim),
+            timestep=torch.full((batch,), 0.5),
+            img_ids=torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1),
+            txt_ids=torch.zeros(512, 3),
+        )
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.full((batch,), 3.5)
+    elif isinstance(model, SD3Transformer2DModel):
+        batch = batch or 2
+        inputs = dict(
+            hidden_states=rand(batch, cfg.in_channels, h, w),
+            encoder_hidden_states=rand(batch, 333, cfg.joint_attention_dim),
+            pooled_projections=rand(batch, cfg.pooled_projection_dim),
+            timestep=torch.full((batch,), 500.0),
+        )
+    elif isinstance(model, PixArtTransformer2DModel):
+        batch = batch or 2
+        inputs = dict(
+            hidden_states=rand(batch, cfg.in_channels, h, w),
+            encoder_hidden_states=rand(batch, 120, cfg.caption_channels),
+            timestep=torch.full((batch,), 500.0),
+            added_cond_kwargs=dict(
+                resolution=torch.tensor([[height, width]] * batch, dtype=torch.float32),
+                aspect_ratio=torch.tensor([[height / width]] * batch, dtype=torch.float32),
+            ),
+        )
+    else:
+        batch = batch or 2
+        inputs = dict(
+            sample=rand(batch, cfg.in_channels, h, w),
+            timestep=torch.tensor(500),
+            encoder_hidden_states=rand(batch, 77, cfg.cross_attention_dim),
+        )
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": rand(batch, pooled),
+                "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch),
+            }
+    return _to_model(inputs, p)
+
+
+def _to_model(value, p: torch.Tensor):
+    """Floating tensors in the model's dtype, every tensor on its device (ids of positions stay float32
+    on CPU-like precision rules: Flux casts them itself)."""
+    if isinstance(value, dict):
+        return {k: _to_model(v, p) for k, v in value.items()}
+    if value.is_floating_point():
+        return value.to(p.device, p.dtype)
+    return value.to(p.device)
 
 
 class CountingCommunicator:
@@ -140,7 +202,8 @@ def bench_step(
     mode: str = "displaced",
     device: torch.device | None = None,
     graphs: bool | None = None,
-    unet=None,
+    model=None,
+    text_tokens: str = "replicated",
 ) -> list[dict]:
     """Full-step times for one size, then one rank's share of each N in `simulate` (N > 1): one
     row per N (or one row without a share), with traffic per step and peak memory.
@@ -149,9 +212,9 @@ def bench_step(
     plain diffusers is timed eagerly and, on CUDA, also as a CUDA graph.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet = unet or build_unet(arch, dtype, device)
-    sample, kwargs = unet_inputs(unet, height, width)
-    t = torch.tensor(500, device=device)
+    model = model or build_model(arch, dtype, device)
+    inputs = model_inputs(model, height, width)
+    step = lambda: model(**inputs)  # noqa: E731
     row = dict(
         arch=arch,
         height=height,
@@ -164,19 +227,18 @@ def bench_step(
     )
     reset_peak_memory(device)
     with torch.no_grad():
-        row["diffusers_eager_s"] = time_calls(lambda: unet(sample, t, **kwargs), device, repeats)
+        row["diffusers_eager_s"] = time_calls(step, device, repeats)
         row["diffusers_graph_s"] = None  # CUDA graphs exist on CUDA only
         if device.type == "cuda":
             graphed = CudaGraphs(device)
-            inputs = {"sample": sample, "timestep": t, **kwargs}
-            plain = lambda i: (unet(**i).sample, None)  # noqa: E731
+            plain = lambda i: (model(**i, return_dict=False)[0], None)  # noqa: E731
             row["diffusers_graph_s"] = time_calls(lambda: graphed("plain", plain, inputs), device, repeats, warmup=2)
             del graphed
             free_cached_memory(device)
-        parallelize(unet, ParallelConfig(mode="sync", cuda_graphs=graphs), runtime=loopback_runtime(1, device=device))
-        row["graphs"] = unet._distrifusion_state.graphs is not None
-        row["ours_world1_s"] = time_calls(lambda: unet(sample, t, **kwargs), device, repeats, warmup=2)
-        remove(unet)
+        parallelize(model, ParallelConfig(mode="sync", cuda_graphs=graphs), runtime=loopback_runtime(1, device=device))
+        row["graphs"] = model._distrifusion_state.graphs is not None
+        row["ours_world1_s"] = time_calls(step, device, repeats, warmup=2)
+        remove(model)
         free_cached_memory(device)
         # Against the fastest way to run the whole step on one device, so that the ratio is honest.
         row["full_step_s"] = min(row[k] for k in ("diffusers_eager_s", "diffusers_graph_s", "ours_world1_s") if row[k])
@@ -187,7 +249,7 @@ def bench_step(
                 rows.append(row)
                 continue
             reset_peak_memory(device)
-            share = dict(row, **_bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs))
+            share = dict(row, **_bench_share(model, inputs, ranks, repeats, mode, device, graphs, text_tokens))
             share["compute_speedup"] = row["full_step_s"] / share["share_step_s"]
             need = share["step_bytes"] / share["share_step_s"]
             share["bandwidth_needed_GBps"] = need / 1e9
@@ -205,41 +267,86 @@ def counting_loopback_runtime(ranks: int, device: torch.device, counter: dict):
     return runtime
 
 
-def count_traffic(arch: str, sizes: list[int], dtype: torch.dtype, ranks: list[int], mode: str = "displaced"):
-    """Bytes each rank receives per synchronous and per displaced step, for every size and N.
+def count_traffic(
+    arch: str, sizes: list[int], dtype: torch.dtype, ranks: list[int], mode: str = "displaced", text_tokens=None
+):
+    """Bytes each rank receives per synchronous and per displaced step, for every size and N, and
+    what Ulysses sequence parallelism would receive for the same attention calls.
 
     Traffic depends on shapes only, so the model runs on the meta device: no weights, no compute,
     any image size in seconds on any machine. Counted at the communicator, like `bench_step`.
     """
     device = torch.device("meta")
-    unet = build_unet(arch, dtype, device)
-    t = torch.tensor(500, device=device)
+    model = build_model(arch, dtype, device)
     rows = []
     for size in sizes:
-        sample, kwargs = unet_inputs(unet, size, size)
+        inputs = model_inputs(model, size, size)
+        attention_calls = _attention_calls(model, inputs)
         for n in ranks:
             counter = {"bytes": 0}
-            config = ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=False)
-            parallelize(unet, config, runtime=counting_loopback_runtime(n, device, counter))
+            config = ParallelConfig(
+                mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=False, text_tokens=text_tokens or "replicated"
+            )
+            parallelize(model, config, runtime=counting_loopback_runtime(n, device, counter))
             with torch.no_grad():
-                traffic = _first_steps_traffic(unet, sample, t, kwargs, counter, mode)
+                traffic = _first_steps_traffic(model, inputs, counter, mode)
+            remove(model)
+            groups = traffic["cfg_groups"]
             dtype_name = str(dtype).removeprefix("torch.")
-            rows.append(dict(arch=arch, height=size, width=size, dtype=dtype_name, mode=mode, ranks=n, **traffic))
-            remove(unet)
+            ulysses = ulysses_bytes(attention_calls, n // groups, groups, torch.finfo(dtype).bits // 8)
+            rows.append(
+                dict(arch=arch, height=size, width=size, dtype=dtype_name, mode=mode, ranks=n, **traffic)
+                | dict(text_tokens=config.text_tokens, ulysses_step_bytes=ulysses)
+            )
     return rows
 
 
-def _first_steps_traffic(unet, sample, t, kwargs, counter: dict, mode: str) -> dict:
+def _attention_calls(model, inputs: dict) -> list[tuple[int, int, int]]:
+    """(batch, tokens, width) of every attention call of one step that mixes tokens across the image
+    (self- and joint attention; cross-attention to text is local under any split)."""
+    calls = []
+
+    def record(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if text is not None and getattr(module, "is_cross_attention", False):
+            return  # cross-attention: local
+        tokens = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[2] * hidden.shape[3]
+        calls.append((hidden.shape[0], tokens + (0 if text is None else text.shape[1]), module.inner_dim))
+
+    hooks = [
+        m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules() if hasattr(m, "processor")
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def ulysses_bytes(calls: list[tuple[int, int, int]], patch_ranks: int, cfg_groups: int, element: int) -> int:
+    """Bytes one rank receives per step under Ulysses sequence parallelism over `patch_ranks`: each
+    attention call all-to-alls its queries, keys, values and output; each of the four moves leaves a
+    rank with (n-1)/n^2 of the call's (tokens x width) elements from the others."""
+    n = patch_ranks
+    if n == 1:
+        return 0
+    return sum(4 * (batch // cfg_groups) * tokens * width * (n - 1) // n**2 * element for batch, tokens, width in calls)
+
+
+def _first_steps_traffic(model, inputs: dict, counter: dict, mode: str) -> dict:
     """Bytes received in step 0 (synchronous) and step 1 of a freshly parallelised model, and its split.
 
     Both run eagerly (a graph is captured at a phase's second use) so the communicator sees them; with
     mode="sync" step 1 would be the synchronous graph's first replay, so the synchronous figure stands.
     """
     counter["bytes"] = 0
-    unet(sample, t, **kwargs)
+    model(**inputs)
     sync_bytes, counter["bytes"] = counter["bytes"], 0
-    unet(sample, t, **kwargs)
-    plan = unet._distrifusion_state.plan
+    model(**inputs)
+    plan = model._distrifusion_state.plan
     return dict(
         cfg_groups=plan.cfg_groups,
         largest_strip_rows=max(plan.rows),
@@ -248,23 +355,24 @@ def _first_steps_traffic(unet, sample, t, kwargs, counter: dict, mode: str) -> d
     )
 
 
-def _bench_share(unet, sample, t, kwargs, ranks, repeats, mode, device, graphs) -> dict:
+def _bench_share(model, inputs: dict, ranks, repeats, mode, device, graphs, text_tokens="replicated") -> dict:
     """One rank's share of `ranks`: this process plays the largest strip with loopback collectives."""
     counter = {"bytes": 0}
     runtime = counting_loopback_runtime(ranks, device, counter)
-    parallelize(unet, ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=graphs), runtime=runtime)
-    state = unet._distrifusion_state
-    step = lambda: unet(sample, t, **kwargs)  # noqa: E731
+    config = ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=graphs, text_tokens=text_tokens)
+    parallelize(model, config, runtime=runtime)
+    state = model._distrifusion_state
+    step = lambda: model(**inputs)  # noqa: E731
 
     def sync_step() -> None:
         state.reset()  # step 0: synchronous
         step()
 
-    row = dict(ranks=ranks, **_first_steps_traffic(unet, sample, t, kwargs, counter, mode))
+    row = dict(ranks=ranks, **_first_steps_traffic(model, inputs, counter, mode))
     row["sync_step_s"] = time_calls(sync_step, device, repeats, warmup=2)
     sync_step()  # from here on displaced steps (or sync, with mode="sync")
     row["share_step_s"] = time_calls(step, device, repeats, warmup=2)
-    remove(unet)
+    remove(model)
     free_cached_memory(device)
     return row
 
@@ -321,26 +429,28 @@ def bench_images(
     images: int,
     mode: str,
     graphs: bool | None = None,
+    text_tokens: str = "replicated",
 ) -> dict:
-    """Whole-image latency (all UNet steps, CFG batch, DDIM) in this process or under torchrun."""
-    from diffusers import DDIMScheduler
+    """Whole-image latency (every denoising step of one image, with the pipeline's batch: CFG for
+    UNets, SD3 and PixArt) in this process or under torchrun. The update between steps is a plain
+    Euler step on the model output: its cost is negligible next to the model's, whatever the scheduler."""
+    from .models import find_denoiser
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    config = ParallelConfig(mode=mode, cuda_graphs=graphs)
+    config = ParallelConfig(mode=mode, cuda_graphs=graphs, text_tokens=text_tokens)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet = build_unet(arch, dtype, device)
-    parallelize(unet, config)  # one process: the original model (as a CUDA graph where graphs are on)
-    sample, kwargs = unet_inputs(unet, height, width)
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    model = build_model(arch, dtype, device)
+    parallelize(model, config)  # one process: the original model (as a CUDA graph where graphs are on)
+    inputs = model_inputs(model, height, width)
+    key = find_denoiser(model)[1].sample_arg
     reset_peak_memory(device)
 
     def image():
-        reset(unet)
-        scheduler.set_timesteps(steps)
-        latent = sample[:1]
-        for t in scheduler.timesteps:
-            noise = unet(torch.cat([latent, latent]), t, **kwargs).sample
-            latent = scheduler.step(noise.chunk(2)[1], t, latent).prev_sample
+        reset(model)
+        x = inputs[key][:1]
+        for _ in range(steps):
+            out = model(**{**inputs, key: x.expand(inputs[key].shape)}, return_dict=False)[0]
+            x = x - (1 / steps) * out[-1:, : x.shape[1]]
 
     with torch.no_grad():
         seconds = time_calls(image, device, images)
@@ -352,9 +462,9 @@ def bench_images(
         mode=mode,
         world_size=world,
         threads=torch.get_num_threads(),
-        graphs=unet._distrifusion_state.graphs is not None,
+        graphs=model._distrifusion_state.graphs is not None,
         image_s=seconds,
         peak_memory_mb=peak_memory_mb(device),
     )
-    remove(unet)  # breaks the model <-> wrapper reference cycles, so the next row starts without this model
+    remove(model)  # breaks the model <-> wrapper reference cycles, so the next row starts without this model
     return row

@@ -78,13 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--out-dir", default="quality", help="where quality.md/json and comparison PNGs go")
 
     bench = sub.add_parser("bench", help="step times of the full model and of one rank's share; traffic; latency")
-    bench.add_argument("--arch", default="sdxl", help="sd15 | sd21 | sdxl | PATH.json (random weights)")
+    bench.add_argument(
+        "--arch",
+        default="sdxl",
+        help="sd15 | sd21 | sdxl | flux_dev | sd3_medium | pixart_alpha | PATH.json (random weights; a JSON's "
+        "_class_name picks the diffusers model class)",
+    )
     bench.add_argument("--sizes", type=int, nargs="+", default=[1024], help="square image sizes in pixels")
     bench.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on CUDA, float32 on CPU")
     bench.add_argument(
         "--simulate", type=int, nargs="+", default=[1], help="time one rank's share of each N (loopback collectives)"
     )
     bench.add_argument("--mode", choices=MODES, default="displaced")
+    bench.add_argument(
+        "--text-tokens",
+        choices=["replicated", "sharded"],
+        default="replicated",
+        help="Flux/SD3: every rank computes all text tokens, or a share each (ParallelConfig.text_tokens)",
+    )
     bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     bench.add_argument("--steps", type=int, default=10, help="denoising steps per image with --nproc")
     bench.add_argument(
@@ -229,13 +240,23 @@ def bench(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
-    from .bench import bench_images, bench_step, build_unet, count_traffic, format_row, format_table
+    from .bench import bench_images, bench_step, build_model, count_traffic, format_row, format_table
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
     graph_choices = [{"auto": None, "on": True, "off": False}[g] for g in dict.fromkeys(args.graphs)]
     graphs = graph_choices[0]
     if "LOCAL_RANK" in os.environ:  # a rank launched by the --nproc branch below
-        row = bench_images(args.arch, args.sizes[0], args.sizes[0], dtype, args.steps, args.repeats, args.mode, graphs)
+        row = bench_images(
+            args.arch,
+            args.sizes[0],
+            args.sizes[0],
+            dtype,
+            args.steps,
+            args.repeats,
+            args.mode,
+            graphs,
+            text_tokens=args.text_tokens,
+        )
         if _rank() == 0:
             Path(os.environ["DISTRIFUSION_BENCH_OUT"]).write_text(json.dumps(row))
         return 0
@@ -246,27 +267,38 @@ def bench(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps({"command": args.command_line, "results": rows}, indent=1))
 
     if args.traffic_only:
-        for row in count_traffic(args.arch, args.sizes, dtype, args.simulate, args.mode):
+        for row in count_traffic(args.arch, args.sizes, dtype, args.simulate, args.mode, args.text_tokens):
             print(
                 f"{row['arch']} {row['height']}x{row['width']} {row['dtype']}, {row['ranks']} ranks "
-                f"({row['cfg_groups']} CFG groups): received per rank {row['step_bytes'] / 1e9:.3f} GB per "
-                f"{row['mode']} step, {row['sync_step_bytes'] / 1e9:.3f} GB per synchronous step",
+                f"({row['cfg_groups']} CFG groups, {row['text_tokens']} text): received per rank "
+                f"{row['step_bytes'] / 1e9:.3f} GB per {row['mode']} step, {row['sync_step_bytes'] / 1e9:.3f} GB per "
+                f"synchronous step; Ulysses would receive {row['ulysses_step_bytes'] / 1e9:.3f} GB per step",
                 flush=True,
             )
             rows.append(row)
         save(rows)
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet = build_unet(args.arch, dtype, device)
+    model = build_model(args.arch, dtype, device)
     for size in args.sizes:
         for graphs in graph_choices:
             for row in bench_step(
-                args.arch, size, size, dtype, args.simulate, args.repeats, args.mode, device, graphs, unet
+                args.arch,
+                size,
+                size,
+                dtype,
+                args.simulate,
+                args.repeats,
+                args.mode,
+                device,
+                graphs,
+                model,
+                text_tokens=args.text_tokens,
             ):
                 print(format_row(row), flush=True)
                 rows.append(row)
                 save(rows)  # after every row: a later size that runs out of memory keeps the earlier ones
-    del unet
+    del model
     print(format_table(rows), flush=True)
     graphs = graph_choices[0]  # --nproc runs use the first choice
     if args.nproc > 1:
@@ -274,7 +306,15 @@ def bench(args: argparse.Namespace) -> int:
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
             row = bench_images(
-                args.arch, args.sizes[0], args.sizes[0], dtype, args.steps, args.repeats, args.mode, graphs
+                args.arch,
+                args.sizes[0],
+                args.sizes[0],
+                dtype,
+                args.steps,
+                args.repeats,
+                args.mode,
+                graphs,
+                text_tokens=args.text_tokens,
             )
             print(f"1 process x {threads} thread(s): {row['image_s']:.2f} s per image", flush=True)
             rows.append(row)
