@@ -314,9 +314,7 @@ def _attention_calls(model, inputs: dict) -> list[tuple[int, int, int]]:
         tokens = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[2] * hidden.shape[3]
         calls.append((hidden.shape[0], tokens + (0 if text is None else text.shape[1]), module.inner_dim))
 
-    hooks = [
-        m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules() if hasattr(m, "processor")
-    ]
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules() if hasattr(m, "processor")]
     try:
         with torch.no_grad():
             model(**inputs)
@@ -387,7 +385,7 @@ def format_row(row: dict) -> str:
     if "ranks" in row:
         text += (
             f"\n  one rank's share of {row['ranks']} ({row['cfg_groups']} CFG groups, strip of "
-            f"{row['largest_strip_rows']} latent rows): {row['share_step_s'] * 1e3:.0f} ms per step "
+            f"{row['largest_strip_rows']} rows): {row['share_step_s'] * 1e3:.0f} ms per step "
             f"-> compute-bound speedup {row['compute_speedup']:.2f}x over the fastest full step; "
             f"sync step {row['sync_step_s'] * 1e3:.0f} ms"
             f"\n  received per rank: {row['step_bytes'] / 1e9:.3f} GB per displaced step, "
