@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import GROUPNORM_MODES, MODES, ParallelConfig
+from .config import GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, ParallelConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -21,7 +21,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="displaced", help="parallel mode (default: displaced)")
     p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps after the first (default: 4)")
-    p.add_argument("--groupnorm", choices=GROUPNORM_MODES, default="corrected_async", help="GroupNorm mode")
+    p.add_argument("--groupnorm", choices=GROUPNORM_MODES, default="corrected_async", help="GroupNorm mode (UNets)")
+    p.add_argument(
+        "--text-tokens",
+        choices=TEXT_TOKEN_MODES,
+        default="replicated",
+        help="Flux/SD3: every rank computes all text tokens, or a share each (default: replicated)",
+    )
     p.add_argument(
         "--no-split-cfg",
         dest="split_cfg",
@@ -51,14 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         default="embedded",
-        help="'embedded' (the built-in texture model, no download), or a diffusers pipeline "
-        "folder or hub id (e.g. an SD 1.5 / SD 2.1 / SDXL pipeline)",
+        help="'embedded' (the built-in texture UNet, no download), 'embedded-dit' (the built-in texture "
+        "model with the Flux transformer architecture), or a diffusers pipeline folder or hub id (SD 1.5 / 2.1, "
+        "SDXL, SD3, Flux.1, PixArt)",
     )
     gen.add_argument(
         "--prompt", default=None, help="text prompt; for the embedded model, the texture class (default: gravel)"
     )
-    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: 1024)")
-    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: 1024)")
+    gen.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: 1024; embedded-dit: 256)"
+    )
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: as height's)")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     gen.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale for text pipelines")
     gen.add_argument("--seed", type=int, default=0)
@@ -67,11 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel_args(gen)
 
     qual = sub.add_parser("quality", help="PSNR/SSIM of each parallel method against the one-process image")
-    qual.add_argument("--model", default="embedded", help="a texture model folder (default: the embedded one)")
+    qual.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (texture UNet), 'embedded-dit' (texture Flux transformer), or a texture model folder",
+    )
     qual.add_argument("--height", type=int, default=256)
     qual.add_argument("--width", type=int, default=256)
     qual.add_argument("--steps", type=int, default=20)
-    qual.add_argument("--scheduler", choices=("ddim", "dpm", "euler"), default="ddim")
+    qual.add_argument(
+        "--scheduler",
+        choices=("ddim", "dpm", "euler"),
+        default=None,
+        help="UNet models: the sampler (default: ddim); transformers keep their flow-matching scheduler",
+    )
     qual.add_argument("--seeds", type=int, default=8, help="images per method (seed i draws class i mod classes)")
     qual.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8], help="simulated rank counts")
     qual.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -172,17 +190,22 @@ def generate(args: argparse.Namespace) -> int:
         mode=args.mode,
         warmup_steps=args.warmup_steps,
         groupnorm=args.groupnorm,
+        text_tokens=args.text_tokens,
         split_cfg=args.split_cfg,
         cuda_graphs=args.cuda_graphs,
     )
-    height, width = args.height or 1024, args.width or 1024
+    # The embedded DiT attends over every 2x2 pixel token: 256 px is its practical default on a CPU.
+    default_size = 256 if args.model == "embedded-dit" else 1024
+    height = args.height or default_size
+    width = args.width or default_size
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.cuda.is_available() else torch.float32)
     generator = torch.Generator().manual_seed(args.seed)
     step_ends: list[float] = []
-    if args.model == "embedded":
-        from .pipelines import load_texture_pipeline
+    if args.model in ("embedded", "embedded-dit"):
+        from .pipelines import load_texture_dit_pipeline, load_texture_pipeline
 
-        pipe = load_texture_pipeline(torch_dtype=dtype)
+        load = load_texture_pipeline if args.model == "embedded" else load_texture_dit_pipeline
+        pipe = load(torch_dtype=dtype)
         default_class = "gravel" if "gravel" in pipe.classes else pipe.classes[0]
         label = pipe.class_index(args.prompt or default_class)  # unknown class: error before any rank work
         pipe = distrifusion.parallelize(pipe, config)
@@ -224,13 +247,18 @@ def generate(args: argparse.Namespace) -> int:
 def quality(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipelines import EMBEDDED, load_texture_pipeline
+    from .pipelines import EMBEDDED, EMBEDDED_DIT, load_texture_dit_pipeline, load_texture_pipeline
     from .quality import run_quality, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_texture_pipeline(EMBEDDED if args.model == "embedded" else args.model)
-    results = run_quality(pipe, args.height, args.width, args.steps, args.scheduler, args.seeds, args.ranks)
+    if args.model == "embedded-dit" or (Path(args.model) / "transformer").is_dir():
+        pipe = load_texture_dit_pipeline(EMBEDDED_DIT if args.model == "embedded-dit" else args.model)
+        scheduler = None
+    else:
+        pipe = load_texture_pipeline(EMBEDDED if args.model == "embedded" else args.model)
+        scheduler = args.scheduler or "ddim"
+    results = run_quality(pipe, args.height, args.width, args.steps, scheduler, args.seeds, args.ranks)
     write_report(results, Path(args.out_dir), args.command_line)
     print(f"wrote {args.out_dir}/quality.md, quality.json and comparison images")
     return 0

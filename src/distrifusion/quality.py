@@ -40,12 +40,31 @@ METHODS = [
     ],
     *[Method(f"displaced, warm-up {w}, GN corrected_async", "warmup", dict(warmup_steps=w)) for w in (0, 1, 2)],
 ]
+# Transformers have no GroupNorm; their own choice is where text tokens are computed.
+TRANSFORMER_METHODS = [
+    Method("sync (exact)", "reference", dict(mode="sync")),
+    Method("naive patches", "reference", dict(mode="naive")),
+    *[Method(f"displaced, warm-up {w}, replicated text", "warmup", dict(warmup_steps=w)) for w in (0, 1, 2, 4)],
+    *[
+        Method(f"displaced, warm-up {w}, sharded text", "text", dict(warmup_steps=w, text_tokens="sharded"))
+        for w in (1, 4)
+    ],
+]
 SCHEDULERS = ("ddim", "dpm", "euler")
 
 
-def make_scheduler(pipe: TexturePipeline, name: str):
+def methods_for(pipe) -> list[Method]:
+    """The methods worth comparing for the pipeline's denoiser (a UNet or a transformer)."""
+    return TRANSFORMER_METHODS if hasattr(pipe, "transformer") else METHODS
+
+
+def make_scheduler(pipe, name: str | None):
+    """The scheduler `name` configured from the pipeline's; None keeps the pipeline's own (a flow-
+    matching transformer needs its flow-matching scheduler)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+    if name is None:
+        return pipe.scheduler
     cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}[name]
     return cls.from_config(pipe.scheduler.config)
 
@@ -73,14 +92,16 @@ def run_quality(
     height: int,
     width: int,
     steps: int,
-    scheduler: str,
+    scheduler: str | None,
     seeds: int,
     ranks: list[int],
-    methods: list[Method] = METHODS,
+    methods: list[Method] | None = None,
     log=print,
 ) -> dict:
     """Compare every method at every rank count with the one-process images; returns JSON-ready results."""
+    methods = methods or methods_for(pipe)
     pipe.scheduler = make_scheduler(pipe, scheduler)
+    scheduler = scheduler or type(pipe.scheduler).__name__
     pipe.set_progress_bar_config(disable=True)
     # One pipeline per simulated rank, as real ranks each hold their own replica.
     replicas = [copy.deepcopy(pipe) for _ in range(max(ranks))]
@@ -156,7 +177,7 @@ def write_report(results: dict, out_dir: Path, command: str) -> None:
     n = max(ranks)
     reference = images["reference", 0]
     naive = images["naive patches", n]
-    for family in ("groupnorm", "warmup"):
+    for family in dict.fromkeys(r["family"] for r in results["rows"] if r["family"] != "reference"):
         labels = [r["method"] for r in results["rows"] if r["family"] == family and r["ranks"] == n]
         panels = [reference, naive] + [images[label, n] for label in labels]
         panels += [np.clip(np.abs(images[label, n] - reference) * 10, 0, 1) for label in labels]
