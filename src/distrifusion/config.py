@@ -45,6 +45,11 @@ class ParallelConfig:
     the batch are even, otherwise run one group and log a notice. "force": always split, and
     raise a ValueError when the world size or the batch is odd. False: never split."""
 
+    split_vae: bool = True
+    """Also split the pipeline's VAE (`AutoencoderKL`) decode and encode in strips, always exactly
+    (synchronous, whatever `mode` says): each rank decodes its strip, the image is gathered once.
+    False leaves the VAE whole on every rank."""
+
     comm_bucket_mb: float = 16.0
     """Displaced-step exchanges are coalesced into all-gathers of about this many megabytes, so
     that a UNet issues a few large collectives instead of hundreds of small ones."""
@@ -72,6 +77,8 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not (isinstance(self.split_cfg, bool) or self.split_cfg == "force"):
             raise ValueError(f"ParallelConfig.split_cfg must be True, False or 'force', got {self.split_cfg!r}")
+        if not isinstance(self.split_vae, bool):
+            raise ValueError(f"ParallelConfig.split_vae must be True or False, got {self.split_vae!r}")
         if not (self.cuda_graphs is None or isinstance(self.cuda_graphs, bool)):
             raise ValueError(f"ParallelConfig.cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
         if not self.comm_bucket_mb > 0:

@@ -8,6 +8,8 @@ state of its own beyond weights it derives from its module.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embed
@@ -68,8 +70,19 @@ class PatchConv2d:
         zeros = x.new_zeros(x.shape[0], x.shape[1], 0, x.shape[3])
         top = others[rank - 1][:, :, self.below :] if rank > 0 else pad_to(zeros, 2, self.above)
         bottom = others[rank + 1][:, :, : self.below] if rank < n - 1 else pad_to(zeros, 2, self.below)
-        x = torch.cat([top, x, bottom], 2)
-        return F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups)
+        conv_rows = partial(F.conv2d, weight=conv.weight, bias=conv.bias, stride=conv.stride, dilation=conv.dilation)
+        conv_rows = partial(conv_rows, padding=(0, conv.padding[1]), groups=conv.groups)
+        span = (conv.kernel_size[0] - 1) * conv.dilation[0]
+        if conv.stride[0] == 1 and self.above == self.below and rows >= span:
+            # Without copying the strip: convolve it with the conv's own zero padding, then redo the
+            # few edge rows that must see the neighbours' halo rows instead of zeros.
+            out = type(conv).forward(conv, x)
+            if rank > 0:
+                out[:, :, : self.above] = conv_rows(torch.cat([top, x[:, :, :span]], 2))
+            if rank < n - 1:
+                out[:, :, rows - self.below :] = conv_rows(torch.cat([x[:, :, rows - span :], bottom], 2))
+            return out
+        return conv_rows(torch.cat([top, x, bottom], 2))
 
 
 class PatchGroupNorm:
@@ -109,12 +122,18 @@ class PatchGroupNorm:
                 new_var = second - new_mean**2
                 # Stale moments can imply a negative variance; fall back to the local one there.
                 mean, var = new_mean, torch.where(new_var < 0, var, new_var)
-        out = (groups - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-        out = out.view(x.shape)
+        # y = x * scale + shift per (sample, channel), computed as torch's own GroupNorm kernel does
+        # (in float32 at least): in one pass that allocates only the output for float32/64 inputs.
+        scale = torch.rsqrt(var + norm.eps)
+        shift = -mean * scale
+        per_channel = x.shape[1] // norm.num_groups
+        scale = scale.repeat_interleave(per_channel, 1)
+        shift = shift.repeat_interleave(per_channel, 1)
         if norm.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            out = out * norm.weight.view(shape) + norm.bias.view(shape)
-        return out.to(x.dtype)
+            scale = scale * norm.weight
+            shift = shift * norm.weight + norm.bias
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), groups.view(x.shape), scale.view(shape)).to(x.dtype)
 
 
 def _combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,3 +443,20 @@ def full_positions(embed: nn.Module, height: int, width: int, device: torch.devi
         output_type="pt",
     )
     return table.float().unsqueeze(0)
+
+
+class PatchZeroPadDownsample:
+    """diffusers' `Downsample2D` with `padding=0` (VAE encoders): it pads one zero row and column
+    at the bottom and right of the image, then runs a 3x3 stride-2 conv without padding. On a strip
+    only the image's last strip may get the zero row; the others need their neighbour's first row,
+    which the (patch-parallel) conv takes as its halo. So: pad columns only, let the conv do rows."""
+
+    def __init__(self, down: nn.Module, name: str, state: ParallelState) -> None:
+        if down.norm is not None:
+            raise TypeError(f"distrifusion: downsampler {name!r} has a norm; not supported")
+        self.down, self.name, self.state = down, name, state
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.state.split:
+            return type(self.down).forward(self.down, hidden_states, *args, **kwargs)
+        return self.down.conv(F.pad(hidden_states, (0, 1, 0, 0)))

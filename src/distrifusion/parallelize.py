@@ -3,12 +3,14 @@ of a patch-parallel model, in a few documented steps (see `parallelize_model`)."
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import warnings
 from functools import partial
 
 import torch
+from diffusers import AutoencoderKL
 from torch import nn
 
 from .comm import Runtime, init_runtime
@@ -19,17 +21,18 @@ from .layers import (
     PatchConv2d,
     PatchGroupNorm,
     PatchJointAttnProcessor,
+    PatchZeroPadDownsample,
     StripPatchEmbed,
     pad_to,
     tensor_version,
 )
-from .models import DENOISER_ATTRS, ModelAdapter, find_denoiser
+from .models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
 from .state import ParallelState, Plan, split_rows
 
 log = logging.getLogger("distrifusion")
 
 _STATE_ATTR = "_distrifusion_state"
-_LAYERS = (PatchConv2d, PatchGroupNorm, StripPatchEmbed)
+_LAYERS = (PatchConv2d, PatchGroupNorm, StripPatchEmbed, PatchZeroPadDownsample)
 _PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
 
 
@@ -59,12 +62,25 @@ def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime:
             f"distrifusion: ParallelConfig.groupnorm has no effect on {type(model).__name__} (no GroupNorm)",
             stacklevel=2,
         )
+    vae = _pipeline_vae(pipe_or_model, model) if config.split_vae else None
+    if vae is not None:
+        VAEAdapter().check(vae)
     runtime = runtime or init_runtime(config.timeout_s)
     pipe_or_model.to(runtime.device)
     parallelize_model(model, config, runtime, adapter)
+    if vae is not None:
+        parallelize_model(vae, config, runtime, VAEAdapter())
     if model is not pipe_or_model:
         _wrap_pipeline(pipe_or_model, runtime)
     return pipe_or_model
+
+
+def _pipeline_vae(pipe_or_model, model: nn.Module) -> nn.Module | None:
+    """The pipeline's VAE when it is one we split (and not already split)."""
+    vae = getattr(pipe_or_model, "vae", None)
+    if model is pipe_or_model or not isinstance(vae, AutoencoderKL) or hasattr(vae, _STATE_ATTR):
+        return None
+    return vae
 
 
 def parallelize_model(
@@ -82,14 +98,17 @@ def parallelize_model(
     already local to a strip.
     """
     adapter = adapter or find_denoiser(model)[1]
-    state = ParallelState(config, adapter.block_rows(model), runtime)
+    if adapter.always_sync:
+        config = dataclasses.replace(config, mode="sync", cuda_graphs=False)
+    state = ParallelState(config, runtime)
     if use_cuda_graphs(config, runtime):
         watchdog = ReplayWatchdog(config.timeout_s, runtime.rank) if runtime.world_size > 1 else None
         agree = partial(_everywhere, runtime)
         state.graphs = CudaGraphs(runtime.device, agree=agree, abort=state.abort_step, watchdog=watchdog)
     setattr(model, _STATE_ATTR, state)
     adapter.install(model, state)
-    model.forward = _ParallelForward(model, state, adapter)
+    for method, entry in adapter.entries(model):
+        setattr(model, method, _ParallelForward(model, state, entry, method))
     return state
 
 
@@ -113,21 +132,32 @@ def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
 
 
 def remove(pipe_or_model) -> None:
-    """Undo `parallelize`: restore the original forwards and attention processors."""
+    """Undo `parallelize`: restore the original forwards and attention processors (of the
+    pipeline's VAE too)."""
     model = _denoiser(pipe_or_model)
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
+    vae = getattr(pipe_or_model, "vae", None) if model is not pipe_or_model else None
+    if isinstance(vae, nn.Module):
+        _remove_model(vae)
+    if not _remove_model(model):
         return
-    state.release()
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), (*_LAYERS, _ParallelForward)):
-            del module.forward
-        if isinstance(getattr(module, "processor", None), _PROCESSORS):
-            module.set_processor(module.processor.original)
-    delattr(model, _STATE_ATTR)
     base = getattr(type(pipe_or_model), "_distrifusion_base", None)
     if base is not None:
         pipe_or_model.__class__ = base
+
+
+def _remove_model(model: nn.Module) -> bool:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return False
+    state.release()
+    for module in model.modules():
+        for name, value in list(module.__dict__.items()):
+            if isinstance(value, (*_LAYERS, _ParallelForward)):
+                delattr(module, name)
+        if isinstance(getattr(module, "processor", None), _PROCESSORS):
+            module.set_processor(module.processor.original)
+    delattr(model, _STATE_ATTR)
+    return True
 
 
 def _denoiser(pipe_or_model) -> nn.Module:
@@ -177,12 +207,14 @@ _PIPELINE_CLASSES: dict[type, type] = {}
 
 
 class _ParallelForward:
-    """The model's forward: split the inputs, run this rank's strip, gather the full output."""
+    """A model method (its forward; a VAE's encode or decode): split the inputs, run this rank's
+    strip, gather the full output."""
 
-    def __init__(self, model: nn.Module, state: ParallelState, adapter: ModelAdapter) -> None:
+    def __init__(self, model: nn.Module, state: ParallelState, adapter: ModelAdapter, method: str) -> None:
         self.model, self.state, self.adapter = model, state, adapter
-        self.signature = inspect.signature(type(model).forward)
-        self.original = type(model).forward
+        self.original = getattr(type(model), method)
+        self.signature = inspect.signature(self.original)
+        self.block = adapter.block_rows(model)
         self.noticed_no_split = False
 
     def __call__(self, *args, **kwargs):
@@ -197,6 +229,10 @@ class _ParallelForward:
         if state.runtime.world_size == 1:
             full, kind = state.graphs("solo", self.run_local, inputs)
             return self.output(full, kind)
+        if adapter.runs_whole(self.model, inputs):  # every rank computes the whole call, unsplit
+            state.reset()
+            state.plan = state.exchange = None
+            return self.original(self.model, *args, **kwargs)
         plan = self.plan(inputs)
         state.begin_step(plan)
         if state.step == 0:
@@ -213,6 +249,8 @@ class _ParallelForward:
         """The original forward on this rank's inputs: (output sample, output type)."""
         bound = inspect.BoundArguments(self.signature, {"self": self.model, **inputs})
         out = self.original(*bound.args, **bound.kwargs)
+        if isinstance(out, torch.Tensor):
+            return out, None
         return (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
 
     def run_split(self, inputs: dict) -> tuple[torch.Tensor, type]:
@@ -225,12 +263,14 @@ class _ParallelForward:
         return full, kind
 
     @staticmethod
-    def output(sample: torch.Tensor, kind: type):
+    def output(sample: torch.Tensor, kind: type | None):
+        if kind is None:
+            return sample
         return (sample,) if kind is tuple else kind(sample=sample)
 
     def plan(self, inputs: dict) -> Plan:
         """Validate the call's shape (identically on every rank, before any collective) and split it."""
-        state, runtime, config, adapter = self.state, self.state.runtime, self.state.config, self.adapter
+        runtime, config, adapter = self.state.runtime, self.state.config, self.adapter
         batch, height, width = adapter.grid(inputs)
         world = runtime.world_size
         can_split = world % 2 == 0 and batch % 2 == 0
@@ -246,7 +286,7 @@ class _ParallelForward:
             )
             self.noticed_no_split = True
         patch_size = world // cfg_groups
-        block, unit = state.block, adapter.row_unit
+        block, unit = self.block, adapter.row_unit
         if height % block:
             raise ValueError(
                 f"distrifusion: image height of {height} {unit} must be a multiple of the model's block of "
@@ -279,7 +319,7 @@ class _ParallelForward:
         """Refuse inputs that differ between ranks (e.g. latents drawn without a shared seed)."""
         if sample.device.type == "meta":
             return  # a shape-only run (bench counting traffic) has no values to compare
-        t = torch.as_tensor(timestep, device=sample.device).double().sum()
+        t = torch.as_tensor(0 if timestep is None else timestep, device=sample.device).double().sum()
         summary = torch.stack([sample.double().sum(), sample.double().abs().sum(), t])
         gathered = self.state.runtime.world.all_gather(summary).wait()
         if not torch.equal(gathered.amin(0), gathered.amax(0)):

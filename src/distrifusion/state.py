@@ -246,10 +246,8 @@ class ParallelState:
     graphs.
     """
 
-    def __init__(self, config: ParallelConfig, block: int, runtime) -> None:
+    def __init__(self, config: ParallelConfig, runtime) -> None:
         self.config = config
-        self.block = block
-        """Latent rows per block: the model's total downsampling factor."""
         self.runtime = runtime
         self.plan: Plan | None = None
         self.step = 0

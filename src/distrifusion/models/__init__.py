@@ -6,6 +6,7 @@
 | Flux.1 | `flux.FluxAdapter` | FluxTransformer2DModel |
 | SD3 / SD3.5 | `sd3.SD3Adapter` | SD3Transformer2DModel |
 | PixArt-α/Σ | `pixart.PixArtAdapter` | PixArtTransformer2DModel |
+| VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .vae import VAEAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (UNetAdapter(), FluxAdapter(), SD3Adapter(), PixArtAdapter())
+__all__ = ["ADAPTERS", "ModelAdapter", "VAEAdapter", "find_denoiser", "supported_names"]
+
+ADAPTERS: tuple[ModelAdapter, ...] = (UNetAdapter(), FluxAdapter(), SD3Adapter(), PixArtAdapter(), VAEAdapter())
 DENOISER_ATTRS = ("unet", "transformer")
 """Where a pipeline keeps its denoising model."""
 

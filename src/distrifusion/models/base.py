@@ -29,6 +29,19 @@ class ModelAdapter:
     joint_text: bool = False
     """Whether image and text tokens attend jointly (so text tokens can be sharded among ranks)."""
     uses_groupnorm: bool = False
+    always_sync: bool = False
+    """Whether every call is synchronous whatever the config's mode (a VAE: one call per image,
+    no previous step to borrow from)."""
+
+    def entries(self, model: nn.Module) -> list[tuple[str, ModelAdapter]]:
+        """The model's methods that each run one split call, with the adapter that splits it
+        (a denoiser: its forward; a VAE: its encode and decode)."""
+        return [("forward", self)]
+
+    def runs_whole(self, model: nn.Module, inputs: dict) -> bool:
+        """Whether this call must run unsplit on every rank (e.g. a VAE with diffusers' tiling on,
+        whose tiles would otherwise see strips)."""
+        return False
 
     def check(self, model: nn.Module) -> None:
         """Refuse, before anything runs, layers whose semantics cannot be split into strips."""
