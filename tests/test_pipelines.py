@@ -217,6 +217,32 @@ def run_text(pipe, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return final["latents"], image
 
 
+def tiny_img2img():
+    """The tiny SD pipeline's components in an image-to-image pipeline: the VAE encodes too."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return StableDiffusionImg2ImgPipeline(**tiny_sd().components)
+
+
+def run_img2img(pipe, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode a smooth image, denoise from strength 0.7, decode. Returns (encoded latent, image)."""
+    rows = torch.linspace(0, 1, SD_SIZE[0], dtype=DTYPE)[:, None]
+    cols = torch.linspace(0, 1, SD_SIZE[1], dtype=DTYPE)[None, :]
+    init = torch.stack(torch.broadcast_tensors(rows * cols, rows, cols))[None]
+    with torch.no_grad():
+        encoded = pipe.vae.encode(init * 2 - 1).latent_dist.mean
+    image = pipe(
+        PROMPT,
+        image=init,
+        strength=0.7,
+        num_inference_steps=STEPS + 1,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+    return encoded, image
+
+
 def _parallel(pipe, **config):
     distrifusion.remove(pipe)
     return distrifusion.parallelize(pipe, distrifusion.ParallelConfig(**config))
@@ -238,6 +264,7 @@ def rank_job(world_size: int) -> dict:
         out["sd", "displaced"] = run_text(pipe)
 
         out["sdxl", "sync"] = run_text(_parallel(tiny_sdxl(), mode="sync", split_cfg=False))
+        out["img2img", "sync"] = run_img2img(_parallel(tiny_img2img(), mode="sync", split_cfg=False))
     else:  # 4 ranks: CFG halves on two groups of two, each group splitting the rows
         out["sd", "sync"] = run_text(_parallel(tiny_sd(), mode="sync", split_cfg="force"))
     return out
@@ -262,6 +289,8 @@ def reference(name: str):
         if name == "ddim":
             pipe = tiny_ddim()
             _REFERENCES[name] = {size: run_ddim(pipe, size) for size in DDIM_SIZES}
+        elif name == "img2img":
+            _REFERENCES[name] = run_img2img(tiny_img2img())
         else:
             _REFERENCES[name] = run_text({"sd": tiny_sd, "sdxl": tiny_sdxl}[name]())
     return _REFERENCES[name]
@@ -299,6 +328,17 @@ def test_ddim_pipeline_repeated_call_is_identical(world):
     _needs(size, 2)
     for result in results:
         assert torch.equal(result["ddim repeat"], result["ddim", DDIM_SIZES[0]])
+
+
+def test_img2img_pipeline_encodes_and_decodes_in_strips(world):
+    """StableDiffusionImg2ImgPipeline: the VAE's encode (split) and the final image match."""
+    size, results = world
+    _needs(size, 2)
+    encoded, image = reference("img2img")
+    for rank, result in enumerate(results):
+        rank_encoded, rank_image = result["img2img", "sync"]
+        _check(rank_encoded, encoded, f"rank {rank}, img2img encoded latent")
+        _check(rank_image, image, f"rank {rank}, img2img image")
 
 
 @pytest.mark.parametrize("name,mode", [("sd", "sync"), ("sd", "displaced"), ("sdxl", "sync")])

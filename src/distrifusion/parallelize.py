@@ -99,7 +99,8 @@ def parallelize_model(
     """
     adapter = adapter or find_denoiser(model)[1]
     if adapter.always_sync:
-        config = dataclasses.replace(config, mode="sync", cuda_graphs=False)
+        # "force" is about the denoiser's CFG batch; a VAE call's batch is the images, often one.
+        config = dataclasses.replace(config, mode="sync", cuda_graphs=False, split_cfg=bool(config.split_cfg))
     state = ParallelState(config, runtime)
     if use_cuda_graphs(config, runtime):
         watchdog = ReplayWatchdog(config.timeout_s, runtime.rank) if runtime.world_size > 1 else None
