@@ -32,6 +32,8 @@ ARCHS = {
     "flux_dev": "flux_dev_transformer.json",
     "sd3_medium": "sd3_medium_transformer.json",
     "pixart_alpha": "pixart_alpha_transformer.json",
+    "sd_vae": "sd_vae.json",
+    "sdxl_vae": "sdxl_vae.json",
 }
 # Nominal one-direction bandwidths, bytes per second.
 LINKS = {
@@ -64,7 +66,7 @@ def model_inputs(model, height: int, width: int, batch: int | None = None) -> di
     model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3 and PixArt; one image
     with distilled guidance for Flux-dev. Text lengths are the pipelines' defaults (CLIP 77, SD3
     333, PixArt 120, Flux 512)."""
-    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
     cfg, p = model.config, next(model.parameters())
     g = torch.Generator().manual_seed(0)
@@ -103,6 +105,8 @@ def model_inputs(model, height: int, width: int, batch: int | None = None) -> di
                 aspect_ratio=torch.tensor([[height / width]] * batch, dtype=torch.float32),
             ),
         )
+    elif isinstance(model, AutoencoderKL):  # a decode of one image
+        inputs = dict(z=rand(batch or 1, cfg.latent_channels, h, w))
     else:
         batch = batch or 2
         inputs = dict(
@@ -117,6 +121,69 @@ def model_inputs(model, height: int, width: int, batch: int | None = None) -> di
                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch),
             }
     return _to_model(inputs, p)
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Memory in use now: the CUDA allocator's, or this process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def bench_vae(
+    arch: str, height: int, width: int, dtype: torch.dtype, simulate: list[int], repeats: int, device=None
+) -> list[dict]:
+    """A VAE decode of one image: the whole decode on one device against the largest share of each
+    N (loopback collectives), with the bytes each rank receives and the peak activation memory
+    (peak minus what was in use before the call: weights and inputs are not activations)."""
+    from .models import find_denoiser
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        _return_freed_memory()
+    vae = build_model(arch, dtype, device)
+    if find_denoiser(vae)[1].entries(vae)[0][0] == "forward":
+        raise ValueError(f"{arch} is not a VAE; use distrifusion bench without --vae")
+    inputs = model_inputs(vae, height, width)
+    decode = lambda: vae.decode(**inputs)  # noqa: E731
+    base = dict(arch=arch, height=height, width=width, dtype=str(dtype).removeprefix("torch."), device=str(device))
+    base["card"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    base["threads"] = torch.get_num_threads()
+    rows = []
+    with torch.no_grad():
+        for ranks in [1, *[n for n in simulate if n > 1]]:
+            counter = {"bytes": 0}
+            if ranks > 1:
+                parallelize(vae, ParallelConfig(), runtime=counting_loopback_runtime(ranks, device, counter))
+            seconds = time_calls(decode, device, repeats)
+            received = counter["bytes"] / (repeats + 1)
+            free_cached_memory(device)
+            before = current_memory_mb(device)
+            reset_peak_memory(device)
+            decode()
+            activation = peak_memory_mb(device) - before
+            remove(vae)
+            free_cached_memory(device)
+            rows.append(dict(base, ranks=ranks, decode_s=seconds, received_bytes=received, activation_mb=activation))
+    full = rows[0]
+    for row in rows:
+        row["time_vs_full"] = row["decode_s"] / full["decode_s"]
+        row["memory_vs_full"] = row["activation_mb"] / full["activation_mb"]
+    return rows
+
+
+def _return_freed_memory() -> None:
+    """Make glibc map every allocation over 128 KiB on its own and unmap it when freed, so that this
+    process's resident set (what VmHWM measures on a CPU) follows the tensors alive, measurement
+    after measurement, instead of keeping the previous one's freed memory."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _to_model(value, p: torch.Tensor):

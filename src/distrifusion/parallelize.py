@@ -101,7 +101,7 @@ def parallelize_model(
     if adapter.always_sync:
         # "force" is about the denoiser's CFG batch; a VAE call's batch is the images, often one.
         config = dataclasses.replace(config, mode="sync", cuda_graphs=False, split_cfg=bool(config.split_cfg))
-    state = ParallelState(config, runtime)
+    state = ParallelState(config, runtime, keep_buffers=not adapter.always_sync)
     if use_cuda_graphs(config, runtime):
         watchdog = ReplayWatchdog(config.timeout_s, runtime.rank) if runtime.world_size > 1 else None
         agree = partial(_everywhere, runtime)
@@ -281,7 +281,8 @@ class _ParallelForward:
                 f"{world} and batch {batch}. Use split_cfg=True to fall back to one group."
             )
         cfg_groups = 2 if (config.split_cfg and can_split) else 1
-        if config.split_cfg and not can_split and world > 1 and not self.noticed_no_split:
+        # An odd batch is no CFG batch (a model without CFG, a VAE): nothing to say about CFG halves.
+        if config.split_cfg and not can_split and world > 1 and batch % 2 == 0 and not self.noticed_no_split:
             log.info(
                 "distrifusion: batch %d over %d ranks cannot be split in CFG halves; using one group", batch, world
             )

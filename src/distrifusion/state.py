@@ -243,12 +243,15 @@ class ParallelState:
 
     Exchange buffers are kept per split (`Plan`): eager steps keep only the current size's; with
     CUDA graphs, which read them, the `KEPT_SIZES` most recently used sizes keep theirs and their
-    graphs.
+    graphs. A model whose every call is synchronous and called once per image (a VAE) keeps none
+    (`keep_buffers=False`): each exchange is a plain blocking all-gather whose result lives only as
+    long as the layer needs it, so nothing of the size of the whole image stays on a rank.
     """
 
-    def __init__(self, config: ParallelConfig, runtime) -> None:
+    def __init__(self, config: ParallelConfig, runtime, keep_buffers: bool = True) -> None:
         self.config = config
         self.runtime = runtime
+        self.keep_buffers = keep_buffers
         self.plan: Plan | None = None
         self.step = 0
         self.exchange: Exchange | None = None
@@ -288,6 +291,9 @@ class ParallelState:
             self.exchange.forget_in_flight()
 
     def begin_step(self, plan: Plan) -> None:
+        if not self.keep_buffers:
+            self.plan, self._calls = plan, {}
+            return
         if plan != self.plan:
             self.reset()
             self.plan = plan
@@ -306,7 +312,8 @@ class ParallelState:
     def end_step(self) -> None:
         """Send this step's remaining context. Part of the step's work (a CUDA graph captures it);
         the step counter is advanced by the caller, outside any graph."""
-        self.exchange.flush()
+        if self.exchange is not None:
+            self.exchange.flush()
 
     # -- what layers ask -------------------------------------------------------------------
     @property
@@ -343,6 +350,8 @@ class ParallelState:
 
     def own_row(self, name: str) -> torch.Tensor | None:
         """Where this rank's payload for the layer's next `context` call lives (None if not yet laid out)."""
+        if self.exchange is None:
+            return None
         return self.exchange.own_row(self.key(name, peek=True))
 
     def context(self, name: str, payload: torch.Tensor, *, alone: bool = False, fresh: bool = False) -> torch.Tensor:
@@ -355,6 +364,8 @@ class ParallelState:
         so that the result is one contiguous tensor.
         """
         key = self.key(name)
+        if not self.keep_buffers:
+            return self.runtime.patch_groups[self.plan.cfg_groups].all_gather(payload).wait()
         if fresh or self.sync_step:
             return self.exchange.gather_now(key, payload, alone or fresh)
         return self.exchange.swap(key, payload)
