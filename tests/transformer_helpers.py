@@ -90,7 +90,8 @@ def call_inputs(family: str, batch: int, rows: int, cols: int, seed: int = 1, dt
             txt_ids=torch.zeros(TEXT_LEN, 3, dtype=dtype),
         )
     if family == "sd3":
-        return dict(encoder_hidden_states=text, pooled_projections=torch.randn(batch, POOLED_DIM, generator=g, dtype=dtype))
+        pooled = torch.randn(batch, POOLED_DIM, generator=g, dtype=dtype)
+        return dict(encoder_hidden_states=text, pooled_projections=pooled)
     h, w = rows * BLOCK[family] * 8, cols * BLOCK[family] * 8
     conditions = dict(
         resolution=torch.tensor([[h, w]] * batch, dtype=dtype),
