@@ -3,6 +3,7 @@ process. Too heavy for CI (an SDXL UNet is 10 GB in float32); run by hand on a m
 
     python benchmarks/check_real_archs.py [sd15 sd21 sdxl] [--ranks 2 3]
     python benchmarks/check_real_archs.py flux_dev sd3_medium pixart_alpha --depth 2 --pixels 256 192
+    python benchmarks/check_real_archs.py sdxl_vae --pixels 1024 768      (decode and encode, always exact)
 
 Transformers keep their published widths; `--depth` cuts them to that many blocks of each kind
 (Flux: double- and single-stream) so that they fit in memory (Flux-dev alone is 48 GB in float32).
@@ -54,6 +55,37 @@ def run_rank(runtime, model, inputs, timesteps):
     return synced, frozen
 
 
+def vae_calls(vae, z, x):
+    with torch.no_grad():
+        return [vae.decode(z).sample, vae.encode(x).latent_dist.mean]
+
+
+def run_vae_rank(runtime, vae, z, x):
+    model = shared_copy(vae)
+    distrifusion.parallelize(model, runtime=runtime)
+    return vae_calls(model, z, x)
+
+
+def check_vae(arch: str, ranks: list[int], pixels: tuple[int, int]) -> None:
+    """Decode and encode (always exact) of a published VAE, N simulated ranks against one process."""
+    start = time.time()
+    vae = build_model(arch, torch.float32, torch.device("cpu"))
+    z = model_inputs(vae, *pixels)["z"]
+    x = torch.randn(1, 3, *pixels, generator=torch.Generator().manual_seed(1))
+    reference = vae_calls(vae, z, x)
+    for n in ranks:
+        results = simulate_ranks(n, partial(run_vae_rank, vae=vae, z=z, x=x))
+        errors = [
+            max((r[i] - ref).abs().max().item() for r in results) / ref.abs().max().item()
+            for i, ref in enumerate(reference)
+        ]
+        print(
+            f"{arch}, {n} ranks, {pixels[0]}x{pixels[1]} px: decode max error {errors[0]:.2e}, encode {errors[1]:.2e} "
+            f"(of the output scale; {time.time() - start:.0f} s)",
+            flush=True,
+        )
+
+
 def cut_depth(arch: str, depth: int) -> str:
     """A config file like `arch`'s with `depth` blocks of each kind (transformers only)."""
     config = json.loads((CONFIGS / ARCHS[arch]).read_text())
@@ -75,6 +107,9 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2, help="blocks of each kind kept in a transformer")
     args = parser.parse_args()
     for arch in args.archs:
+        if arch.endswith("_vae"):
+            check_vae(arch, args.ranks, tuple(args.pixels))
+            continue
         start = time.time()
         source = arch if arch in ("sd15", "sd21", "sdxl") or arch.endswith(".json") else cut_depth(arch, args.depth)
         model = build_model(source, torch.float32, torch.device("cpu"))
