@@ -152,8 +152,10 @@ def init_runtime(timeout_s: float = 300.0) -> Runtime:
         patch_groups: dict[int, Communicator] = {1: world}
         if world_size % 2 == 0:
             half = world_size // 2
-            # new_group is collective: every rank creates both halves, in the same order.
-            halves = [dist.new_group(list(range(g * half, (g + 1) * half))) for g in range(2)]
+            # new_group is collective: every rank creates both halves, in the same order. Without a timeout
+            # of its own a group would wait torch's default (30 min for gloo), not timeout_s.
+            timeout = timedelta(seconds=timeout_s)
+            halves = [dist.new_group(list(range(g * half, (g + 1) * half)), timeout=timeout) for g in range(2)]
             mine = halves[rank // half]
             patch_groups[2] = DistCommunicator(mine) if half > 1 else SoloCommunicator()
         _RUNTIMES[key] = Runtime(rank, world_size, device, world, patch_groups)
