@@ -86,3 +86,27 @@ def test_bench_graphs_on_without_cuda_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distrifusion", *command], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cuda_graphs=True needs a CUDA device" in proc.stderr
+
+
+def test_vae_bench_share_of_the_decode(tmp_path):
+    """A VAE arch times the decode alone: the whole one, then the largest share of each N."""
+    arch = tmp_path / "tiny_vae.json"
+    config = dict(
+        _class_name="AutoencoderKL",
+        block_out_channels=[8, 16, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=2,
+        norm_num_groups=8,
+        latent_channels=4,
+    )
+    arch.write_text(json.dumps(config))
+    out = tmp_path / "vae.json"
+    command = ["bench", "--arch", str(arch), "--sizes", "256", "--simulate", "4", "--repeats", "1", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "distrifusion", *command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full, share = json.loads(out.read_text())["results"]
+    assert (full["ranks"], share["ranks"]) == (1, 4) and full["received_bytes"] == 0 < share["received_bytes"]
+    assert full["activation_mb"] > 0 and share["decode_s"] > 0
+    # A quarter of the rows: well under half of one process's activations (measured 0.27-0.30).
+    assert share["memory_vs_full"] < 0.5

@@ -35,6 +35,8 @@ BENCH_ARCHS = {  # as bench.ARCHS (which imports torch)
     "flux_dev": "flux_dev_transformer.json",
     "sd3_medium": "sd3_medium_transformer.json",
     "pixart_alpha": "pixart_alpha_transformer.json",
+    "sd_vae": "sd_vae.json",
+    "sdxl_vae": "sdxl_vae.json",
 }
 RUN_DIR = "DISTRIFUSION_RUN_DIR"
 """Set by `launch` for its ranks: where a rank leaves its error for the launcher to report once."""
@@ -363,6 +365,8 @@ def bench_geometry(arch: str | None) -> Geometry:
         raise UsageError(f"unknown architecture {arch!r}; use one of {', '.join(BENCH_ARCHS)} or a config .json path")
     config = _read_json(path)
     cls = config.get("_class_name", "UNet2DConditionModel")
+    if cls == "AutoencoderKL":  # a decode: any whole number of latent rows
+        return Geometry(f"--arch {arch}", 8, 8, "one latent row of 8 px", "8 px per latent row", False, 1024)
     if cls == "FluxTransformer2DModel":
         note = "one token row: 2 latent rows of 8 px"
         return Geometry(f"--arch {arch}", 16, 16, note, note, False, 1024)
@@ -372,6 +376,11 @@ def bench_geometry(arch: str | None) -> Geometry:
         return Geometry(f"--arch {arch}", 8 * patch, 8 * patch, note, note, True, 1024)
     levels = _unet_levels(config)
     return Geometry(f"--arch {arch}", 8, 8 * levels, f"{levels} latent rows of 8 px", "8 px per latent row", True, 1024)
+
+
+def _is_vae(arch: str) -> bool:
+    path = DATA / "configs" / BENCH_ARCHS[arch] if arch in BENCH_ARCHS else Path(arch)
+    return _read_json(path).get("_class_name") == "AutoencoderKL"
 
 
 def _nearest(value: int, multiple: int) -> str:
@@ -1118,7 +1127,7 @@ def quality(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bench_images, bench_step, build_model, count_traffic, format_row, format_table
+    from .bench import bench_images, bench_step, bench_vae, build_model, count_traffic, format_row, format_table
 
     cuda = torch.cuda.is_available()
     args.arch = args.arch or ("sdxl" if cuda else "sd15")
@@ -1150,6 +1159,21 @@ def bench(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"command": args.command_line, "results": rows}, indent=1))
 
+    if _is_vae(args.arch):
+        if args.traffic_only or args.nproc > 1:
+            raise UsageError("a VAE arch measures the decode alone: --traffic-only and --nproc do not apply")
+        for size in args.sizes:
+            for row in bench_vae(args.arch, size, size, dtype, args.simulate, args.repeats):
+                print(
+                    f"{row['arch']} decode {row['height']}x{row['width']} {row['dtype']} on {row['card']}, "
+                    f"{row['ranks']} rank(s): {row['decode_s'] * 1e3:.0f} ms ({row['time_vs_full']:.3f} of the whole "
+                    f"decode), activation memory {row['activation_mb']:.0f} MB ({row['memory_vs_full']:.3f}), "
+                    f"received {row['received_bytes'] / 1e6:.1f} MB",
+                    flush=True,
+                )
+                rows.append(row)
+                save(rows)
+        return 0
     if args.traffic_only:
         for row in count_traffic(args.arch, args.sizes, dtype, args.simulate, args.mode, args.text_tokens):
             print(
