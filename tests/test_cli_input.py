@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from distrifusion import cli
+from distrifusion import cli, cli_checks
 
 
 def run_cli(*args, env=None, timeout=60):
@@ -145,7 +145,7 @@ def test_launcher_reports_an_error_of_every_rank_once(capfd):
 
 def test_notes_for_options_without_effect(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(cli, "_cuda_likely", lambda: False)
+    monkeypatch.setattr(cli_checks, "_cuda_likely", lambda: False)
     args = cli.build_parser().parse_args(["generate", "--nproc", "4", "--height", "64", "--guidance-scale", "3"])
     notes = cli.check(args)
     assert any("4 ranks on 2 CPU cores" in n for n in notes)

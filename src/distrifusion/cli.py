@@ -3,47 +3,34 @@
 Every command first checks all of its input (`check`), before any process is spawned and before
 any weight is loaded; torch and diffusers are imported inside the commands only, so that `--help`
 and a refused command answer at once.
+
+The input checks and model geometry are in `cli_checks`, the local-rank launcher in `launcher`, and the
+timers of generate's report in `timing`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
+from .cli_checks import BENCH_ARCHS, EMBEDDED, Geometry, UsageError, check, is_vae
+from .cli_checks import check_image_size as check_image_size  # re-exported: tests call cli.check_image_size
+from .cli_checks import pipeline_geometry as pipeline_geometry  # and cli.pipeline_geometry
 from .config import GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, ParallelConfig
+from .launcher import RUN_DIR, Interrupted, as_rank, launch, raise_interrupted
+from .timing import TimedCommunicator, time_phase
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-DATA = Path(__file__).parent / "data"
-EMBEDDED = {"embedded": DATA / "textures", "embedded-dit": DATA / "textures_dit"}
-BENCH_ARCHS = {  # as bench.ARCHS (which imports torch)
-    "sd15": "sd15_unet.json",
-    "sd21": "sd21_unet.json",
-    "sdxl": "sdxl_unet.json",
-    "flux_dev": "flux_dev_transformer.json",
-    "sd3_medium": "sd3_medium_transformer.json",
-    "pixart_alpha": "pixart_alpha_transformer.json",
-    "sd_vae": "sd_vae.json",
-    "sdxl_vae": "sdxl_vae.json",
-}
-RUN_DIR = "DISTRIFUSION_RUN_DIR"
-"""Set by `launch` for its ranks: where a rank leaves its error for the launcher to report once."""
-
-
-class UsageError(ValueError):
-    """Bad input, found before any work: one line, exit code 2."""
 
 
 # -- the parser ------------------------------------------------------------------------------------
@@ -251,330 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- what a model needs of an image size ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What a model needs of the image size, in pixels, and whether its calls carry a CFG batch."""
-
-    name: str
-    """The model, as an error message names it ("the embedded model", "this SDXL pipeline")."""
-    own_px: int
-    """Height and width must be multiples of this to run at all, on one rank."""
-    block_px: int
-    """With several ranks, the height must be a multiple of this: the engine's block, in pixels."""
-    block_note: str
-    """What the block is, in the model's own units (for messages: "8 latent rows of 8 px")."""
-    own_note: str
-    cfg: bool
-    """Whether every model call carries a CFG batch (unconditional and conditional halves)."""
-    default_px: int
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
-
-
-def _unet_levels(config: dict) -> int:
-    """A diffusers UNet downsamples after every down block but the last."""
-    return 2 ** (len(config.get("down_block_types", ())) - 1)
-
-
-def embedded_geometry(kind: str, folder: Path) -> Geometry:
-    """The texture models: a pixel-space UNet2DModel, or a Flux transformer on 2x2-packed pixels."""
-    name = "the embedded model" if folder == EMBEDDED.get(kind) else f"the texture model in {folder}"
-    if (folder / "transformer").is_dir():
-        patch = _read_json(folder / "transformer" / "config.json").get("patch_size", 1) or 1
-        px = 2 * patch
-        note = f"2x2 pixels per token{f', {patch}x{patch} tokens per patch' if patch > 1 else ''}"
-        return Geometry(name, px, px, f"one token row of {px} px", note, False, 256)
-    block = _unet_levels(_read_json(folder / "unet" / "config.json"))
-    note = f"the UNet halves the image {block.bit_length() - 1} times"
-    return Geometry(name, block, block, note, note, False, 1024)
-
-
-PIPELINE_CFG = {"UNet2DConditionModel": True, "SD3Transformer2DModel": True, "PixArtTransformer2DModel": True}
-
-
-def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | None:
-    """A diffusers pipeline's needs, from its config files alone (a local folder, or a hub id already in
-    the local cache); None when they cannot be read cheaply: the first call checks them then."""
-    path = Path(model)
-    if path.is_dir():
-        read = lambda name: path / name if (path / name).is_file() else None  # noqa: E731
-        if read("model_index.json") is None:
-            raise UsageError(f"{model} is not a diffusers pipeline folder (it has no model_index.json)")
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not a hub id
-        raise UsageError(f"model folder {model} does not exist")
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-
-        def read(name: str) -> Path | None:
-            found = try_to_load_from_cache(model, name)
-            return Path(found) if isinstance(found, str) else None
-
-        if read("model_index.json") is None:
-            return None
-    index = _read_json(read("model_index.json"))
-    kind = "transformer" if "transformer" in index else "unet" if "unet" in index else None
-    config_path = read(f"{kind}/config.json") if kind else None
-    if config_path is None:
-        return None
-    config = _read_json(config_path)
-    cls = (index.get(kind) or [None, None])[1]
-    vae_path = read("vae/config.json")
-    vae = 2 ** (len(_read_json(vae_path).get("block_out_channels", (0,) * 4)) - 1) if vae_path else 8
-    pipe = index.get("_class_name", "pipeline")
-    name = f"this {pipe}"
-    if cls == "UNet2DConditionModel":
-        levels = _unet_levels(config)
-        block_note, own, own_note = f"{levels} latent rows of {vae} px", vae, f"the VAE's {vae} px per latent row"
-    elif cls == "FluxTransformer2DModel":  # 2x2 latent cells per token: a token row is 2 latent rows
-        levels, own = 2, 2 * vae
-        block_note = own_note = f"one token row: 2 latent rows of {vae} px"
-    elif cls in ("SD3Transformer2DModel", "PixArtTransformer2DModel"):
-        levels = config.get("patch_size", 2)
-        own = levels * vae
-        block_note = own_note = f"one patch row: {levels} latent rows of {vae} px"
-    else:
-        return None
-    cfg = PIPELINE_CFG.get(cls, False) and (guidance_scale is None or guidance_scale > 1)
-    default = (config.get("sample_size") or 128) * vae
-    if cls == "FluxTransformer2DModel":
-        default = 1024
-    return Geometry(name, own, levels * vae, block_note, own_note, cfg, default)
-
-
-def bench_geometry(arch: str | None) -> Geometry:
-    """A bench architecture: a denoiser config; bench feeds it latents of size // 8."""
-    arch = arch or "sd15"  # sdxl on CUDA: the same block
-    if arch in BENCH_ARCHS:
-        path = DATA / "configs" / BENCH_ARCHS[arch]
-    elif arch.endswith(".json"):
-        path = Path(arch)
-        if not path.is_file():
-            raise UsageError(f"--arch {arch}: no such file")
-    else:
-        raise UsageError(f"unknown architecture {arch!r}; use one of {', '.join(BENCH_ARCHS)} or a config .json path")
-    config = _read_json(path)
-    cls = config.get("_class_name", "UNet2DConditionModel")
-    if cls == "AutoencoderKL":  # a decode: any whole number of latent rows
-        return Geometry(f"--arch {arch}", 8, 8, "one latent row of 8 px", "8 px per latent row", False, 1024)
-    if cls == "FluxTransformer2DModel":
-        note = "one token row: 2 latent rows of 8 px"
-        return Geometry(f"--arch {arch}", 16, 16, note, note, False, 1024)
-    if cls in ("SD3Transformer2DModel", "PixArtTransformer2DModel"):
-        patch = config.get("patch_size", 2)
-        note = f"one patch row: {patch} latent rows of 8 px"
-        return Geometry(f"--arch {arch}", 8 * patch, 8 * patch, note, note, True, 1024)
-    levels = _unet_levels(config)
-    return Geometry(f"--arch {arch}", 8, 8 * levels, f"{levels} latent rows of 8 px", "8 px per latent row", True, 1024)
-
-
-def _is_vae(arch: str) -> bool:
-    path = DATA / "configs" / BENCH_ARCHS[arch] if arch in BENCH_ARCHS else Path(arch)
-    return _read_json(path).get("_class_name") == "AutoencoderKL"
-
-
-def _nearest(value: int, multiple: int) -> str:
-    below = value // multiple * multiple
-    return f"{below} or {below + multiple}" if below > 0 else f"{multiple}"
-
-
-def check_image_size(geo: Geometry, height: int, width: int, ranks: int, split_cfg: bool = True, what: str = "") -> int:
-    """Refuse a size the model or the split cannot take; return the patch group size (ranks that share rows).
-
-    The messages are the engine's (`parallelize`: "image height of N ... must be a multiple of the model's
-    block of ...", "... is too small to split over N ranks; the minimum is ..."), in pixels."""
-    for side, value in (("height", height), ("width", width)):
-        if value <= 0:
-            raise UsageError(f"image {side} must be positive, got {value} px{what}")
-        if value % geo.own_px:
-            block = "the model's block of " if geo.own_px == geo.block_px else ""
-            raise UsageError(
-                f"image {side} of {value} px must be a multiple of {block}{geo.own_px} px ({geo.name}: "
-                f"{geo.own_note}); use {_nearest(value, geo.own_px)}{what}"
-            )
-    cfg_groups = 2 if geo.cfg and split_cfg and ranks % 2 == 0 else 1
-    patch = ranks // cfg_groups
-    if ranks > 1 and height % geo.block_px:
-        raise UsageError(
-            f"image height of {height} px must be a multiple of the model's block of {geo.block_px} px "
-            f"({geo.block_note}) to be split over ranks; use {_nearest(height, geo.block_px)}{what}"
-        )
-    if height < patch * geo.block_px:
-        most = height // geo.block_px
-        split = f"{patch} ranks" + (f" ({ranks} ranks, CFG halves on 2 groups)" if cfg_groups == 2 else "")
-        raise UsageError(
-            f"image height of {height} px is too small to split over {split}; the minimum is {patch * geo.block_px} "
-            f"px ({geo.block_px} px per rank). Use a larger height or fewer ranks (at most {most * cfg_groups}){what}"
-        )
-    return patch
-
-
-def _positive(name: str, value, minimum=1) -> None:
-    if value is not None and value < minimum:
-        raise UsageError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _finite(name: str, value: float | None, positive: bool = False) -> None:
-    if value is None:
-        return
-    if positive and value <= 0:
-        raise UsageError(f"{name} must be > 0, got {value:g}")
-    if not math.isfinite(value):
-        raise UsageError(f"{name} must be a finite number, got {value}")
-
-
-def _writable_folder(folder: Path, what: str) -> None:
-    if not folder.is_dir():
-        raise UsageError(f"output folder {folder} does not exist ({what})")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {folder} is not writable ({what})")
-
-
-def _check_image_path(out: str, flag: str = "--out") -> None:
-    path = Path(out)
-    if path.is_dir():
-        raise UsageError(f"{flag} {out} is a folder; name an image file in it, e.g. {path / 'image.png'}")
-    from PIL import Image
-
-    Image.init()
-    known = Image.registered_extensions()
-    if path.suffix.lower() not in known or known[path.suffix.lower()] not in Image.SAVE:
-        raise UsageError(f"{flag} {out}: unknown image format {path.suffix!r}; use .png, .jpg, .webp, ...")
-    _writable_folder(path.parent if str(path.parent) else Path("."), f"{flag} {out}")
-
-
-def strips_path(out: str) -> Path:
-    path = Path(out)
-    return path.with_name(f"{path.stem}.strips{path.suffix}")
-
-
-def _world(args) -> int:
-    """Ranks of this run: torchrun's (or our launcher's) world size, else --nproc."""
-    return int(os.environ["WORLD_SIZE"]) if "LOCAL_RANK" in os.environ else args.nproc
-
-
-def _cuda_likely() -> bool:
-    """Whether an NVIDIA driver is present (checked without importing torch)."""
-    return Path("/proc/driver/nvidia/version").exists() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
-
-
-def _common_parallel_checks(args) -> None:
-    _positive("--nproc", args.nproc)
-    _finite("--timeout", args.timeout, positive=True)
-    ParallelConfig(  # its own checks (warmup_steps >= 0, ...), named by their flags
-        **{
-            k: getattr(args, k)
-            for k in ("mode", "groupnorm", "text_tokens", "cuda_graphs")
-            if getattr(args, k, None) is not None
-        }
-    )
-
-
-def check(args) -> list[str]:
-    """Every check of a command's input that needs no model weights: raise UsageError, or return notes."""
-    return {"generate": check_generate, "quality": check_quality, "bench": check_bench}[args.command](args)
-
-
-def check_generate(args) -> list[str]:
-    notes = []
-    _common_parallel_checks(args)
-    _positive("--steps", args.steps)
-    _positive("--warmup-steps", args.warmup_steps, 0)
-    _finite("--guidance-scale", args.guidance_scale)
-    if not -(2**63) <= args.seed < 2**64:
-        raise UsageError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
-    _check_image_path(args.out)
-    if args.model in EMBEDDED:
-        folder = EMBEDDED[args.model]
-        geo = embedded_geometry(args.model, folder)
-        classes = _read_json(folder / "classes.json")["classes"]
-        prompt = args.prompt or ("gravel" if "gravel" in classes else classes[0])
-        if not (prompt in classes or prompt.isdigit() and int(prompt) < len(classes)):
-            raise UsageError(f"unknown class {prompt!r}; the embedded model knows: {', '.join(classes)}")
-        if args.guidance_scale is not None:
-            notes.append("--guidance-scale has no effect on the embedded models (they have no CFG)")
-    else:
-        geo = pipeline_geometry(args.model, args.guidance_scale)
-    args.geometry = geo
-    if args.height is None:
-        args.height = geo.default_px if geo else 1024
-    if args.width is None:
-        args.width = args.height
-    world = _world(args)
-    if geo is not None:
-        check_image_size(geo, args.height, args.width, world, args.split_cfg)
-    else:
-        for side, value in (("height", args.height), ("width", args.width)):
-            if value <= 0:
-                raise UsageError(f"image {side} must be positive, got {value} px")
-    return notes + _cores_note(args.nproc)
-
-
-def _cores_note(nproc: int) -> list[str]:
-    """More local ranks than cores on a CPU run: allowed, but worth a word."""
-    cores = os.cpu_count() or 1
-    if nproc > cores and "LOCAL_RANK" not in os.environ and not _cuda_likely():
-        return [f"{nproc} ranks on {cores} CPU cores: they share the cores, expect it to be slower"]
-    return []
-
-
-def check_quality(args) -> list[str]:
-    _positive("--steps", args.steps)
-    _positive("--seeds", args.seeds)
-    _positive("--threads", args.threads)
-    for n in args.ranks:
-        _positive("--ranks", n)
-    if args.model in EMBEDDED:
-        folder = EMBEDDED[args.model]
-    else:
-        folder = Path(args.model)
-        if not ((folder / "unet").is_dir() or (folder / "transformer").is_dir()):
-            raise UsageError(f"{args.model} is not a texture model folder (no unet/ or transformer/ in it)")
-    geo = embedded_geometry(args.model, folder)
-    for side, value in (("height", args.height), ("width", args.width)):
-        if 0 < value < 7:
-            raise UsageError(f"image {side} of {value} px is too small for SSIM's 7x7 window; use at least 8")
-    for n in sorted(set(args.ranks), reverse=True):
-        check_image_size(geo, args.height, args.width, n, what=f" (--ranks {n})")
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out-dir {args.out_dir} is a file, not a folder")
-    _writable_folder(out if out.exists() else out.parent, f"--out-dir {args.out_dir}")
-    return []
-
-
-def check_bench(args) -> list[str]:
-    notes = []
-    _positive("--nproc", args.nproc)
-    _positive("--repeats", args.repeats)
-    _positive("--steps", args.steps)
-    for n in args.simulate:
-        _positive("--simulate", n)
-    geo = bench_geometry(args.arch)
-    sizes = args.sizes or [1024 if _cuda_likely() else 256]
-    for i, size in enumerate(sizes):
-        for n in sorted({*args.simulate, args.nproc if i == 0 else 1}, reverse=True):
-            check_image_size(geo, size, size, n, what=f" (--sizes {size})")
-    if args.json:
-        _writable_folder(Path(args.json).parent, f"--json {args.json}")
-    if "LOCAL_RANK" not in os.environ:
-        if args.steps is not None and args.nproc == 1:
-            notes.append("--steps applies to --nproc's whole images only; the other timings are of single steps")
-        if args.traffic_only and (args.repeats or args.nproc > 1 or args.graphs != ["auto"]):
-            notes.append("--traffic-only times nothing: --repeats, --graphs and --nproc are ignored")
-    return notes + _cores_note(args.nproc if not args.traffic_only else 1)
-
-
 # -- running: errors, signals, output ------------------------------------------------------------
 
 
@@ -658,37 +321,12 @@ def _note(text: str) -> None:
         print(f"distrifusion: {text}", file=sys.stderr)
 
 
-class _Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise _Interrupted(signum)
-
-
-def _as_rank() -> None:
-    """A rank of our launcher ends at once and silently on SIGINT/SIGTERM (the launcher reports), and
-    with the launcher if that dies."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if str(os.getppid()) != os.environ.get("DISTRIFUSION_LAUNCHER_PID", str(os.getppid())):
-        os._exit(143)  # the launcher is already gone
-
-
 def main(argv: list[str] | None = None) -> int:
     t0 = float(os.environ.get("DISTRIFUSION_T0") or time.time())
     argv = sys.argv[1:] if argv is None else list(argv)
     launched = RUN_DIR in os.environ and "LOCAL_RANK" in os.environ
     if launched:
-        _as_rank()
+        as_rank()
     args = build_parser().parse_args(argv)
     args.argv = list(argv)  # to relaunch as ranks, and (quoted) to name the command in reports
     args.command_line = shlex.join(["distrifusion", *argv])
@@ -704,11 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate" and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch(args.nproc, argv, t0=t0, verbose=args.verbose)
     if not launched and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        signal.signal(signal.SIGTERM, raise_interrupted)
     args.running = False
     try:
         return {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
-    except (KeyboardInterrupt, _Interrupted) as e:
+    except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if _rank() == 0:
             print(f"distrifusion: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
@@ -717,170 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         code = _exit_code(e, args.running)
         report_error(e, code, args.verbose)
         return code
-
-
-# -- the launcher --------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit {code}"
-
-
-def launch(nproc: int, argv: list[str], env: dict | None = None, t0: float | None = None, verbose: bool = False) -> int:
-    """Run this command as `nproc` local ranks (gloo on CPU, nccl on CUDA) and wait for them.
-
-    A rank's error is reported once, by this launcher (the first rank to fail names the cause; the
-    others are stopped after a moment). SIGINT/SIGTERM stop every rank within seconds: one line,
-    exit 130/143. Ranks other than 0 keep their output in a log unless `verbose`.
-    """
-    run_dir = tempfile.mkdtemp(prefix="distrifusion-")
-    cores = os.cpu_count() or 1
-    base = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        WORLD_SIZE=str(nproc),
-        LOCAL_WORLD_SIZE=str(nproc),
-        GROUP_RANK="0",
-        DISTRIFUSION_T0=str(t0 or time.time()),
-        DISTRIFUSION_LAUNCHER_PID=str(os.getpid()),
-        **{RUN_DIR: run_dir},
-    )
-    base.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # ranks share the cores instead of fighting
-    base.update(env or {})
-    received: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda s, f: received.append(s))
-        for sig in (signal.SIGINT, signal.SIGTERM)
-        # Not where SIGINT is ignored (as nohup or a background job asked), nor off the main thread (Python refuses).
-        if signal.getsignal(sig) is not signal.SIG_IGN and threading.current_thread() is threading.main_thread()
-    }
-    procs: list[subprocess.Popen] = []
-    logs = []
-    relay = None
-    try:
-        for rank in range(nproc):
-            log = None
-            if rank > 0 and not verbose:
-                log = open(os.path.join(run_dir, f"rank{rank}.log"), "wb")  # noqa: SIM115 - closed below
-                logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "distrifusion", *argv],
-                    env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
-                    stdout=log,
-                    stderr=subprocess.STDOUT if log else subprocess.PIPE if rank == 0 else None,
-                    start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only, which stops the ranks
-                )
-            )
-            if rank == 0:
-                relay = _Relay(procs[0].stderr)
-                relay.start()
-        failed_at = None
-        while True:
-            if received:
-                stopped = _stop(procs)
-                relay.say(f"distrifusion: interrupted; {stopped} rank{'s' * (stopped != 1)} stopped")
-                return 128 + received[0]
-            codes = [p.poll() for p in procs]
-            if all(c == 0 for c in codes):
-                return 0
-            if failed_at is None and any(c not in (None, 0) for c in codes):
-                failed_at = time.monotonic()
-                first = next(r for r, c in enumerate(codes) if c not in (None, 0))
-            if failed_at is not None and (all(c is not None for c in codes) or time.monotonic() - failed_at > 2):
-                _stop(procs)  # the others had a moment to fail by themselves (with the same error, often)
-                return _report_failure(procs, run_dir, relay, first)
-            time.sleep(0.05)
-    finally:
-        _stop(procs)
-        if relay is not None:
-            relay.join(timeout=2)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for log in logs:
-            log.close()
-        import shutil
-
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-class _Relay(threading.Thread):
-    """Copies rank 0's stderr (its progress bar) to ours and knows whether it was left mid-line, so that
-    the launcher's own message starts on a line of its own."""
-
-    def __init__(self, pipe) -> None:
-        super().__init__(daemon=True)
-        self.pipe, self.mid_line = pipe, False
-
-    def run(self) -> None:
-        with self.pipe:
-            while chunk := os.read(self.pipe.fileno(), 65536):
-                os.write(2, chunk)
-                self.mid_line = not chunk.endswith(b"\n")
-
-    def say(self, line: str) -> None:
-        self.join(timeout=2)  # the ranks have ended: their last words first
-        sys.stderr.write(("\n" if self.mid_line else "") + line + "\n")
-        sys.stderr.flush()
-
-
-def _stop(procs: list[subprocess.Popen], grace: float = 5.0) -> int:
-    """SIGTERM every running rank (SIGCONT too, in case it is stopped), SIGKILL what is left after `grace`
-    seconds, reap all; return how many were stopped or had died by a signal."""
-    running = [p for p in procs if p.poll() is None]
-    for p in running:
-        for sig in (signal.SIGTERM, signal.SIGCONT):
-            try:
-                p.send_signal(sig)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace
-    for p in running:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    return sum(1 for p in procs if p.returncode is not None and p.returncode < 0)
-
-
-def _report_failure(procs: list[subprocess.Popen], run_dir: str, relay: _Relay, first: int) -> int:
-    """One line for the rank that failed first (`first`, as the launcher saw it); its code (2 bad input,
-    1 a failure). Ranks that all failed with the same message are not named."""
-    errors = {}
-    for rank in range(len(procs)):
-        path = Path(run_dir, f"error.{rank}")
-        if path.exists():
-            try:
-                errors[rank] = json.loads(path.read_text())
-            except ValueError:
-                pass
-    if first in errors:
-        message, code = errors[first]["message"], errors[first]["code"]
-        everywhere = len(errors) == len(procs) and len({e["message"] for e in errors.values()}) == 1
-        relay.say(f"distrifusion: error{'' if everywhere else f' on rank {first}'}: {message}")
-        return code
-    # It ended without a message of its own (killed, crashed): say how, and show its last words.
-    relay.say(f"distrifusion: rank {first} failed ({_describe_exit(procs[first].returncode)}); the others were stopped")
-    log = Path(run_dir, f"rank{first}.log")
-    if log.exists():
-        for line in log.read_text(errors="replace").strip().splitlines()[-5:]:
-            print(f"  rank {first}: {line}", file=sys.stderr)
-    return 1
 
 
 # -- the commands --------------------------------------------------------------------------------
@@ -892,54 +366,6 @@ def _dtype(name: str | None):
     if name:
         return getattr(torch, name)
     return torch.float16 if torch.cuda.is_available() else torch.float32
-
-
-class _TimedCommunicator:
-    """Counts the seconds this rank spends in (or waiting for) its collectives: the exchange's cost
-    that the computation did not hide. Host-side timing: meaningful where collectives block the host
-    (gloo on CPU), not for NCCL's asynchronous stream waits."""
-
-    def __init__(self, inner, clock: list[float]) -> None:
-        self.inner, self.clock = inner, clock
-        self.rank, self.size = inner.rank, inner.size
-        self.capturable = getattr(inner, "capturable", False)
-
-    def _timed(self, fn, tensor, async_op):
-        start = time.perf_counter()
-        pending = fn(tensor, async_op)
-        self.clock[0] += time.perf_counter() - start
-        return _TimedWait(pending, self.clock)
-
-    def all_gather(self, tensor, async_op: bool = False):
-        return self._timed(self.inner.all_gather, tensor, async_op)
-
-    def all_gather_inplace(self, buffer, async_op: bool = False):
-        return self._timed(self.inner.all_gather_inplace, buffer, async_op)
-
-
-class _TimedWait:
-    def __init__(self, pending, clock: list[float]) -> None:
-        self.pending, self.clock = pending, clock
-
-    def wait(self):
-        start = time.perf_counter()
-        out = self.pending.wait()
-        self.clock[0] += time.perf_counter() - start
-        return out
-
-
-def _time_calls(obj, attr: str, times: dict, phase: str) -> None:
-    """Add the seconds of every call of `obj.attr` to `times[phase]`."""
-    original = getattr(obj, attr)
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            times[phase] = times.get(phase, 0.0) + time.perf_counter() - start
-
-    setattr(obj, attr, timed)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -985,9 +411,9 @@ def generate(args: argparse.Namespace) -> int:
         pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
         pipe = distrifusion.parallelize(pipe, config)
         if hasattr(pipe, "encode_prompt"):
-            _time_calls(pipe, "encode_prompt", times, "text encoding")
+            time_phase(pipe, "encode_prompt", times, "text encoding")
         if getattr(pipe, "vae", None) is not None:
-            _time_calls(pipe.vae, "decode", times, "VAE decoding")
+            time_phase(pipe.vae, "decode", times, "VAE decoding")
         extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
         prompt = args.prompt or "a photograph of a lighthouse at dusk"
         run = lambda: pipe(  # noqa: E731
@@ -999,8 +425,8 @@ def generate(args: argparse.Namespace) -> int:
     clock = [0.0]
     timed_exchange = runtime.world_size > 1 and runtime.device.type == "cpu"
     if timed_exchange:  # before the first call, which builds the exchange from these communicators
-        runtime.world = _TimedCommunicator(runtime.world, clock)
-        runtime.patch_groups = {k: _TimedCommunicator(c, clock) for k, c in runtime.patch_groups.items()}
+        runtime.world = TimedCommunicator(runtime.world, clock)
+        runtime.patch_groups = {k: TimedCommunicator(c, clock) for k, c in runtime.patch_groups.items()}
     marks: dict[str, float] = {}
     calls = [0]
 
@@ -1071,6 +497,11 @@ def _save(image, out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def strips_path(out: str) -> Path:
+    path = Path(out)
+    return path.with_name(f"{path.stem}.strips{path.suffix}")
+
+
 def strip_boundaries(image_height: int, plan) -> list[int]:
     """Pixel rows where a strip of the engine's split (`Plan.rows`, in the model's rows) begins, but the first."""
     if plan is None or plan.patch_size < 2:
@@ -1136,20 +567,16 @@ def bench(args: argparse.Namespace) -> int:
     args.steps = args.steps or 10
     dtype = _dtype(args.dtype)
     graph_choices = [{"auto": None, "on": True, "off": False}[g] for g in dict.fromkeys(args.graphs)]
-    graphs = graph_choices[0]
+
+    def images() -> dict:  # whole images at the first size (--nproc runs use the first --graphs choice)
+        size, graphs = args.sizes[0], graph_choices[0]
+        return bench_images(
+            args.arch, size, size, dtype, args.steps, args.repeats, args.mode, graphs, text_tokens=args.text_tokens
+        )
+
     args.running = True
     if "LOCAL_RANK" in os.environ:  # a rank launched by the --nproc branch below
-        row = bench_images(
-            args.arch,
-            args.sizes[0],
-            args.sizes[0],
-            dtype,
-            args.steps,
-            args.repeats,
-            args.mode,
-            graphs,
-            text_tokens=args.text_tokens,
-        )
+        row = images()
         if _rank() == 0:
             Path(os.environ["DISTRIFUSION_BENCH_OUT"]).write_text(json.dumps(row))
         return 0
@@ -1159,7 +586,7 @@ def bench(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"command": args.command_line, "results": rows}, indent=1))
 
-    if _is_vae(args.arch):
+    if is_vae(args.arch):
         if args.traffic_only or args.nproc > 1:
             raise UsageError("a VAE arch measures the decode alone: --traffic-only and --nproc do not apply")
         for size in args.sizes:
@@ -1208,22 +635,11 @@ def bench(args: argparse.Namespace) -> int:
                 save(rows)  # after every row: a later size that runs out of memory keeps the earlier ones
     del model
     print(format_table(rows), flush=True)
-    graphs = graph_choices[0]  # --nproc runs use the first choice
     if args.nproc > 1:
         cores = os.cpu_count() or 1
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
-            row = bench_images(
-                args.arch,
-                args.sizes[0],
-                args.sizes[0],
-                dtype,
-                args.steps,
-                args.repeats,
-                args.mode,
-                graphs,
-                text_tokens=args.text_tokens,
-            )
+            row = images()
             print(f"1 process x {threads} thread(s): {row['image_s']:.2f} s per image", flush=True)
             rows.append(row)
         with tempfile.TemporaryDirectory() as tmp:

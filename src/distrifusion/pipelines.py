@@ -91,12 +91,15 @@ class TextureDiTPipeline(DiffusionPipeline):
         self,
         transformer: FluxTransformer2DModel,
         scheduler: SchedulerMixin,
-        class_tokens: torch.Tensor,
-        class_pooled: torch.Tensor,
+        class_tokens: torch.Tensor | None = None,
+        class_pooled: torch.Tensor | None = None,
         classes: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
+        # Optional in the signature only: diffusers counts required arguments as pipeline modules.
+        if class_tokens is None or class_pooled is None:
+            raise ValueError("TextureDiTPipeline needs class_tokens and class_pooled (the class embeddings)")
         if class_tokens.ndim != 3 or class_pooled.ndim != 2 or len(class_tokens) != len(class_pooled):
             raise ValueError(
                 f"class_tokens must be (classes, T, D) and class_pooled (classes, D), "
