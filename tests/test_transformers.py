@@ -195,3 +195,20 @@ def test_remove_restores_the_model(family):
     after = _one_call(model, family)
     torch.manual_seed(0)
     assert torch.equal(after, _one_call(before, family))
+
+
+def test_more_ranks_than_text_tokens():
+    """Sharded text over 8 ranks with 7 text tokens: one rank holds none, and sync stays exact."""
+    from distrifusion.simulate import simulate_ranks
+
+    model = tiny_transformer("flux")
+    reference = denoise(model, "flux", 8, COLS, batch=1, steps=2)
+
+    def rank(runtime):
+        replica = copy.deepcopy(model)
+        config = distrifusion.ParallelConfig(mode="sync", text_tokens="sharded")
+        distrifusion.parallelize(replica, config, runtime=runtime)
+        return denoise(replica, "flux", 8, COLS, batch=1, steps=2)
+
+    for out in simulate_ranks(8, rank):
+        assert _rel_error(out, reference) < TOL

@@ -270,7 +270,7 @@ def bench_step(
     device: torch.device | None = None,
     graphs: bool | None = None,
     model=None,
-    text_tokens: str = "replicated",
+    text_tokens: str = "sharded",
 ) -> list[dict]:
     """Full-step times for one size, then one rank's share of each N in `simulate` (N > 1): one
     row per N (or one row without a share), with traffic per step and peak memory.
@@ -352,7 +352,7 @@ def count_traffic(
         for n in ranks:
             counter = {"bytes": 0}
             config = ParallelConfig(
-                mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=False, text_tokens=text_tokens or "replicated"
+                mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=False, text_tokens=text_tokens or "sharded"
             )
             parallelize(model, config, runtime=counting_loopback_runtime(n, device, counter))
             with torch.no_grad():
@@ -420,7 +420,7 @@ def _first_steps_traffic(model, inputs: dict, counter: dict, mode: str) -> dict:
     )
 
 
-def _bench_share(model, inputs: dict, ranks, repeats, mode, device, graphs, text_tokens="replicated") -> dict:
+def _bench_share(model, inputs: dict, ranks, repeats, mode, device, graphs, text_tokens="sharded") -> dict:
     """One rank's share of `ranks`: this process plays the largest strip with loopback collectives."""
     counter = {"bytes": 0}
     runtime = counting_loopback_runtime(ranks, device, counter)
@@ -494,7 +494,7 @@ def bench_images(
     images: int,
     mode: str,
     graphs: bool | None = None,
-    text_tokens: str = "replicated",
+    text_tokens: str = "sharded",
 ) -> dict:
     """Whole-image latency (every denoising step of one image, with the pipeline's batch: CFG for
     UNets, SD3 and PixArt) in this process or under torchrun. The update between steps is a plain

@@ -50,8 +50,8 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--text-tokens",
         choices=TEXT_TOKEN_MODES,
-        default="replicated",
-        help="Flux/SD3: every rank computes all text tokens, or a share each (default: replicated)",
+        default="sharded",
+        help="Flux/SD3: each rank computes a share of the text tokens, or all of them (default: sharded)",
     )
     p.add_argument(
         "--no-split-cfg",
@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument(
         "--text-tokens",
         choices=TEXT_TOKEN_MODES,
-        default="replicated",
-        help="Flux/SD3: every rank computes all text tokens, or a share each (ParallelConfig.text_tokens)",
+        default="sharded",
+        help="Flux/SD3: each rank computes a share of the text tokens, or all of them (ParallelConfig.text_tokens)",
     )
     every.add_argument(
         "--simulate",

@@ -380,6 +380,9 @@ class PatchJointAttnProcessor:
 def _qkv(attn, x, to_q, to_k, to_v, norm_q, norm_k, rotary):
     """Queries (batch, tokens, heads, head_dim) and keys/values side by side per head, flattened
     (batch, tokens, heads * 2 * head_dim), normalised and rotated as the model does."""
+    if x.shape[1] == 0:  # a rank whose share of sharded text tokens is empty (fewer tokens than ranks)
+        width = to_q.out_features
+        return x.new_empty(x.shape[0], 0, attn.heads, width // attn.heads), x.new_empty(x.shape[0], 0, 2 * width)
     query = to_q(x).unflatten(-1, (attn.heads, -1))
     key = to_k(x).unflatten(-1, (attn.heads, -1))
     value = to_v(x).unflatten(-1, (attn.heads, -1))

@@ -44,10 +44,13 @@ METHODS = [
 TRANSFORMER_METHODS = [
     Method("sync (exact)", "reference", dict(mode="sync")),
     Method("naive patches", "reference", dict(mode="naive")),
-    *[Method(f"displaced, warm-up {w}, replicated text", "warmup", dict(warmup_steps=w)) for w in (0, 1, 2, 4)],
     *[
-        Method(f"displaced, warm-up {w}, sharded text", "text", dict(warmup_steps=w, text_tokens="sharded"))
-        for w in (1, 4)
+        Method(f"displaced, warm-up {w}, sharded text", "warmup", dict(warmup_steps=w, text_tokens="sharded"))
+        for w in (0, 1, 2, 4)
+    ],
+    *[
+        Method(f"displaced, warm-up {w}, replicated text", "text", dict(warmup_steps=w, text_tokens="replicated"))
+        for w in (0, 1, 2, 4)
     ],
 ]
 SCHEDULERS = ("ddim", "dpm", "euler")
