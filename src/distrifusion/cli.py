@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, raise_interrupted)
     args.running = False
     try:
-        return {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
+        code = {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
+        _close_process_group()
+        return code
     except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if _rank() == 0:
@@ -355,6 +357,18 @@ def main(argv: list[str] | None = None) -> int:
         code = _exit_code(e, args.running)
         report_error(e, code, args.verbose)
         return code
+
+
+def _close_process_group() -> None:
+    """A rank that exits with collectives in flight or gloo threads running can abort in C++ teardown
+    ("terminate called without an active exception"): meet the others, then close the group."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # -- the commands --------------------------------------------------------------------------------

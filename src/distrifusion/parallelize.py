@@ -196,7 +196,11 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
 
         def __call__(self, *args, **kwargs):
             reset(self)
-            return cls.__call__(self, *args, **kwargs)
+            out = cls.__call__(self, *args, **kwargs)
+            # The last step's exchanges are still in flight: finish them now, not at the next image,
+            # so that no collective outlives the image (a process may exit right after it).
+            getattr(_denoiser(self), _STATE_ATTR).reset()
+            return out
 
         _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_distrifusion_base": cls})
     pipe.__class__ = _PIPELINE_CLASSES[cls]
