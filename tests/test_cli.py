@@ -123,6 +123,19 @@ def test_generate_two_ranks_writes_png_strips_and_summary(tmp_path):
     assert (strips[np.arange(64) != 32] == np.asarray(image).astype(int)[np.arange(64) != 32]).all()
 
 
+def test_generate_embedded_dit_over_three_ranks_matches_one_process(tmp_path):
+    """The embedded Flux-architecture model through the CLI: 3 ranks (uneven token-row strips 6+5+5
+    of a 32 px image) in sync mode give one process's image (float32 reduction order: within 1/255)."""
+    images = []
+    for nproc in (1, 3):
+        out = tmp_path / f"dit_{nproc}.png"
+        args = ["generate", "--model", "embedded-dit", "--nproc", str(nproc), "--mode", "sync", "--height", "32"]
+        proc, _ = run_cli(*args, "--width", "48", "--steps", "3", "--prompt", "retina", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        images.append(np.asarray(Image.open(out)).astype(int))
+    assert images[0].shape == (32, 48, 3) and np.abs(images[0] - images[1]).max() <= 1
+
+
 def test_sigint_stops_every_rank(tmp_path):
     """Ctrl-C mid-image: every rank gone within 10 s, one line, exit 130 (was three tracebacks)."""
     out = tmp_path / "x.png"
