@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--height",
         type=int,
         default=None,
-        help="image height in pixels (default: 1024; embedded-dit: 256; a pipeline: its model's size)",
+        help="image height in pixels (default: 1024; embedded-dit: 128; a pipeline: its model's size)",
     )
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: as height's)")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")

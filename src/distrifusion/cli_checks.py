@@ -73,7 +73,7 @@ def embedded_geometry(kind: str, folder: Path) -> Geometry:
         patch = _read_json(folder / "transformer" / "config.json").get("patch_size", 1) or 1
         px = 2 * patch
         note = f"2x2 pixels per token{f', {patch}x{patch} tokens per patch' if patch > 1 else ''}"
-        return Geometry(name, px, px, f"one token row of {px} px", note, False, 256)
+        return Geometry(name, px, px, f"one token row of {px} px", note, False, 128)
     block = _unet_levels(_read_json(folder / "unet" / "config.json"))
     note = f"the UNet halves the image {block.bit_length() - 1} times"
     return Geometry(name, block, block, note, note, False, 1024)
