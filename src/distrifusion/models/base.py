@@ -139,3 +139,13 @@ def check_kwargs_dict(family: str, inputs: dict, name: str) -> None:
             f"distrifusion: {family} {name} {extra} cannot be split into strips "
             "(only a LoRA 'scale' is supported); leave them out or run without distrifusion"
         )
+
+
+def check_processor(name: str, attn: nn.Module, allowed: tuple[type, ...]) -> None:
+    """Refuse an attention whose processor is not one the engine knows how to split."""
+    if not isinstance(attn.processor, allowed):
+        raise TypeError(
+            f"distrifusion: attention {name!r} uses {type(attn.processor).__name__}; only the default "
+            f"processors ({', '.join(a.__name__ for a in allowed)}) are supported. Set the default processor "
+            "(model.set_default_attn_processor() or unfuse_qkv_projections()) before parallelize"
+        )

@@ -10,8 +10,7 @@ from torch import nn
 
 from ..layers import PatchJointAttnProcessor
 from ..state import ParallelState, Plan
-from .base import ModelAdapter, check_kwargs_dict, shard_text, slice_batch, slice_tokens, strip_rows
-from .unet import check_processor
+from .base import ModelAdapter, check_kwargs_dict, check_processor, shard_text, slice_batch, slice_tokens, strip_rows
 
 
 class FluxAdapter(ModelAdapter):

@@ -10,8 +10,15 @@ from torch import nn
 
 from ..layers import PatchAttnProcessor, StripPatchEmbed
 from ..state import ParallelState, Plan
-from .base import ModelAdapter, check_kwargs_dict, image_map_grid, refuse_inputs, slice_batch, strip_rows
-from .unet import check_processor
+from .base import (
+    ModelAdapter,
+    check_kwargs_dict,
+    check_processor,
+    image_map_grid,
+    refuse_inputs,
+    slice_batch,
+    strip_rows,
+)
 
 
 class PixArtAdapter(ModelAdapter):

@@ -9,8 +9,16 @@ from torch import nn
 
 from ..layers import PatchJointAttnProcessor, StripPatchEmbed
 from ..state import ParallelState, Plan
-from .base import ModelAdapter, check_kwargs_dict, image_map_grid, shard_text, slice_batch, slice_tokens, strip_rows
-from .unet import check_processor
+from .base import (
+    ModelAdapter,
+    check_kwargs_dict,
+    check_processor,
+    image_map_grid,
+    shard_text,
+    slice_batch,
+    slice_tokens,
+    strip_rows,
+)
 
 
 class SD3Adapter(ModelAdapter):

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..layers import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
 from ..state import ParallelState, Plan
-from .base import ModelAdapter, batch_slice, image_map_grid, strip_rows
+from .base import ModelAdapter, batch_slice, check_processor, image_map_grid, strip_rows
 
 
 class UNetAdapter(ModelAdapter):
@@ -50,7 +50,7 @@ class UNetAdapter(ModelAdapter):
         return image_map_grid(inputs["sample"])
 
     def local_inputs(self, inputs: dict, plan: Plan) -> dict:
-        return {k: _local(v, plan, batch_slice(plan), strip_rows(plan)) for k, v in inputs.items()}
+        return {k: local_maps(v, plan, batch_slice(plan), strip_rows(plan)) for k, v in inputs.items()}
 
     def timestep_tensor(self, model: nn.Module, t: int | float) -> torch.Tensor:
         if isinstance(model, UNet2DModel):
@@ -58,22 +58,12 @@ class UNetAdapter(ModelAdapter):
         return super().timestep_tensor(model, t)
 
 
-def check_processor(name: str, attn: nn.Module, allowed: tuple[type, ...]) -> None:
-    """Refuse an attention whose processor is not one the engine knows how to split."""
-    if not isinstance(attn.processor, allowed):
-        raise TypeError(
-            f"distrifusion: attention {name!r} uses {type(attn.processor).__name__}; only the default "
-            f"processors ({', '.join(a.__name__ for a in allowed)}) are supported. Set the default processor "
-            "(model.set_default_attn_processor() or unfuse_qkv_projections()) before parallelize"
-        )
-
-
-def _local(value, plan: Plan, batch: slice, rows: tuple[int, int]):
+def local_maps(value, plan: Plan, batch: slice, rows: tuple[int, int]):
     """This rank's part of one forward argument: its batch half, and its rows of spatial maps."""
     if isinstance(value, dict):
-        return {k: _local(v, plan, batch, rows) for k, v in value.items()}
+        return {k: local_maps(v, plan, batch, rows) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_local(v, plan, batch, rows) for v in value)
+        return type(value)(local_maps(v, plan, batch, rows) for v in value)
     if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != plan.batch:
         return value
     value = value[batch]

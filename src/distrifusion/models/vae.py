@@ -13,8 +13,8 @@ from torch import nn
 
 from ..layers import PatchConv2d, PatchZeroPadDownsample
 from ..state import ParallelState, Plan
-from .base import ModelAdapter, batch_slice, image_map_grid, strip_rows
-from .unet import UNetAdapter, _local, check_processor
+from .base import ModelAdapter, batch_slice, check_processor, image_map_grid, strip_rows
+from .unet import UNetAdapter, local_maps
 
 
 class VAEAdapter(ModelAdapter):
@@ -85,4 +85,4 @@ class VAEEncode(ModelAdapter):
 
 
 def _split(inputs: dict, plan: Plan) -> dict:
-    return {k: _local(v, plan, batch_slice(plan), strip_rows(plan)) for k, v in inputs.items()}
+    return {k: local_maps(v, plan, batch_slice(plan), strip_rows(plan)) for k, v in inputs.items()}
