@@ -14,233 +14,30 @@ All ranks' work for one world size is done in one launch (`rank_job`), in a modu
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMPipeline,
-    DDIMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DModel,
+from helpers import run_ranks
+from pipeline_helpers import (
+    DDIM_SIZES,
+    SD_LATENT,
+    SD_SIZE,
+    STEPS,
+    run_ddim,
+    run_img2img,
+    run_text,
+    tiny_ddim,
+    tiny_img2img,
+    tiny_sd,
+    tiny_sdxl,
 )
-from helpers import BLOCK, CONFIGS, TEXT_DIM, run_ranks, tiny_model
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import distrifusion
 
-DTYPE = torch.float64
-STEPS = 3
 TOL = 1e-9
-TEXT_LEN = 12  # enough for the prompt: one token per byte, plus start and end
-PROMPT, NEGATIVE = "a red cat", "blurry"
-# Latent sizes (height, width). The tiny UNets have three levels (a block of BLOCK = 4 latent rows):
-# 5 blocks split 3+2 over 2 ranks; 3 blocks split 2+1. Non-square on purpose.
-SD_LATENT = (5 * BLOCK, 3 * BLOCK)
-DDIM_SIZES = [(5 * BLOCK, 3 * BLOCK), (3 * BLOCK, 4 * BLOCK)]
-VAE_FACTOR = 2  # the tiny VAE has two levels
-SD_SIZE = (SD_LATENT[0] * VAE_FACTOR, SD_LATENT[1] * VAE_FACTOR)  # 40 x 24 pixels, multiples of 8
-
 torch.set_num_threads(1)  # the reference runs in this process; the ranks set their own
 
 
-# ----------------------------------------------------------------------------- tiny pipelines
-
-
-def _perturb_constants(model: torch.nn.Module) -> torch.nn.Module:
-    """Perturb constant parameters (norm affines, zero-initialised convs) so every path matters."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() == 1 or torch.all(p == p.flatten()[0]):
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable symbols byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer with no merges: every byte is a token (word-final bytes get `</w>`)."""
-    symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump({t: i for i, t in enumerate(tokens)}, f)
-        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-        return CLIPTokenizer.from_pretrained(d, model_max_length=TEXT_LEN)
-
-
-def _text_config(tokenizer: CLIPTokenizer, hidden: int, **kwargs) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=TEXT_LEN,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **kwargs,
-    )
-
-
-def tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=32,
-    )
-
-
-def sd_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
-def tiny_ddim() -> DDIMPipeline:
-    """An unconditional pixel-space UNet2DModel (the helpers' "unet2d" without class embeddings)."""
-    torch.manual_seed(0)
-    config = {k: v for k, v in CONFIGS["unet2d"].items() if k != "num_class_embeds"}
-    unet = _perturb_constants(UNet2DModel(sample_size=DDIM_SIZES[0], **config).to(DTYPE).eval())
-    # The output images are clamped to [0, 1], which would hide errors where they saturate. With a
-    # random epsilon-predicting UNet ~90% of pixels saturate; with v-prediction and no x0 clipping
-    # ~90% stay inside (the test checks that most do).
-    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(clip_sample=False, prediction_type="v_prediction"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_sd() -> StableDiffusionPipeline:
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(_text_config(tokenizer, TEXT_DIM)).eval()
-    vae = tiny_vae().eval()
-    unet = tiny_model("sd15", dtype=DTYPE, seed=1)  # cross_attention_dim == TEXT_DIM
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(dtype=DTYPE)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_sdxl() -> StableDiffusionXLPipeline:
-    """Two text encoders whose penultimate hidden states concatenate to the UNet's cross-attention
-    width (8 + 8 = TEXT_DIM), the second one's projection (16) feeding the pooled text embedding."""
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    half = TEXT_DIM // 2
-    text_encoder = CLIPTextModel(_text_config(tokenizer, half)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, half, projection_dim=16)).eval()
-    vae = tiny_vae().eval()
-    unet = tiny_model("sdxl", dtype=DTYPE, seed=1)  # projection_class_embeddings_input_dim = 16 + 6 * 8
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=sd_scheduler(),
-        add_watermarker=False,
-    ).to(dtype=DTYPE)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-# ----------------------------------------------------------------------------- calls
-
-
-def run_ddim(pipe: DDIMPipeline, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    """DDIMPipeline takes its size from the UNet's config, so a new size is set there."""
-    pipe.unet.register_to_config(sample_size=size)
-    gen = torch.Generator().manual_seed(seed)
-    return pipe(generator=gen, num_inference_steps=STEPS, output_type="pt").images
-
-
-def run_text(pipe, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A guided text-to-image call (guidance > 1: the UNet sees the CFG batch of 2).
-
-    Returns the final latent (unclamped, straight from the denoising loop) and the decoded image.
-    """
-    final = {}
-
-    def keep_latents(pipeline, step, timestep, tensors):
-        final["latents"] = tensors["latents"].clone()
-        return tensors
-
-    image = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        height=SD_SIZE[0],
-        width=SD_SIZE[1],
-        num_inference_steps=STEPS,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-        callback_on_step_end=keep_latents,
-    ).images
-    return final["latents"], image
-
-
-def tiny_img2img():
-    """The tiny SD pipeline's components in an image-to-image pipeline: the VAE encodes too."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    return StableDiffusionImg2ImgPipeline(**tiny_sd().components)
-
-
-def run_img2img(pipe, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode a smooth image, denoise from strength 0.7, decode. Returns (encoded latent, image)."""
-    rows = torch.linspace(0, 1, SD_SIZE[0], dtype=DTYPE)[:, None]
-    cols = torch.linspace(0, 1, SD_SIZE[1], dtype=DTYPE)[None, :]
-    init = torch.stack(torch.broadcast_tensors(rows * cols, rows, cols))[None]
-    with torch.no_grad():
-        encoded = pipe.vae.encode(init * 2 - 1).latent_dist.mean
-    image = pipe(
-        PROMPT,
-        image=init,
-        strength=0.7,
-        num_inference_steps=STEPS + 1,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
-    return encoded, image
+# ----------------------------------------------------------------------------- parallel runs
 
 
 def _parallel(pipe, **config):
