@@ -8,10 +8,12 @@ state of its own beyond weights it derives from its module.
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embed
 from torch import nn
 
@@ -156,10 +158,16 @@ class PatchAttnProcessor:
     embedding is unchanged (in eager mode; a CUDA graph recomputes them, at no launch cost).
     """
 
-    def __init__(self, attn: nn.Module, name: str, state: ParallelState, original) -> None:
-        if attn.spatial_norm is not None:
+    def __init__(
+        self, attn: nn.Module | None = None, name: str = "", state: ParallelState | None = None, original=None
+    ) -> None:
+        # Without arguments (diffusers' IP-Adapter loader makes one so for every self-attention), the
+        # processor is not yet bound to a model: it computes as `original`, diffusers' default, until
+        # the engine adopts it before the next split call (see `distrifusion.ownership`).
+        if attn is not None and attn.spatial_norm is not None:
             raise TypeError(f"distrifusion: attention {name!r} uses a spatial norm, which is not supported")
-        self.name, self.state, self.original = name, state, original
+        self.name, self.state = name, state
+        self.original = AttnProcessor2_0() if original is None else original
         self._fused: tuple | None = None
 
     def _fused_weights(self, attn: nn.Module, dtype: torch.dtype):
@@ -195,7 +203,7 @@ class PatchAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state = self.state
-        if not state.split or attention_mask is not None and encoder_hidden_states is not None:
+        if state is None or not state.split or attention_mask is not None and encoder_hidden_states is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if attention_mask is not None:
             raise ValueError(f"distrifusion: a self-attention mask in {self.name!r} cannot be split into strips")
@@ -463,3 +471,71 @@ class PatchZeroPadDownsample:
         if not self.state.split:
             return type(self.down).forward(self.down, hidden_states, *args, **kwargs)
         return self.down.conv(F.pad(hidden_states, (0, 1, 0, 0)))
+
+
+class PatchFreeU:
+    """A UNet up block (the first two resolutions) with FreeU exact on a strip.
+
+    FreeU scales the first half of the backbone's channels (per element: local to a strip) and
+    passes every skip feature map through a Fourier filter that scales its lowest frequencies,
+    `x + (s - 1) * lowpass(x)`: a filter over the whole map. Its low-pass keeps only a
+    2t x 2t box of frequencies, each of which is a sum over the whole map's rows, so every rank
+    projects its strip on them, the ranks add their projections (fresh in a synchronous step, the
+    other strips' of the previous step in a displaced one: a few numbers per channel), and each
+    rank rebuilds the low-pass on its own rows. diffusers' own filter, which would see only the
+    strip, is given a scale of 1, the identity.
+    """
+
+    THRESHOLD = 1  # diffusers' apply_freeu: fourier_filter(..., threshold=1)
+
+    def __init__(self, block: nn.Module, name: str, state: ParallelState) -> None:
+        self.block, self.name, self.state = block, name, state
+        self.signature = inspect.signature(type(block).forward)
+
+    def __call__(self, *args, **kwargs):
+        block, forward = self.block, type(self.block).forward
+        scale_attr = {0: "s1", 1: "s2"}.get(getattr(block, "resolution_idx", None))
+        enabled = all(getattr(block, a, None) for a in ("s1", "s2", "b1", "b2"))  # as diffusers decides
+        if not (self.state.split and enabled and scale_attr):
+            return forward(block, *args, **kwargs)
+        bound = self.signature.bind(block, *args, **kwargs)
+        scale = getattr(block, scale_attr)
+        skips = bound.arguments["res_hidden_states_tuple"]
+        bound.arguments["res_hidden_states_tuple"] = tuple(self._filter(x, scale, i) for i, x in enumerate(skips))
+        setattr(block, scale_attr, 1.0)
+        try:
+            return forward(*bound.args, **bound.kwargs)
+        finally:
+            setattr(block, scale_attr, scale)
+
+    def _filter(self, x: torch.Tensor, scale: float, index: int) -> torch.Tensor:
+        state = self.state
+        sizes = state.sizes(x.shape[2])
+        top, height, width = sum(sizes[: state.plan.patch_rank]), sum(sizes), x.shape[3]
+        real = torch.float64 if x.dtype == torch.float64 else torch.float32  # diffusers filters in float32
+        complex_ = torch.complex128 if real == torch.float64 else torch.complex64
+        rows = _fourier_basis(_box(height, self.THRESHOLD), torch.arange(top, top + x.shape[2]), height, x.device)
+        cols = _fourier_basis(_box(width, self.THRESHOLD), torch.arange(width), width, x.device)
+        rows, cols = rows.to(complex_), cols.to(complex_)
+        partial_spectrum = torch.einsum("bchw,kh,lw->bckl", x.to(complex_), rows, cols)
+        if state.naive:
+            spectrum = partial_spectrum
+        else:
+            parts = state.context(f"{self.name}.freeu{index}", torch.view_as_real(partial_spectrum))
+            spectrum = torch.view_as_complex(parts.sum(0).contiguous())
+        lowpass = torch.einsum("bckl,kh,lw->bchw", spectrum, rows.conj(), cols.conj()).real / (height * width)
+        return (x.to(real) + (scale - 1) * lowpass).to(x.dtype)
+
+
+def _box(size: int, threshold: int) -> torch.Tensor:
+    """The frequencies that FreeU's mask scales along a dimension of `size`: shifted indices
+    [size//2 - t, size//2 + t) (Python slice semantics, as diffusers indexes its mask)."""
+    shifted = torch.fft.fftshift(torch.fft.fftfreq(size) * size).round().long()
+    centre = size // 2
+    return shifted[list(range(size))[centre - threshold : centre + threshold]]
+
+
+def _fourier_basis(freqs: torch.Tensor, positions: torch.Tensor, size: int, device) -> torch.Tensor:
+    """exp(-2 pi i f p / size) for every frequency f (rows) and position p (columns), in float64."""
+    angle = -2 * torch.pi * freqs[:, None].double() * positions[None, :].double() / size
+    return torch.polar(torch.ones_like(angle), angle).to(device)

@@ -27,6 +27,7 @@ from .layers import (
     tensor_version,
 )
 from .models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
+from .ownership import Ownership
 from .state import ParallelState, Plan, split_rows
 
 log = logging.getLogger("distrifusion")
@@ -107,7 +108,8 @@ def parallelize_model(
         agree = partial(_everywhere, runtime)
         state.graphs = CudaGraphs(runtime.device, agree=agree, abort=state.abort_step, watchdog=watchdog)
     setattr(model, _STATE_ATTR, state)
-    adapter.install(model, state)
+    state.ownership = Ownership(model, adapter, state)
+    state.ownership.install()
     for method, entry in adapter.entries(model):
         setattr(model, method, _ParallelForward(model, state, entry, method))
     return state
@@ -151,6 +153,7 @@ def _remove_model(model: nn.Module) -> bool:
     if state is None:
         return False
     state.release()
+    state.ownership.close()
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
             if isinstance(value, (*_LAYERS, _ParallelForward)):
@@ -238,10 +241,13 @@ class _ParallelForward:
             state.reset()
             state.plan = state.exchange = None
             return self.original(self.model, *args, **kwargs)
+        problem = self.refresh()
         plan = self.plan(inputs)
         state.begin_step(plan)
         if state.step == 0:
-            self.check_same_inputs(inputs[adapter.sample_arg], inputs.get("timestep"))
+            self.agree(inputs[adapter.sample_arg], inputs.get("timestep"), problem)
+        elif problem is not None:
+            raise problem
         inputs = adapter.local_inputs(inputs, plan)
         if state.graphs is None:
             full, kind = self.run_split(inputs)
@@ -321,14 +327,45 @@ class _ParallelForward:
             block,
         )
 
-    def check_same_inputs(self, sample: torch.Tensor, timestep) -> None:
-        """Refuse inputs that differ between ranks (e.g. latents drawn without a shared seed)."""
-        if sample.device.type == "meta":
-            return  # a shape-only run (bench counting traffic) has no values to compare
+    def refresh(self) -> Exception | None:
+        """If the model changed since the last call, bring it under the engine again: its old
+        exchange layout and graphs go, and this call starts a new image. Returns the refusal, if
+        any, for `agree` to raise on every rank alike."""
+        ownership = self.state.ownership
+        if ownership.intact():
+            return None
+        self.state.release()
+        try:
+            ownership.install()
+        except (TypeError, ValueError) as refusal:
+            return refusal
+        return None
+
+    def agree(self, sample: torch.Tensor, timestep, problem: Exception | None) -> None:
+        """Before an image's first collective of its layers, every rank learns whether each rank
+        accepts the call: no refusal of a changed model, as many patch-parallel layers, the same
+        inputs (e.g. latents drawn with a shared seed). Then all raise, or none."""
+        if sample.device.type == "meta":  # a shape-only run (bench counting traffic) has no values to compare
+            if problem is not None:
+                raise problem
+            return
         t = torch.as_tensor(0 if timestep is None else timestep, device=sample.device).double().sum()
-        summary = torch.stack([sample.double().sum(), sample.double().abs().sum(), t])
+        layers = float(self.state.ownership.layers)
+        flags = torch.tensor([float(problem is None), layers], dtype=torch.float64, device=sample.device)
+        summary = torch.cat([torch.stack([sample.double().sum(), sample.double().abs().sum(), t]), flags])
         gathered = self.state.runtime.world.all_gather(summary).wait()
-        if not torch.equal(gathered.amin(0), gathered.amax(0)):
+        if problem is not None:
+            raise problem
+        refused = [rank for rank, ok in enumerate(gathered[:, 3].tolist()) if not ok]
+        if refused:
+            raise ValueError(f"distrifusion: rank(s) {refused} refused this call (their error says why)")
+        counts = gathered[:, 4].long().tolist()
+        if min(counts) != max(counts):
+            raise ValueError(
+                f"distrifusion: the ranks' models differ (patch-parallel layers per rank: {counts}); every rank "
+                "must load the same LoRAs, adapters and attention processors"
+            )
+        if not torch.equal(gathered[:, :3].amin(0), gathered[:, :3].amax(0)):
             raise ValueError(
                 "distrifusion: the model inputs differ between ranks; every rank must pass the same latent "
                 "and timestep (use the same seed/generator on every rank)"

@@ -257,6 +257,8 @@ class ParallelState:
         self.exchange: Exchange | None = None
         self.graphs = None
         """The model's `CudaGraphs` when steps run as CUDA graphs, else None."""
+        self.ownership = None
+        """The model's `Ownership`: whether its layers are still the engine's (see `ownership`)."""
         self.graph_weights: tuple | None = None
         """(address, version) of every weight when the graphs were last checked (see `reset`)."""
         self.cross_kv: dict[str, tuple] = {}

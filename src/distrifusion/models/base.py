@@ -7,12 +7,15 @@ the output strips are put back together. It holds no state: the model's `Paralle
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from ..layers import PatchAttnProcessor, PatchJointAttnProcessor
 from ..state import ParallelState, Plan
+
+PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
 
 
 class ModelAdapter:
@@ -51,8 +54,17 @@ class ModelAdapter:
         raise NotImplementedError
 
     def install(self, model: nn.Module, state: ParallelState) -> None:
-        """Put the patch-parallel layers on the model's modules (undone by `parallelize.remove`)."""
+        """Put the patch-parallel layers on the model's modules (undone by `parallelize.remove`).
+
+        Runs again whenever the model changed after `parallelize` (see `distrifusion.ownership`):
+        it must leave this state's layers in place and bring only new modules under the engine
+        (`install_forward` and `install_processor` do)."""
         raise NotImplementedError
+
+    def switches(self, model: nn.Module) -> tuple:
+        """Settings that are not modules but decide which layers exchange context (a UNet: whether
+        FreeU is on). Read before every split call: must be cheap."""
+        return ()
 
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         """(batch, rows, columns) of the call's image, validated identically on every rank."""
@@ -141,11 +153,32 @@ def check_kwargs_dict(family: str, inputs: dict, name: str) -> None:
         )
 
 
+def install_forward(module: nn.Module, layer: type, name: str, state: ParallelState) -> None:
+    """Make `layer(module, name, state)` the module's forward, unless this state's already is."""
+    current = module.__dict__.get("forward")
+    if not (isinstance(current, layer) and current.state is state):
+        module.forward = layer(module, name, state)
+
+
+def install_processor(attn: nn.Module, state: ParallelState, make: Callable) -> None:
+    """Wrap the attention's processor in `make(processor)` (a patch-parallel processor), unless this
+    state's already is. A patch-parallel processor that is not (made unbound by a diffusers loader)
+    gives up the processor it stands for."""
+    current = attn.processor
+    if isinstance(current, PATCH_PROCESSORS):
+        if current.state is state:
+            return
+        current = current.original
+    attn.set_processor(make(current))
+
+
 def check_processor(name: str, attn: nn.Module, allowed: tuple[type, ...]) -> None:
     """Refuse an attention whose processor is not one the engine knows how to split."""
-    if not isinstance(attn.processor, allowed):
+    allowed = (*allowed, *PATCH_PROCESSORS)  # ours: after a change to the model, installed again
+    # The exact classes: a subclass may compute something else (or record attention maps) in its __call__.
+    if type(attn.processor) not in allowed:
         raise TypeError(
-            f"distrifusion: attention {name!r} uses {type(attn.processor).__name__}; only the default "
-            f"processors ({', '.join(a.__name__ for a in allowed)}) are supported. Set the default processor "
-            "(model.set_default_attn_processor() or unfuse_qkv_projections()) before parallelize"
+            f"distrifusion: attention {name!r} uses {type(attn.processor).__name__}, which cannot be split into "
+            f"strips; supported: {', '.join(a.__name__ for a in allowed[: -len(PATCH_PROCESSORS)])}. Set one "
+            "(e.g. model.set_default_attn_processor()) before the next call"
         )

@@ -3,6 +3,8 @@ with the text ([text, image]) in double- and single-stream blocks, RoPE position
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
@@ -10,7 +12,16 @@ from torch import nn
 
 from ..layers import PatchJointAttnProcessor
 from ..state import ParallelState, Plan
-from .base import ModelAdapter, check_kwargs_dict, check_processor, shard_text, slice_batch, slice_tokens, strip_rows
+from .base import (
+    ModelAdapter,
+    check_kwargs_dict,
+    check_processor,
+    install_processor,
+    shard_text,
+    slice_batch,
+    slice_tokens,
+    strip_rows,
+)
 
 
 class FluxAdapter(ModelAdapter):
@@ -38,10 +49,8 @@ class FluxAdapter(ModelAdapter):
             if isinstance(module, FluxAttention):
                 # Single-stream blocks have no text projections of their own: text arrives concatenated.
                 single = module.added_kv_proj_dim is None
-                processor = PatchJointAttnProcessor(
-                    module, name, state, module.processor, text_first=True, text_in_hidden=single
-                )
-                module.set_processor(processor)
+                make = partial(PatchJointAttnProcessor, module, name, state, text_first=True, text_in_hidden=single)
+                install_processor(module, state, make)
 
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         tokens, ids = inputs["hidden_states"], inputs.get("img_ids")

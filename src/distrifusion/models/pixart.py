@@ -4,6 +4,8 @@ whole image; resolution and aspect-ratio conditions come from the pipeline uncha
 
 from __future__ import annotations
 
+from functools import partial
+
 from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
@@ -15,6 +17,8 @@ from .base import (
     check_kwargs_dict,
     check_processor,
     image_map_grid,
+    install_forward,
+    install_processor,
     refuse_inputs,
     slice_batch,
     strip_rows,
@@ -34,10 +38,10 @@ class PixArtAdapter(ModelAdapter):
         return model.config.patch_size
 
     def install(self, model: nn.Module, state: ParallelState) -> None:
-        model.pos_embed.forward = StripPatchEmbed(model.pos_embed, "pos_embed", state)
+        install_forward(model.pos_embed, StripPatchEmbed, "pos_embed", state)
         for name, module in model.named_modules():
             if isinstance(module, Attention):  # attn1 over all strips; attn2 (text) runs unchanged
-                module.set_processor(PatchAttnProcessor(module, name, state, module.processor))
+                install_processor(module, state, partial(PatchAttnProcessor, module, name, state))
 
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         return image_map_grid(inputs["hidden_states"])

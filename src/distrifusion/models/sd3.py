@@ -3,6 +3,8 @@ attention with the text ([image, text]), SD3.5's second image-only attention, cr
 
 from __future__ import annotations
 
+from functools import partial
+
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from torch import nn
@@ -14,6 +16,8 @@ from .base import (
     check_kwargs_dict,
     check_processor,
     image_map_grid,
+    install_forward,
+    install_processor,
     shard_text,
     slice_batch,
     slice_tokens,
@@ -35,13 +39,11 @@ class SD3Adapter(ModelAdapter):
         return model.config.patch_size  # the patch embedding is a conv with kernel = stride: no halo
 
     def install(self, model: nn.Module, state: ParallelState) -> None:
-        model.pos_embed.forward = StripPatchEmbed(model.pos_embed, "pos_embed", state)
+        install_forward(model.pos_embed, StripPatchEmbed, "pos_embed", state)
         for name, module in model.named_modules():
             if isinstance(module, Attention):  # joint attention, and SD3.5's image-only attn2
-                processor = PatchJointAttnProcessor(
-                    module, name, state, module.processor, text_first=False, text_in_hidden=False
-                )
-                module.set_processor(processor)
+                make = partial(PatchJointAttnProcessor, module, name, state, text_first=False, text_in_hidden=False)
+                install_processor(module, state, make)
 
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         return image_map_grid(inputs["hidden_states"])

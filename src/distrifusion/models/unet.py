@@ -3,15 +3,58 @@ self-attention over all strips; everything else is local to a strip."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0,
+    IPAdapterXFormersAttnProcessor,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
 from diffusers.models.downsampling import Downsample2D
+from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D, UpBlock2D
 from torch import nn
 
-from ..layers import PatchAttnProcessor, PatchConv2d, PatchGroupNorm
+from ..layers import PatchAttnProcessor, PatchConv2d, PatchFreeU, PatchGroupNorm
 from ..state import ParallelState, Plan
-from .base import ModelAdapter, batch_slice, check_processor, image_map_grid, strip_rows
+from .base import (
+    ModelAdapter,
+    batch_slice,
+    check_processor,
+    image_map_grid,
+    install_forward,
+    install_processor,
+    strip_rows,
+)
+
+ATTENTION_PROCESSORS = (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+"""Processors that compute plain attention (fused, sliced or by xformers: the same numbers): the
+patch-parallel processor replaces them on self-attention and computes cross-attention as they do."""
+CROSS_ATTENTION_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor)
+"""Cross-attention processors left in place: each query row attends to the text and image prompt
+only, so a strip computes its rows exactly as the whole image would."""
+FREEU_BLOCKS = (UpBlock2D, CrossAttnUpBlock2D)
+"""The up blocks that apply FreeU (`pipe.enable_freeu`) when it is on."""
+SPATIAL_ARGS = (
+    "sample",
+    "down_block_additional_residuals",  # ControlNet
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",  # T2I-Adapter
+)
+"""Forward arguments that are maps of the image (at any level of the UNet): cut in rows."""
 
 
 class UNetAdapter(ModelAdapter):
@@ -26,9 +69,14 @@ class UNetAdapter(ModelAdapter):
             if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0:
                 raise TypeError(f"distrifusion: downsampler {name!r} pads asymmetrically (padding=0), not supported")
             if isinstance(module, Attention):
-                check_processor(name, module, (AttnProcessor, AttnProcessor2_0))
+                cross = CROSS_ATTENTION_PROCESSORS if module.is_cross_attention else ()
+                check_processor(name, module, ATTENTION_PROCESSORS + cross)
             if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
                 PatchConv2d(module, name, None)  # validates padding and stride
+            if isinstance(getattr(module, "base_layer", None), nn.Conv2d) and any(
+                getattr(module, "use_dora", {}).values()
+            ):  # peft's DoRA convolves the strip itself (F.conv2d), without halo rows
+                raise TypeError(f"distrifusion: DoRA on conv {name!r} is not supported; use a plain LoRA")
 
     def block_rows(self, model: nn.Module) -> int:
         """The model's total downsampling: every strip must survive it in whole rows."""
@@ -37,20 +85,27 @@ class UNetAdapter(ModelAdapter):
 
     def install(self, model: nn.Module, state: ParallelState) -> None:
         """Halos on convs taller than one row, whole-image statistics on every GroupNorm,
-        all-strip keys/values on every self-attention."""
+        all-strip keys/values on every self-attention, FreeU's filter over the whole skip maps."""
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
-                module.forward = PatchConv2d(module, name, state)
+                install_forward(module, PatchConv2d, name, state)
             elif isinstance(module, nn.GroupNorm):
-                module.forward = PatchGroupNorm(module, name, state)
-            elif isinstance(module, Attention):
-                module.set_processor(PatchAttnProcessor(module, name, state, module.processor))
+                install_forward(module, PatchGroupNorm, name, state)
+            elif isinstance(module, FREEU_BLOCKS):
+                install_forward(module, PatchFreeU, name, state)
+            elif isinstance(module, Attention) and not isinstance(module.processor, CROSS_ATTENTION_PROCESSORS):
+                install_processor(module, state, partial(PatchAttnProcessor, module, name, state))
+
+    def switches(self, model: nn.Module) -> tuple:
+        """Whether FreeU is on (`enable_freeu` sets, `disable_freeu` clears attributes of the up blocks)."""
+        return tuple(all(getattr(b, a, None) for a in ("s1", "s2", "b1", "b2")) for b in model.up_blocks)
 
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         return image_map_grid(inputs["sample"])
 
     def local_inputs(self, inputs: dict, plan: Plan) -> dict:
-        return {k: local_maps(v, plan, batch_slice(plan), strip_rows(plan)) for k, v in inputs.items()}
+        rows, batch = strip_rows(plan), batch_slice(plan)
+        return {k: local_maps(v, plan, batch, rows if k in SPATIAL_ARGS else None) for k, v in inputs.items()}
 
     def timestep_tensor(self, model: nn.Module, t: int | float) -> torch.Tensor:
         if isinstance(model, UNet2DModel):
@@ -58,8 +113,9 @@ class UNetAdapter(ModelAdapter):
         return super().timestep_tensor(model, t)
 
 
-def local_maps(value, plan: Plan, batch: slice, rows: tuple[int, int]):
-    """This rank's part of one forward argument: its batch half, and its rows of spatial maps."""
+def local_maps(value, plan: Plan, batch: slice, rows: tuple[int, int] | None):
+    """This rank's part of one forward argument: its batch half, and (`rows` given) its rows of
+    spatial maps."""
     if isinstance(value, dict):
         return {k: local_maps(v, plan, batch, rows) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -67,6 +123,8 @@ def local_maps(value, plan: Plan, batch: slice, rows: tuple[int, int]):
     if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != plan.batch:
         return value
     value = value[batch]
+    if rows is None:
+        return value
     # Spatial maps (the latent, ControlNet residuals) at any level of the UNet: slice their rows.
     height, width = plan.height, plan.width
     if value.dim() == 4 and height % value.shape[2] == 0 and width % value.shape[3] == 0:

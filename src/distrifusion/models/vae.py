@@ -7,14 +7,21 @@ weights; every rank gets the whole output, gathered once at the end.
 from __future__ import annotations
 
 from diffusers import AutoencoderKL
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
 from ..layers import PatchConv2d, PatchZeroPadDownsample
 from ..state import ParallelState, Plan
-from .base import ModelAdapter, batch_slice, check_processor, image_map_grid, strip_rows
-from .unet import UNetAdapter, local_maps
+from .base import (
+    ModelAdapter,
+    batch_slice,
+    check_processor,
+    image_map_grid,
+    install_forward,
+    strip_rows,
+)
+from .unet import ATTENTION_PROCESSORS, UNetAdapter, local_maps
 
 
 class VAEAdapter(ModelAdapter):
@@ -31,7 +38,7 @@ class VAEAdapter(ModelAdapter):
             if kind in ("SpatialNorm", "FirDownsample2D", "KDownsample2D", "FirUpsample2D"):
                 raise TypeError(f"distrifusion: VAE layer {name!r} ({kind}) is not supported")
             if isinstance(module, Attention):
-                check_processor(name, module, (AttnProcessor, AttnProcessor2_0))
+                check_processor(name, module, ATTENTION_PROCESSORS)
             if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
                 PatchConv2d(module, name, None)  # validates padding and stride
 
@@ -41,7 +48,7 @@ class VAEAdapter(ModelAdapter):
         UNetAdapter().install(model, state)
         for name, module in model.named_modules():
             if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0:
-                module.forward = PatchZeroPadDownsample(module, name, state)
+                install_forward(module, PatchZeroPadDownsample, name, state)
 
 
 class VAEDecode(ModelAdapter):
