@@ -428,3 +428,52 @@ def test_loopback_rank_issues_the_collectives_of_a_real_rank():
     for rank in (0, 3):  # the largest strip and the smallest
         simulated = _recorded_steps(loopback_runtime(4, rank=rank))
         assert len(simulated) > 10 and simulated == real[rank]
+
+
+def test_graphs_are_recaptured_after_model_changes():
+    """With graphs, a change that a graph would bake in (a LoRA loaded, adapters rescaled, FreeU's
+    factors) drops the graphs before the next image: the images match one process with the same
+    changes, and an image after no change captures nothing new."""
+    from peft import LoraConfig
+
+    def add_lora(model):
+        config = LoraConfig(r=2, lora_alpha=2, target_modules=["conv1", "conv2", "to_k"])
+        model.add_adapter(config)
+        gen = torch.Generator().manual_seed(5)  # ranks are threads here: no global seed
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3
+
+    changes = [
+        lambda model: None,
+        lambda model: None,  # the synchronous step's graph is captured at its second use...
+        lambda model: None,  # ...and then nothing changes: no new graph
+        add_lora,
+        lambda model: model.set_adapters(["default"], weights=[0.5]),
+        lambda model: model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
+        lambda model: model.enable_freeu(s1=0.8, s2=0.3, b1=1.1, b2=1.3),
+    ]
+    height = 5 * BLOCK
+
+    def images(model, state=None):
+        outs, new_captures = [], []
+        if state is not None:
+            capture = _stand_in_capture(state)
+            counted = []
+            state.graphs = CudaGraphs(torch.device("cpu"), capture=lambda *a: counted.append(1) or capture(*a))
+        for change in changes:
+            change(model)
+            before = len(counted) if state is not None else 0
+            if state is not None:
+                distrifusion.reset(model)
+            outs.append(denoise(model, "sd15", height, WIDTH, steps=3))
+            new_captures.append(len(counted) - before if state is not None else 0)
+        return outs, new_captures
+
+    expected, _ = images(tiny_model("sd15"))
+    config = distrifusion.ParallelConfig(warmup_steps=1, cuda_graphs=False)
+    for outs, new_captures in _on_ranks(2, "sd15", config, images):
+        for i, (out, ref) in enumerate(zip(outs, expected)):
+            assert _close(out, ref), f"image {i}"
+        assert new_captures[2] == 0 and all(n > 0 for n in new_captures[3:]), new_captures

@@ -174,9 +174,10 @@ def _denoiser(pipe_or_model) -> nn.Module:
 def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     """Start a new image: the next call is step 0 (synchronous) and no stale context remains.
 
-    CUDA graphs are re-captured by themselves when weights were changed or replaced; changes that
-    alter the computation without touching a weight (FreeU, a LoRA scale, switching adapters) need
-    `drop_graphs=True`.
+    CUDA graphs are re-captured by themselves when weights were changed or replaced, when peft
+    adapters were switched or rescaled (`set_adapters`, `disable_adapters`) and when the model
+    changed (see `distrifusion.ownership`: LoRAs loaded, processors set, FreeU's factors); other
+    changes that alter the computation without touching a weight or a module need `drop_graphs=True`.
     """
     model = _denoiser(pipe_or_model)
     state = getattr(model, _STATE_ATTR, None)
@@ -186,10 +187,19 @@ def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     if state.graphs is not None:
         # Graphs read the weights' memory: replaced or modified weights need new graphs (and the fused
         # key/value projections a refresh, which the first eager step does).
-        weights = tuple((p.data_ptr(), tensor_version(p)) for p in model.parameters())
+        weights = tuple((p.data_ptr(), tensor_version(p)) for p in model.parameters()) + _adapter_settings(model)
         if weights != state.graph_weights or drop_graphs:
             state.graphs.clear()
             state.graph_weights = weights
+
+
+def _adapter_settings(model: nn.Module) -> tuple:
+    """peft adapter layers' active adapters, scales and on/off switch: values a graph bakes in."""
+    return tuple(
+        (tuple(m.active_adapters), tuple(sorted(m.scaling.items())), m.disable_adapters)
+        for m in model.modules()
+        if isinstance(getattr(m, "scaling", None), dict) and hasattr(m, "active_adapters")
+    )
 
 
 def _wrap_pipeline(pipe, runtime: Runtime) -> None:

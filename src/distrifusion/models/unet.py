@@ -97,8 +97,9 @@ class UNetAdapter(ModelAdapter):
                 install_processor(module, state, partial(PatchAttnProcessor, module, name, state))
 
     def switches(self, model: nn.Module) -> tuple:
-        """Whether FreeU is on (`enable_freeu` sets, `disable_freeu` clears attributes of the up blocks)."""
-        return tuple(all(getattr(b, a, None) for a in ("s1", "s2", "b1", "b2")) for b in model.up_blocks)
+        """FreeU's factors (`enable_freeu` sets, `disable_freeu` clears attributes of the up blocks):
+        whether it runs, and values a CUDA graph would have baked in."""
+        return tuple(getattr(b, a, None) for b in model.up_blocks for a in ("s1", "s2", "b1", "b2"))
 
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         return image_map_grid(inputs["sample"])
