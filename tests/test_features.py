@@ -13,12 +13,22 @@ its tolerance is the float32 criterion, 1e-5 of the scale (measured: ~1e-7).
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+from diffusers import (
+    ControlNetModel,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
+    UniPCMultistepScheduler,
+)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from helpers import run_ranks
 from peft import LoraConfig
-from pipeline_helpers import run_text, tiny_sd
+from pipeline_helpers import SD_SIZE, run_text, tiny_sd
 
 import distrifusion
 
@@ -82,6 +92,41 @@ def load_ip_adapter(pipe) -> None:
 def run_ip(pipe):
     embeds = torch.randn(2, 1, IP_EMBED_DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     return run_text(pipe, ip_adapter_image_embeds=[embeds])
+
+
+SCHEDULERS = {
+    "euler": EulerDiscreteScheduler,
+    "euler a": EulerAncestralDiscreteScheduler,  # draws noise at every step from the generator
+    "dpm++ karras": partial(DPMSolverMultistepScheduler, use_karras_sigmas=True),
+    "unipc": UniPCMultistepScheduler,
+}
+
+
+def with_scheduler(pipe, scheduler):
+    """`scheduler` (a class, or a partial of one with extra options) made from the pipeline's config."""
+    cls, options = (scheduler.func, scheduler.keywords) if isinstance(scheduler, partial) else (scheduler, {})
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
+    return pipe
+
+
+def tiny_controlnet():
+    """The tiny SD pipeline with a ControlNet made from its UNet (random conditioning embedding)."""
+    sd = tiny_sd()
+    torch.manual_seed(2)
+    controlnet = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8)).to(torch.float64)
+    with torch.no_grad():  # from_unet zero-initialises the residual convs: make them matter
+        for p in controlnet.parameters():
+            if torch.all(p == 0):
+                p.normal_(0, 0.1)
+    pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_controlnet(pipe):
+    height, width = SD_SIZE
+    image = torch.linspace(0, 1, height * width * 3, dtype=torch.float64).reshape(1, 3, height, width)
+    return run_text(pipe, image=image)
 
 
 class UnknownProcessor(AttnProcessor2_0):
@@ -156,6 +201,12 @@ def rank_job() -> dict:
     pipe.set_ip_adapter_scale(0.7)
     out["ip after"] = run_ip(pipe)
 
+    for name, scheduler in SCHEDULERS.items():
+        pipe = parallel(with_scheduler(tiny_sd(), scheduler))
+        out[name] = run_text(pipe)
+    out["two per prompt"] = run_text(parallel(tiny_sd()), num_images_per_prompt=2)
+    out["controlnet"] = run_controlnet(parallel(tiny_controlnet()))
+
     # Displaced mode runs all of them (approximate: its warm-up covers one step of three).
     pipe = tiny_sd()
     pipe.enable_freeu(**FREEU)
@@ -175,6 +226,12 @@ def results():
 
 def reference(name: str):
     pipe = tiny_sd()
+    if name in SCHEDULERS:
+        return run_text(with_scheduler(pipe, SCHEDULERS[name]))
+    if name == "two per prompt":
+        return run_text(pipe, num_images_per_prompt=2)
+    if name == "controlnet":
+        return run_controlnet(tiny_controlnet())
     if name == "freeu":
         pipe.enable_freeu(**FREEU)
     elif name == "lora":
@@ -216,6 +273,14 @@ def test_freeu_is_exact(results, order):
 @pytest.mark.parametrize("processor", ["sliced", "fused", "classic"])
 def test_processor_set_after_parallelize_is_exact(results, processor):
     check(results, f"{processor} after", reference("plain"), TOL)
+
+
+@pytest.mark.parametrize("name", [*SCHEDULERS, "two per prompt", "controlnet"])
+def test_schedulers_batches_and_controlnet_are_exact(results, name):
+    expected = reference(name)
+    if name == "controlnet":
+        assert differs(expected, reference("plain")) > 1e-2, "the ControlNet must change the image"
+    check(results, name, expected, TOL)
 
 
 def test_unknown_processor_is_refused_on_every_rank(results):
