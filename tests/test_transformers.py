@@ -7,6 +7,7 @@ process by float reduction order only (~1e-16 measured); tolerance 1e-9 of the o
 """
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -157,10 +158,35 @@ def test_unknown_attention_processors_are_refused():
     sd3.set_attn_processor(AttnProcessor2_0())
     with pytest.raises(TypeError, match="JointAttnProcessor2_0"):
         distrifusion.parallelize(sd3, runtime=fake_runtime(2))
-    flux = tiny_transformer("flux")
-    flux.fuse_qkv_projections()
-    with pytest.raises(TypeError, match="unfuse_qkv_projections"):
-        distrifusion.parallelize(flux, runtime=fake_runtime(2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_qkv_projections_in_either_order_are_exact(family):
+    """`fuse_qkv_projections()` before or after parallelize (the engine takes the new processors over
+    at the next call), and an unknown processor set after parallelize is refused at the next call."""
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
+
+    from distrifusion.simulate import simulate_ranks
+
+    model = tiny_transformer(family)
+    reference = denoise(model, family, ROWS, COLS, steps=2)
+
+    def rank(runtime, fuse_first):
+        replica = copy.deepcopy(model)
+        if fuse_first:
+            replica.fuse_qkv_projections()
+        config = distrifusion.ParallelConfig(mode="sync", split_cfg=False)
+        distrifusion.parallelize(replica, config, runtime=runtime)
+        replica.fuse_qkv_projections()  # a no-op when fused already
+        out = denoise(replica, family, ROWS, COLS, steps=2)
+        replica.set_attn_processor(AttnAddedKVProcessor())
+        with pytest.raises(TypeError, match="AttnAddedKVProcessor"):
+            denoise(replica, family, ROWS, COLS, steps=2)
+        return out
+
+    for fuse_first in (True, False):
+        for out in simulate_ranks(2, partial(rank, fuse_first=fuse_first)):
+            assert _rel_error(out, reference) < TOL
 
 
 def test_unsupported_transformer_is_refused():

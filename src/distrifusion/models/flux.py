@@ -34,12 +34,8 @@ class FluxAdapter(ModelAdapter):
     def check(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
             if isinstance(module, FluxAttention):
+                # Fused QKV projections (`fuse_qkv_projections`) keep to_q/to_k/to_v, which the engine uses.
                 check_processor(name, module, (FluxAttnProcessor,))
-                if module.fused_projections:
-                    raise TypeError(
-                        f"distrifusion: attention {name!r} has fused QKV projections; call "
-                        "unfuse_qkv_projections() before parallelize"
-                    )
 
     def block_rows(self, model: nn.Module) -> int:
         return 1  # the pipeline packs 2x2 latent cells per token: strips are cut in whole token rows

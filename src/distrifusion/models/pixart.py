@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 from diffusers import PixArtTransformer2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..layers import PatchAttnProcessor, StripPatchEmbed
@@ -23,6 +23,7 @@ from .base import (
     slice_batch,
     strip_rows,
 )
+from .unet import ATTENTION_PROCESSORS
 
 
 class PixArtAdapter(ModelAdapter):
@@ -32,7 +33,7 @@ class PixArtAdapter(ModelAdapter):
     def check(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
             if isinstance(module, Attention):
-                check_processor(name, module, (AttnProcessor2_0, AttnProcessor))
+                check_processor(name, module, ATTENTION_PROCESSORS)
 
     def block_rows(self, model: nn.Module) -> int:
         return model.config.patch_size

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from diffusers import SD3Transformer2DModel
-from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from diffusers.models.attention_processor import Attention, FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 from torch import nn
 
 from ..layers import PatchJointAttnProcessor, StripPatchEmbed
@@ -33,7 +33,7 @@ class SD3Adapter(ModelAdapter):
     def check(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
             if isinstance(module, Attention):
-                check_processor(name, module, (JointAttnProcessor2_0,))
+                check_processor(name, module, (JointAttnProcessor2_0, FusedJointAttnProcessor2_0))
 
     def block_rows(self, model: nn.Module) -> int:
         return model.config.patch_size  # the patch embedding is a conv with kernel = stride: no halo
