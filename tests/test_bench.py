@@ -69,8 +69,9 @@ def test_traffic_only_counts_what_a_real_run_sends(tmp_path):
     counted = count_traffic(str(arch), [128], torch.float32, [4])
     measured = bench_step(str(arch), 128, 128, torch.float32, [4], repeats=1)
     assert counted[0]["step_bytes"] == measured[0]["step_bytes"] > 0
-    # Step 0 also compares the ranks' inputs (3 float64 from each of the 3 others), which a shape-only run skips.
-    assert measured[0]["sync_step_bytes"] - counted[0]["sync_step_bytes"] == 3 * 8 * 3
+    # Step 0 also has the ranks agree (inputs, refusals, layer count: 5 float64 from each of the 3 others), which a
+    # shape-only run skips.
+    assert measured[0]["sync_step_bytes"] - counted[0]["sync_step_bytes"] == 5 * 8 * 3
     out = tmp_path / "traffic.json"
     command = ["bench", "--arch", str(arch), "--sizes", "128", "--simulate", "2", "4", "--traffic-only", "--json"]
     proc = subprocess.run([sys.executable, "-m", "distrifusion", *command, str(out)], capture_output=True, text=True)
@@ -88,19 +89,21 @@ def test_bench_graphs_on_without_cuda_is_a_clear_error(tmp_path):
     assert "cuda_graphs=True needs a CUDA device" in proc.stderr
 
 
+TINY_VAE = dict(
+    _class_name="AutoencoderKL",
+    block_out_channels=[8, 16, 32, 32],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2,
+    norm_num_groups=8,
+    latent_channels=4,
+)
+
+
 def test_vae_bench_share_of_the_decode(tmp_path):
     """A VAE arch times the decode alone: the whole one, then the largest share of each N."""
     arch = tmp_path / "tiny_vae.json"
-    config = dict(
-        _class_name="AutoencoderKL",
-        block_out_channels=[8, 16, 32, 32],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        layers_per_block=2,
-        norm_num_groups=8,
-        latent_channels=4,
-    )
-    arch.write_text(json.dumps(config))
+    arch.write_text(json.dumps(TINY_VAE))
     out = tmp_path / "vae.json"
     command = ["bench", "--arch", str(arch), "--sizes", "256", "--simulate", "4", "--repeats", "1", "--json", str(out)]
     proc = subprocess.run([sys.executable, "-m", "distrifusion", *command], capture_output=True, text=True, timeout=300)
@@ -110,3 +113,29 @@ def test_vae_bench_share_of_the_decode(tmp_path):
     assert full["activation_mb"] > 0 and share["decode_s"] > 0
     # A quarter of the rows: well under half of one process's activations (measured 0.27-0.30).
     assert share["memory_vs_full"] < 0.5
+
+
+def test_vae_bench_share_only_skips_the_whole_decode(tmp_path):
+    """--share-only (a size one device cannot hold) runs the shares alone: no ratio to a whole decode
+    that did not run, and a shape-only lower bound on what that decode would need instead."""
+    arch = tmp_path / "tiny_vae.json"
+    arch.write_text(json.dumps(TINY_VAE))
+    out = tmp_path / "vae.json"
+    command = ["bench", "--arch", str(arch), "--sizes", "256", "--simulate", "2", "4", "--repeats", "1"]
+    command += ["--share-only", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "distrifusion", *command], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["ranks"] for r in rows] == [2, 4]
+    for row in rows:
+        assert row["decode_s"] > 0 and row["activation_mb"] > 0 and row["received_bytes"] > 0
+        assert row["time_vs_full"] is None and row["memory_vs_full"] is None
+        # At least one conv of the last up block at 256x256: 8 channels in and 8 out, float32.
+        assert row["full_min_mb"] >= 2 * 8 * 256 * 256 * 4 / 2**20
+    assert "whole decode not run" in proc.stdout and "of the whole decode" not in proc.stdout
+    # Not for a denoiser, nor without a share to run.
+    for extra in (["--arch", "sd15", "--simulate", "2"], ["--arch", str(arch)]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "distrifusion", "bench", *extra, "--share-only"], capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and "--share-only needs a VAE arch" in proc.stderr

@@ -132,11 +132,21 @@ def current_memory_mb(device: torch.device) -> float:
 
 
 def bench_vae(
-    arch: str, height: int, width: int, dtype: torch.dtype, simulate: list[int], repeats: int, device=None
+    arch: str,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    simulate: list[int],
+    repeats: int,
+    device=None,
+    share_only: bool = False,
 ) -> list[dict]:
     """A VAE decode of one image: the whole decode on one device against the largest share of each
     N (loopback collectives), with the bytes each rank receives and the peak activation memory
-    (peak minus what was in use before the call: weights and inputs are not activations)."""
+    (peak minus what was in use before the call: weights and inputs are not activations).
+
+    `share_only` skips the whole decode (for sizes one device cannot hold) and the warm-up call: the
+    rows' ratios to the whole decode are then None, and `full_min_mb` says what it needs at least."""
     from .models import find_denoiser
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,27 +160,48 @@ def bench_vae(
     base = dict(arch=arch, height=height, width=width, dtype=str(dtype).removeprefix("torch."), device=str(device))
     base["card"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     base["threads"] = torch.get_num_threads()
+    if share_only:
+        base["full_min_mb"] = largest_call_mb(arch, height, width, dtype)
     rows = []
     with torch.no_grad():
-        for ranks in [1, *[n for n in simulate if n > 1]]:
+        for ranks in [*([] if share_only else [1]), *[n for n in simulate if n > 1]]:
             counter = {"bytes": 0}
             if ranks > 1:
                 parallelize(vae, ParallelConfig(), runtime=counting_loopback_runtime(ranks, device, counter))
-            seconds = time_calls(decode, device, repeats)
-            received = counter["bytes"] / (repeats + 1)
+            if not share_only:
+                decode()  # warm-up (a size that needs --share-only takes minutes a call: none)
             free_cached_memory(device)
             before = current_memory_mb(device)
             reset_peak_memory(device)
-            decode()
+            seconds = time_calls(decode, device, repeats, warmup=0)  # the timed calls also give the peak
             activation = peak_memory_mb(device) - before
+            received = counter["bytes"] / (repeats + (not share_only))
             remove(vae)
             free_cached_memory(device)
             rows.append(dict(base, ranks=ranks, decode_s=seconds, received_bytes=received, activation_mb=activation))
-    full = rows[0]
-    for row in rows:
-        row["time_vs_full"] = row["decode_s"] / full["decode_s"]
-        row["memory_vs_full"] = row["activation_mb"] / full["activation_mb"]
+    full = None if share_only else rows[0]
+    for row in rows:  # None: the whole decode was not run
+        row["time_vs_full"] = None if full is None else row["decode_s"] / full["decode_s"]
+        row["memory_vs_full"] = None if full is None else row["activation_mb"] / full["activation_mb"]
     return rows
+
+
+def largest_call_mb(arch: str, height: int, width: int, dtype: torch.dtype) -> float:
+    """A lower bound on the whole decode's activation memory, from shapes alone (meta device, no
+    compute): the largest input plus output of any single layer, which are alive together."""
+    vae = build_model(arch, dtype, torch.device("meta"))
+    largest = [0]
+
+    def record(module, args, output):
+        tensors = [t for t in (*args, output) if isinstance(t, torch.Tensor)]
+        largest[0] = max(largest[0], sum(t.numel() * t.element_size() for t in tensors))
+
+    hooks = [m.register_forward_hook(record) for m in vae.decoder.modules() if not list(m.children())]
+    with torch.no_grad():
+        vae.decode(**model_inputs(vae, height, width))
+    for hook in hooks:
+        hook.remove()
+    return largest[0] / 2**20
 
 
 def _return_freed_memory() -> None:

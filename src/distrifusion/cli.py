@@ -152,6 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel_args(gen)
     _add_verbose(gen)
 
+    srv = sub.add_parser(
+        "serve",
+        help="serve images over HTTP from one long-lived process group (API, web page, health, metrics)",
+        description="Serve images over HTTP: POST /v1/images/generations (OpenAI images shape), POST /generate "
+        "(a PNG), POST /v1/jobs + GET /v1/jobs/ID (progress), GET /health, GET /metrics, and a web page at /.",
+    )
+    srv.add_argument("--model", default="embedded", help="as generate's --model (default: embedded)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key (Authorization: Bearer KEY) on every endpoint but /health and the page; or set "
+        "DISTRIFUSION_API_KEY",
+    )
+    srv.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 503 (default: 16)")
+    srv.add_argument("--max-pixels", type=int, default=1024 * 1024, help="largest width x height (default: 1048576)")
+    srv.add_argument("--max-steps", type=int, default=100, help="most denoising steps per request (default: 100)")
+    srv.add_argument("--max-images", type=int, default=4, help="largest n per request (default: 4)")
+    srv.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds a request may take, queue included (default: 600)"
+    )
+    srv.add_argument(
+        "--max-restarts", type=int, default=3, help="restarts of a failed worker group in a row before giving up"
+    )
+    srv.add_argument("--default-size", type=int, default=None, help="side in px when a request gives no size")
+    srv.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    _add_parallel_args(srv)
+    _add_verbose(srv)
+
     qual = sub.add_parser("quality", help="PSNR/SSIM of each parallel method against the one-process image")
     qual.add_argument(
         "--model",
@@ -232,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--traffic-only",
         action="store_true",
         help="only count the bytes per step for each size and --simulate N (shape-only run: seconds, any size)",
+    )
+    bench.add_argument(
+        "--share-only",
+        action="store_true",
+        help="a VAE arch: time only the --simulate shares, without the whole decode or a warm-up call (for a "
+        "size one device cannot hold)",
     )
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     _add_verbose(bench)
@@ -345,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, raise_interrupted)
     args.running = False
     try:
-        code = {"generate": generate, "quality": quality, "bench": bench}[args.command](args)
+        code = {"generate": generate, "quality": quality, "bench": bench, "serve": serve}[args.command](args)
         _close_process_group()
         return code
     except (KeyboardInterrupt, Interrupted) as e:
@@ -382,6 +418,30 @@ def _dtype(name: str | None):
     return torch.float16 if torch.cuda.is_available() else torch.float32
 
 
+def _parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    geo: Geometry | None = args.geometry
+    uses_cfg = geo.cfg if geo is not None else True
+    return ParallelConfig(
+        mode=args.mode,
+        warmup_steps=args.warmup_steps,
+        groupnorm=args.groupnorm,
+        text_tokens=args.text_tokens,
+        split_cfg=args.split_cfg and uses_cfg,  # no CFG batch, nothing to split (and no notice saying so)
+        cuda_graphs=args.cuda_graphs,
+        **({"timeout_s": args.timeout} if args.timeout else {}),
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .serve import WorkerGroup, rank_main, serve_front
+
+    if "LOCAL_RANK" not in os.environ:  # the front: it starts the ranks (and restarts them)
+        return serve_front(args, WorkerGroup(args.argv, args.nproc), args.nproc)
+    args.config = _parallel_config(args)
+    args.dtype_value = _dtype(args.dtype)
+    return rank_main(args)
+
+
 def generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -395,17 +455,7 @@ def generate(args: argparse.Namespace) -> int:
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    geo: Geometry | None = args.geometry
-    uses_cfg = geo.cfg if geo is not None else True
-    config = ParallelConfig(
-        mode=args.mode,
-        warmup_steps=args.warmup_steps,
-        groupnorm=args.groupnorm,
-        text_tokens=args.text_tokens,
-        split_cfg=args.split_cfg and uses_cfg,  # no CFG batch, nothing to split (and no notice saying so)
-        cuda_graphs=args.cuda_graphs,
-        **({"timeout_s": args.timeout} if args.timeout else {}),
-    )
+    config = _parallel_config(args)
     height, width = args.height, args.width
     dtype = _dtype(args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
@@ -604,12 +654,21 @@ def bench(args: argparse.Namespace) -> int:
         if args.traffic_only or args.nproc > 1:
             raise UsageError("a VAE arch measures the decode alone: --traffic-only and --nproc do not apply")
         for size in args.sizes:
-            for row in bench_vae(args.arch, size, size, dtype, args.simulate, args.repeats):
+            for row in bench_vae(args.arch, size, size, dtype, args.simulate, args.repeats, share_only=args.share_only):
+                share_only = row["time_vs_full"] is None
                 print(
                     f"{row['arch']} decode {row['height']}x{row['width']} {row['dtype']} on {row['card']}, "
-                    f"{row['ranks']} rank(s): {row['decode_s'] * 1e3:.0f} ms ({row['time_vs_full']:.3f} of the whole "
-                    f"decode), activation memory {row['activation_mb']:.0f} MB ({row['memory_vs_full']:.3f}), "
-                    f"received {row['received_bytes'] / 1e6:.1f} MB",
+                    f"{row['ranks']} rank(s): {row['decode_s'] * 1e3:.0f} ms"
+                    + ("" if share_only else f" ({row['time_vs_full']:.3f} of the whole decode)")
+                    + f", activation memory {row['activation_mb']:.0f} MB"
+                    + ("" if share_only else f" ({row['memory_vs_full']:.3f})")
+                    + f", received {row['received_bytes'] / 1e6:.1f} MB"
+                    + (
+                        f"; whole decode not run (it needs at least {row['full_min_mb'] / 1024:.1f} GiB: "
+                        "one layer's input and output)"
+                        if share_only
+                        else ""
+                    ),
                     flush=True,
                 )
                 rows.append(row)

@@ -262,7 +262,8 @@ def _common_parallel_checks(args) -> None:
 
 def check(args) -> list[str]:
     """Every check of a command's input that needs no model weights: raise UsageError, or return notes."""
-    return {"generate": check_generate, "quality": check_quality, "bench": check_bench}[args.command](args)
+    checks = {"generate": check_generate, "quality": check_quality, "bench": check_bench, "serve": check_serve}
+    return checks[args.command](args)
 
 
 def check_generate(args) -> list[str]:
@@ -298,6 +299,26 @@ def check_generate(args) -> list[str]:
             if value <= 0:
                 raise UsageError(f"image {side} must be positive, got {value} px")
     return notes + _cores_note(args.nproc)
+
+
+def check_serve(args) -> list[str]:
+    _common_parallel_checks(args)
+    _positive("--warmup-steps", args.warmup_steps, 0)
+    for flag in ("queue_size", "max_pixels", "max_steps", "max_images"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    _positive("--max-restarts", args.max_restarts, 0)
+    _finite("--request-timeout", args.request_timeout, positive=True)
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.model in EMBEDDED:
+        args.geometry = embedded_geometry(args.model, EMBEDDED[args.model])
+    else:
+        args.geometry = pipeline_geometry(args.model, None)
+    if args.default_size is not None:
+        _positive("--default-size", args.default_size)
+        if args.geometry is not None:
+            check_image_size(args.geometry, args.default_size, args.default_size, _world(args), args.split_cfg)
+    return _cores_note(args.nproc)
 
 
 def _cores_note(nproc: int) -> list[str]:
@@ -345,6 +366,8 @@ def check_bench(args) -> list[str]:
     for i, size in enumerate(sizes):
         for n in sorted({*args.simulate, args.nproc if i == 0 else 1}, reverse=True):
             check_image_size(geo, size, size, n, what=f" (--sizes {size})")
+    if args.share_only and not (args.arch and is_vae(args.arch) and any(n > 1 for n in args.simulate)):
+        raise UsageError("--share-only needs a VAE arch and --simulate N with N > 1")
     if args.json:
         _writable_folder(Path(args.json).parent, f"--json {args.json}")
     if "LOCAL_RANK" not in os.environ:

@@ -185,7 +185,8 @@ class PatchAttnProcessor:
     def _kv(self, attn: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Keys and values side by side, (batch, tokens, 2 * channels); written into `out` when it
         is a contiguous (batch, tokens, 2 * channels) tensor."""
-        fused = self._fused_weights(attn, x.dtype)
+        # Compiled (torch.compile), the projections stay separate: no version counters, no writes into exchange buffers.
+        fused = None if torch.compiler.is_compiling() else self._fused_weights(attn, x.dtype)
         if fused is None:
             return torch.cat([attn.to_k(x), attn.to_v(x)], -1)
         weight, bias = fused
@@ -231,12 +232,12 @@ class PatchAttnProcessor:
         state = self.state
         if state.naive:
             return self._kv(attn, hidden_states)
-        row = state.own_row(self.name)
+        row = None if torch.compiler.is_compiling() else state.own_row(self.name)
         kv = self._kv(attn, hidden_states, None if row is None else row[:, : hidden_states.shape[1]])
         return gather_tokens(state, self.name, kv, state.sizes(hidden_states.shape[1]))
 
     def _cross_kv(self, attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.state.graphs is not None:
+        if self.state.graphs is not None or torch.compiler.is_compiling():
             return self._kv(attn, _norm_cross(attn, encoder_hidden_states))
         source = encoder_hidden_states
         weights = [attn.to_k, attn.to_v] + ([attn.norm_cross] if attn.norm_cross else [])

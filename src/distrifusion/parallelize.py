@@ -115,6 +115,12 @@ def parallelize_model(
     return state
 
 
+def _under_compile() -> bool:
+    """Whether torch.compile's frame evaluation is on around this call (a frame that dynamo skips
+    but whose callees it compiles, as `_ParallelForward.__call__`)."""
+    return torch._C._dynamo.eval_frame.get_eval_frame_callback() not in (None, False)
+
+
 def _everywhere(runtime: Runtime, ok: bool) -> bool:
     """Whether `ok` holds on every rank (a collective: every rank must ask)."""
     flags = runtime.world.all_gather(torch.tensor([float(ok)], device=runtime.device)).wait()
@@ -235,12 +241,22 @@ class _ParallelForward:
         self.block = adapter.block_rows(model)
         self.noticed_no_split = False
 
+    # torch.compile of the model (`torch.compile(model)` or `model.compile()`, before or after `parallelize`) meets this
+    # wrapper as the model's forward. Dynamo skips this frame, not the frames it calls: it compiles the model's own
+    # forward (`run_local`), in which every exchange (`ParallelState.context` and the like) is a graph break, while
+    # the bookkeeping and collectives here run as plain Python (their methods are marked `torch.compiler.disable`).
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
         state, adapter = self.state, self.adapter
         if state.runtime.world_size == 1 and state.graphs is None:  # exactly the original model
             return self.original(self.model, *args, **kwargs)
         bound = self.signature.bind(self.model, *args, **kwargs)
         inputs = {k: v for k, v in bound.arguments.items() if k != "self"}
+        if state.graphs is not None and _under_compile():
+            raise RuntimeError(
+                "distrifusion: a compiled model cannot also run as distrifusion's CUDA graphs; parallelize it with "
+                "ParallelConfig(cuda_graphs=False) (torch.compile(..., mode='reduce-overhead') graphs it instead)"
+            )
         if state.graphs is not None and isinstance(inputs.get("timestep"), (int, float)):
             # A number would be baked into the graph: make it the tensor the model itself would make of it.
             inputs["timestep"] = adapter.timestep_tensor(self.model, inputs["timestep"])
@@ -251,6 +267,19 @@ class _ParallelForward:
             state.reset()
             state.plan = state.exchange = None
             return self.original(self.model, *args, **kwargs)
+        inputs = self.split(inputs)
+        if state.graphs is None:
+            full, kind = self.run_split(inputs)
+        else:
+            full, kind = state.graphs(("sync" if state.sync_step else "displaced", state.plan), self.run_split, inputs)
+        state.step += 1
+        return self.output(full, kind)
+
+    @torch.compiler.disable
+    def split(self, inputs: dict) -> dict:
+        """Bring a changed model under the engine again, plan the call, begin its step (at the first,
+        every rank agrees to go on) and return this rank's share of the inputs."""
+        state, adapter = self.state, self.adapter
         problem = self.refresh()
         plan = self.plan(inputs)
         state.begin_step(plan)
@@ -258,13 +287,7 @@ class _ParallelForward:
             self.agree(inputs[adapter.sample_arg], inputs.get("timestep"), problem)
         elif problem is not None:
             raise problem
-        inputs = adapter.local_inputs(inputs, plan)
-        if state.graphs is None:
-            full, kind = self.run_split(inputs)
-        else:
-            full, kind = state.graphs(("sync" if state.sync_step else "displaced", plan), self.run_split, inputs)
-        state.step += 1
-        return self.output(full, kind)
+        return adapter.local_inputs(inputs, plan)
 
     def run_local(self, inputs: dict) -> tuple[torch.Tensor, type]:
         """The original forward on this rank's inputs: (output sample, output type)."""
@@ -381,6 +404,7 @@ class _ParallelForward:
                 "and timestep (use the same seed/generator on every rank)"
             )
 
+    @torch.compiler.disable
     def gather(self, local: torch.Tensor, plan: Plan) -> torch.Tensor:
         """All-gather every rank's output strip into the full output on every rank."""
         dim = self.adapter.output_dim

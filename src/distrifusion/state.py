@@ -246,6 +246,10 @@ class ParallelState:
     graphs. A model whose every call is synchronous and called once per image (a VAE) keeps none
     (`keep_buffers=False`): each exchange is a plain blocking all-gather whose result lives only as
     long as the layer needs it, so nothing of the size of the whole image stays on a rank.
+
+    The methods that issue or wait for collectives, or keep count of steps and layer calls, are
+    `torch.compiler.disable`d: in a compiled model they run as plain Python between its graphs
+    (a graph break at every exchange), and no graph reads or writes an exchange buffer in place.
     """
 
     def __init__(self, config: ParallelConfig, runtime, keep_buffers: bool = True) -> None:
@@ -267,6 +271,7 @@ class ParallelState:
         self._calls: dict[str, int] = {}
 
     # -- step bookkeeping ------------------------------------------------------------------
+    @torch.compiler.disable
     def reset(self) -> None:
         """Start a new image: step 0 (synchronous); the context buffers are kept for reuse."""
         if self.exchange is not None and self.exchange.fixed:
@@ -292,6 +297,7 @@ class ParallelState:
         if self.exchange is not None:
             self.exchange.forget_in_flight()
 
+    @torch.compiler.disable
     def begin_step(self, plan: Plan) -> None:
         if not self.keep_buffers:
             self.plan, self._calls = plan, {}
@@ -311,6 +317,7 @@ class ParallelState:
                     self.graphs.clear(keep=lambda key, oldest=oldest: not (isinstance(key, tuple) and oldest in key))
         self._calls.clear()
 
+    @torch.compiler.disable
     def end_step(self) -> None:
         """Send this step's remaining context. Part of the step's work (a CUDA graph captures it);
         the step counter is advanced by the caller, outside any graph."""
@@ -356,6 +363,7 @@ class ParallelState:
             return None
         return self.exchange.own_row(self.key(name, peek=True))
 
+    @torch.compiler.disable
     def context(self, name: str, payload: torch.Tensor, *, alone: bool = False, fresh: bool = False) -> torch.Tensor:
         """All patch ranks' payloads for this layer call, shape (ranks, *payload shape).
 
@@ -372,6 +380,7 @@ class ParallelState:
             return self.exchange.gather_now(key, payload, alone or fresh)
         return self.exchange.swap(key, payload)
 
+    @torch.compiler.disable
     def context_and_own_previous(self, name: str, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `context` in a displaced step, plus this rank's payload from the previous step."""
         return self.exchange.swap(self.key(name), payload, keep_own=True)

@@ -1,0 +1,233 @@
+"""`distrifusion serve` end to end: a real server (2 gloo ranks, the embedded model at small sizes)
+on loopback, driven over HTTP: the API's success path and determinism, every class of bad input,
+the API key, queue overflow, a killed rank (500, then healthy again) and the SIGTERM drain."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import free_port
+from PIL import Image
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SMALL = {"prompt": "gravel", "size": "32x48", "steps": 3}
+START_S = 180  # imports and loading on 2 busy cores
+
+
+class Server:
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        command = [sys.executable, "-m", "distrifusion", "serve", "--nproc", "2", "--port", str(self.port), *flags]
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = START_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "".join(self.output)
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"not ready in {timeout} s: {''.join(self.output)}")
+
+    def post(self, path: str, json=None, headers=AUTH, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, json=json, headers=headers, timeout=120, **kwargs)
+
+    def ranks(self) -> list[int]:
+        """The rank processes (children of the front, started by its dispatcher thread)."""
+        children = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            children += [int(pid) for pid in (task / "children").read_text().split()]
+        return children
+
+    def close(self) -> None:
+        ranks = self.ranks() if self.proc.poll() is None else []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in ranks:  # never leave a rank behind, whatever happened
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--api-key", KEY, "--queue-size", "2", "--max-pixels", "16384", "--max-steps", "50", "--mode", "sync")
+    yield s
+    s.close()
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_generate_returns_a_png_of_the_asked_size(server):
+    response = server.post("/generate", SMALL)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert png(response.content).size == (32, 48)
+
+
+def test_openai_shape_with_several_images(server):
+    response = server.post("/v1/images/generations", dict(SMALL, n=2, response_format="b64_json"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    images = [png(base64.b64decode(item["b64_json"])) for item in body["data"]]
+    assert [i.size for i in images] == [(32, 48)] * 2
+    assert images[0].tobytes() != images[1].tobytes()  # two different draws
+    assert {"queued_s", "denoising_s", "total_s"} <= set(body["timings"])
+
+
+def test_jobs_endpoint_reports_progress_and_the_image(server):
+    job = server.post("/v1/jobs", SMALL).json()
+    for _ in range(600):
+        state = httpx.get(f"{server.url}/v1/jobs/{job['id']}", headers=AUTH).json()
+        if state["status"] in ("done", "failed"):
+            break
+        time.sleep(0.1)
+    assert state["status"] == "done" and state["step"] == state["steps"] == 3
+    assert png(base64.b64decode(state["images"][0])).size == (32, 48)
+
+
+def test_same_seed_same_png_whatever_else_runs(server):
+    """Two identical requests in flight with different ones between them: byte-identical PNGs."""
+    requests = [dict(SMALL, seed=7), dict(SMALL, seed=8, size="48x32"), dict(SMALL, seed=7)]
+    results: list = [None] * 3
+
+    def ask(i):
+        results[i] = server.post("/generate", requests[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    assert results[0].content == results[2].content
+    assert results[0].content != results[1].content
+
+
+@pytest.mark.parametrize(
+    "body,status,words",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        ({**SMALL, "colour": "red"}, 422, "colour"),
+        ({**SMALL, "size": "36x48"}, 422, "multiple"),  # the embedded UNet's block is 8 px
+        ({**SMALL, "size": "32"}, 422, "WIDTHxHEIGHT"),
+        ({**SMALL, "size": "256x256"}, 413, "pixels"),
+        ({**SMALL, "steps": 51}, 422, "steps"),
+        ({**SMALL, "n": 5}, 422, "n must be"),
+        ({**SMALL, "prompt": "velvet"}, 422, "unknown class"),
+        ({**SMALL, "seed": -1}, 422, "seed"),
+        ({**SMALL, "response_format": "url"}, 422, "response_format"),
+        ({**SMALL, "guidance_scale": 3.0}, 422, "no CFG"),
+    ],
+)
+def test_bad_requests_are_answered_with_a_message(server, body, status, words):
+    if isinstance(body, bytes):
+        response = httpx.post(
+            server.url + "/generate", content=body, headers={**AUTH, "content-type": "application/json"}
+        )
+    else:
+        response = server.post("/generate", body)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]["message"]
+
+
+def test_oversized_body_is_413(server):
+    response = server.post("/generate", {**SMALL, "prompt": "x" * 70000})
+    assert response.status_code == 413
+
+
+def test_api_key(server):
+    assert server.post("/generate", SMALL, headers={}).status_code == 401
+    assert server.post("/generate", SMALL, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # health needs no key
+    metrics = httpx.get(server.url + "/metrics", headers=AUTH).text
+    assert 'distrifusion_requests_total{status="401"}' in metrics and "distrifusion_queue_depth" in metrics
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    """Queue of 2: of 6 concurrent slow requests one runs, two wait, the rest get 503 at once."""
+    results: list = [None] * 6
+
+    def ask(i):
+        results[i] = server.post("/generate", dict(SMALL, steps=40, seed=i))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(503) >= 2 and codes.count(200) >= 2 and set(codes) == {200, 503}, codes
+    refused = next(r for r in results if r.status_code == 503)
+    assert refused.headers["retry-after"] and "queue is full" in refused.json()["error"]["message"]
+
+
+def test_killed_rank_fails_the_request_then_the_group_restarts():
+    server = Server("--mode", "sync")
+    try:
+        result = {}
+        ask = threading.Thread(target=lambda: result.update(r=server.post("/generate", dict(SMALL, steps=50))))
+        ask.start()
+        time.sleep(1.5)  # the job is running
+        os.kill(server.ranks()[-1], signal.SIGKILL)
+        ask.join()
+        assert result["r"].status_code == 500 and "worker group failed" in result["r"].text
+        health = httpx.get(server.url + "/health").json()
+        assert health["status"] in ("restarting", "ready")
+        server.wait_ready()
+        assert server.post("/generate", SMALL).status_code == 200
+        metrics = httpx.get(server.url + "/metrics").text
+        assert "distrifusion_group_restarts_total 1" in metrics
+        # SIGTERM while a job runs: it finishes, a new request gets 503, everything exits 0 within 30 s.
+        ranks = server.ranks()
+        result.clear()
+        ask = threading.Thread(target=lambda: result.update(r=server.post("/generate", dict(SMALL, steps=20))))
+        ask.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            late = server.post("/generate", SMALL).status_code
+        except httpx.TransportError:
+            late = "closed"
+        ask.join()
+        assert result["r"].status_code == 200
+        assert late in (503, "closed")
+        assert server.proc.wait(30) == 0 and time.monotonic() - started < 30, "".join(server.output)
+        for pid in ranks:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        server.close()
