@@ -302,12 +302,14 @@ def bench_step(
     graphs: bool | None = None,
     model=None,
     text_tokens: str = "sharded",
+    compiled: bool = False,
 ) -> list[dict]:
     """Full-step times for one size, then one rank's share of each N in `simulate` (N > 1): one
     row per N (or one row without a share), with traffic per step and peak memory.
 
     `graphs` is `ParallelConfig.cuda_graphs` for our runs (None: on where possible, i.e. CUDA);
-    plain diffusers is timed eagerly and, on CUDA, also as a CUDA graph.
+    plain diffusers is timed eagerly and, on CUDA, also as a CUDA graph. With `compiled`, our runs
+    are `torch.compile(model)` after `parallelize` (compilation happens in the untimed warm-up calls).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model or build_model(arch, dtype, device)
@@ -322,6 +324,7 @@ def bench_step(
         card=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
         threads=torch.get_num_threads(),
         mode=mode,
+        compiled=compiled,
     )
     reset_peak_memory(device)
     with torch.no_grad():
@@ -335,7 +338,8 @@ def bench_step(
             free_cached_memory(device)
         parallelize(model, ParallelConfig(mode="sync", cuda_graphs=graphs), runtime=loopback_runtime(1, device=device))
         row["graphs"] = model._distrifusion_state.graphs is not None
-        row["ours_world1_s"] = time_calls(step, device, repeats, warmup=2)
+        ours = torch.compile(model) if compiled else model
+        row["ours_world1_s"] = time_calls(lambda: ours(**inputs), device, repeats, warmup=2)
         remove(model)
         free_cached_memory(device)
         # Against the fastest way to run the whole step on one device, so that the ratio is honest.
@@ -347,7 +351,9 @@ def bench_step(
                 rows.append(row)
                 continue
             reset_peak_memory(device)
-            share = dict(row, **_bench_share(model, inputs, ranks, repeats, mode, device, graphs, text_tokens))
+            share = dict(
+                row, **_bench_share(model, inputs, ranks, repeats, mode, device, graphs, text_tokens, compiled)
+            )
             share["compute_speedup"] = row["full_step_s"] / share["share_step_s"]
             need = share["step_bytes"] / share["share_step_s"]
             share["bandwidth_needed_GBps"] = need / 1e9
@@ -451,14 +457,17 @@ def _first_steps_traffic(model, inputs: dict, counter: dict, mode: str) -> dict:
     )
 
 
-def _bench_share(model, inputs: dict, ranks, repeats, mode, device, graphs, text_tokens="sharded") -> dict:
+def _bench_share(
+    model, inputs: dict, ranks, repeats, mode, device, graphs, text_tokens="sharded", compiled=False
+) -> dict:
     """One rank's share of `ranks`: this process plays the largest strip with loopback collectives."""
     counter = {"bytes": 0}
     runtime = counting_loopback_runtime(ranks, device, counter)
     config = ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=graphs, text_tokens=text_tokens)
     parallelize(model, config, runtime=runtime)
     state = model._distrifusion_state
-    step = lambda: model(**inputs)  # noqa: E731
+    ours = torch.compile(model) if compiled else model
+    step = lambda: ours(**inputs)  # noqa: E731
 
     def sync_step() -> None:
         state.reset()  # step 0: synchronous
@@ -478,7 +487,8 @@ def format_row(row: dict) -> str:
         f"{row['arch']} {row['height']}x{row['width']} {row['dtype']} on {row['card']}, {row['threads']} threads: "
         f"diffusers eager {row['diffusers_eager_s'] * 1e3:.0f} ms, "
         + (f"diffusers CUDA graph {row['diffusers_graph_s'] * 1e3:.0f} ms, " if row["diffusers_graph_s"] else "")
-        + f"ours (1 rank{', graphs' if row['graphs'] else ''}) {row['ours_world1_s'] * 1e3:.0f} ms"
+        + f"ours (1 rank{', graphs' if row['graphs'] else ''}{', compiled' if row.get('compiled') else ''}) "
+        f"{row['ours_world1_s'] * 1e3:.0f} ms"
     )
     if "ranks" in row:
         text += (
@@ -507,8 +517,9 @@ def format_table(rows: list[dict]) -> str:
         share = "ranks" in r
         speedup = f"{r['compute_speedup']:.2f}x" if share else "–"
         received = f"{r['step_bytes'] / 1e9:.3f}" if share else "–"
+        compiled = ", compiled" if r.get("compiled") else ""
         lines.append(
-            f"| {r['height']}x{r['width']} | {r['dtype']} | {'on' if r['graphs'] else 'off'} "
+            f"| {r['height']}x{r['width']} | {r['dtype']} | {'on' if r['graphs'] else 'off'}{compiled} "
             f"| {ms(r['diffusers_eager_s'])} | {ms(r['diffusers_graph_s'])} | {ms(r['ours_world1_s'])} "
             f"| {r['ranks'] if share else 1} | {ms(r['share_step_s']) if share else '–'} "
             f"| {speedup} | {received} | {r['peak_memory_mb'] / 1024:.1f} GB |"

@@ -253,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=["auto"],
         help="CUDA graphs for our runs (auto: on CUDA); several values give one row each (--nproc: the first)",
     )
+    timed.add_argument(
+        "--compile",
+        action="store_true",
+        help="(1, 2) time our runs as torch.compile(model) after parallelize (with --graphs off on CUDA)",
+    )
     images = bench.add_argument_group("whole images (3)")
     images.add_argument(
         "--nproc", type=int, default=1, help="also time whole images over N real local processes against one process"
@@ -702,6 +707,7 @@ def bench(args: argparse.Namespace) -> int:
                 graphs,
                 model,
                 text_tokens=args.text_tokens,
+                compiled=args.compile,
             ):
                 print(format_row(row), flush=True)
                 rows.append(row)
