@@ -231,3 +231,54 @@ def test_killed_rank_fails_the_request_then_the_group_restarts():
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     finally:
         server.close()
+
+
+class FakeGroup:
+    """A worker group without processes: runs a job by sleeping; `hang` makes the next job outlive
+    its deadline, as a hung collective would."""
+
+    def __init__(self) -> None:
+        self.starts = self.stops = self.kills = 0
+        self.hang = False
+
+    def start(self) -> dict:
+        self.starts += 1
+        return {}
+
+    def run(self, job, deadline: float) -> None:
+        from distrifusion.serve import GroupFailure
+
+        while self.hang:
+            if time.monotonic() > deadline:
+                self.hang = False
+                raise GroupFailure(504, "the request timed out; the worker group is being restarted")
+            time.sleep(0.01)
+        time.sleep(0.05)
+        job.finish(images=[b"png"])
+
+    def stop(self) -> bool:
+        self.stops += 1
+        return True
+
+    def kill(self) -> None:
+        self.kills += 1
+
+
+def test_dispatcher_times_out_a_hung_job_restarts_and_drains():
+    from distrifusion.serve import Dispatcher, Refused, Settings
+
+    group = FakeGroup()
+    dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None, request_timeout_s=0.5), group)
+    dispatcher.thread.start()
+    group.hang = True
+    hung = dispatcher.submit({"steps": 1})
+    queued = dispatcher.submit({"steps": 1})
+    assert hung.finished.wait(5) and hung.error[0] == 504
+    assert queued.finished.wait(5)  # waited through the restart, then ran (or timed out while queued)
+    assert queued.status == "done" or queued.error[0] == 504
+    assert group.kills == 1 and group.starts == 2 and dispatcher.status == "ready"
+    assert dispatcher.submit({"steps": 1}).finished.wait(5)
+    assert dispatcher.drain() and group.stops == 1
+    with pytest.raises(Refused) as refused:
+        dispatcher.submit({"steps": 1})
+    assert refused.value.status == 503
