@@ -7,6 +7,7 @@ from dataclasses import dataclass
 MODES = ("displaced", "sync", "naive")
 GROUPNORM_MODES = ("corrected_async", "stale", "sync", "separate")
 TEXT_TOKEN_MODES = ("replicated", "sharded")
+COMPRESS_MODES = ("int8", "fp8", "residual-int8", "residual-fp8")
 
 
 @dataclass
@@ -53,6 +54,12 @@ class ParallelConfig:
     (synchronous, whatever `mode` says): each rank decodes its strip, the image is gathered once.
     False leaves the VAE whole on every rank."""
 
+    compress: str | None = None
+    """Displaced steps' exchange in fewer bytes (see `distrifusion.compress`): None (as computed),
+    "int8" or "fp8" (8 bits per value, a scale per block of 256), "residual-int8" or
+    "residual-fp8" (the change since what the others hold, in 8 bits, with error feedback).
+    Synchronous steps stay exact; small payloads (statistics) are never compressed."""
+
     comm_bucket_mb: float = 16.0
     """Displaced-step exchanges are coalesced into all-gathers of about this many megabytes, so
     that a UNet issues a few large collectives instead of hundreds of small ones."""
@@ -84,6 +91,8 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.split_vae must be True or False, got {self.split_vae!r}")
         if not (self.cuda_graphs is None or isinstance(self.cuda_graphs, bool)):
             raise ValueError(f"ParallelConfig.cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
+        if self.compress is not None and self.compress not in COMPRESS_MODES:
+            raise ValueError(f"ParallelConfig.compress must be None or one of {COMPRESS_MODES}, got {self.compress!r}")
         if not self.comm_bucket_mb > 0:
             raise ValueError(f"ParallelConfig.comm_bucket_mb must be > 0, got {self.comm_bucket_mb}")
         if not self.timeout_s > 0:

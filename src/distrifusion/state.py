@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .comm import Communicator, PendingGather
+from .compress import MIN_ELEMENTS, BlockCodec, make_codec
 from .config import ParallelConfig
 
 KEPT_SIZES = 4
@@ -83,8 +84,12 @@ class Exchange:
     read its context, and is waited for right before the bucket's first use in the next step.
     """
 
-    def __init__(self, comm: Communicator, bucket_bytes: int) -> None:
-        self.comm, self.bucket_bytes = comm, bucket_bytes
+    def __init__(self, comm: Communicator, bucket_bytes: int, codec: BlockCodec | None = None) -> None:
+        self.comm, self.bucket_bytes, self.codec = comm, bucket_bytes, codec
+        self._wire: dict[int, torch.Tensor] = {}
+        """Per compressed buffer: the (ranks, bytes) uint8 buffer its displaced gathers send."""
+        self._sent: dict[int, torch.Tensor] = {}
+        """Per compressed buffer (residual codecs): this rank's row as the other ranks hold it."""
         self.slots: dict[str, _Slot] = {}
         self.buffers: list[torch.Tensor | None] = []
         self.fixed = False
@@ -116,6 +121,9 @@ class Exchange:
         self._send_ready()
         slot = self._place(key, payload, alone)
         buffer = self.buffers[slot.buffer]
+        sent = self._sent.get(slot.buffer)
+        if sent is not None:  # the others get this payload exactly
+            sent[slot.offset : slot.offset + slot.numel].copy_(payload.flatten())
         if buffer is not None and (alone or slot.numel == buffer.shape[1]):
             view = self.view(key)
             _write(view[self.comm.rank], payload)
@@ -177,19 +185,23 @@ class Exchange:
             raise _unknown_layer(key)
         self._device = payload.device
         nbytes = payload.numel() * payload.element_size()
-        index = self._open.get(payload.dtype)
+        compressed = self.codec is not None and payload.numel() >= MIN_ELEMENTS
+        bucket = (payload.dtype, compressed)
+        index = self._open.get(bucket)
         if alone or nbytes >= self.bucket_bytes:
-            index = self._new_buffer(key)
+            index = self._new_buffer(key, compressed)
             self.buffers[index] = payload.new_empty(self.comm.size, payload.numel())
         elif index is None or (self._filled[index] * payload.element_size() + nbytes > self.bucket_bytes):
-            index = self._open[payload.dtype] = self._new_buffer(key)
+            index = self._open[bucket] = self._new_buffer(key, compressed)
         slot = _Slot(index, self._filled[index], payload.numel(), payload.shape, payload.dtype)
         self._filled[index] += payload.numel()
         self._last_key[index] = key
         self.slots[key] = slot
         return slot
 
-    def _new_buffer(self, key: str) -> int:
+    def _new_buffer(self, key: str, compressed: bool = False) -> int:
+        if compressed:
+            self._wire[len(self.buffers)] = None  # allocated with the buffer
         self.buffers.append(None)
         self._last_key.append(key)
         self._filled.append(0)
@@ -204,6 +216,12 @@ class Exchange:
             self.view(key).copy_(gathered)
         self._staged.clear()
         self._open.clear()
+        for index in self._wire:
+            buffer = self.buffers[index]
+            size = self.codec.encoded_bytes(buffer.shape[1], buffer.dtype)
+            self._wire[index] = torch.empty(self.comm.size, size, dtype=torch.uint8, device=buffer.device)
+            if self.codec.residual:  # the first step was synchronous: the others hold this row exactly
+                self._sent[index] = buffer[self.comm.rank].clone()
         self.fixed = True
 
     def _check(self, key: str, slot: _Slot, payload: torch.Tensor) -> None:
@@ -215,14 +233,47 @@ class Exchange:
 
     def _send_ready(self) -> None:
         for index in self._ready:
-            self._pending[index] = self.comm.all_gather_inplace(self.buffers[index], async_op=True)
+            if index in self._wire:
+                self._pending[index] = self._send_compressed(index)
+            else:
+                self._pending[index] = self.comm.all_gather_inplace(self.buffers[index], async_op=True)
         self._ready.clear()
+
+    def _send_compressed(self, index: int) -> _CompressedGather:
+        """A displaced gather of a compressed buffer: encode this rank's row (or its change since what
+        the others hold, whose record then takes the same decoded change), gather the codes."""
+        buffer, wire, me, codec = self.buffers[index], self._wire[index], self.comm.rank, self.codec
+        sent = self._sent.get(index)
+        codec.encode(buffer[me] if sent is None else buffer[me] - sent, wire[me])
+        if sent is not None:
+            sent += codec.decode(wire[me], buffer.shape[1], buffer.dtype)
+        return _CompressedGather(self.comm.all_gather_inplace(wire, async_op=True), buffer, wire, me, codec)
 
     def _wait(self, index: int) -> torch.Tensor:
         pending = self._pending.pop(index, None)
         if pending is not None:
             pending.wait()
         return self.buffers[index]
+
+
+class _CompressedGather:
+    """Waits for the codes, then decodes the other ranks' rows into the buffer (residual codecs:
+    adds the decoded changes to the copies there)."""
+
+    def __init__(self, pending, buffer: torch.Tensor, wire: torch.Tensor, me: int, codec: BlockCodec) -> None:
+        self.pending, self.buffer, self.wire, self.me, self.codec = pending, buffer, wire, me, codec
+
+    def wait(self) -> torch.Tensor:
+        self.pending.wait()
+        numel, dtype = self.buffer.shape[1], self.buffer.dtype
+        for rank in range(self.buffer.shape[0]):
+            if rank != self.me:
+                decoded = self.codec.decode(self.wire[rank], numel, dtype)
+                if self.codec.residual:
+                    self.buffer[rank] += decoded
+                else:
+                    self.buffer[rank].copy_(decoded)
+        return self.buffer
 
 
 def _unknown_layer(key: str) -> RuntimeError:
@@ -307,7 +358,9 @@ class ParallelState:
             self.plan = plan
             exchange = self._exchanges.pop(plan, None)
             if exchange is None:
-                exchange = Exchange(self.runtime.patch_groups[plan.cfg_groups], int(self.config.comm_bucket_mb * 2**20))
+                comm = self.runtime.patch_groups[plan.cfg_groups]
+                bucket = int(self.config.comm_bucket_mb * 2**20)
+                exchange = Exchange(comm, bucket, make_codec(self.config.compress))
             self._exchanges[plan] = self.exchange = exchange  # (re)inserted last: the most recently used
             # Eager steps need only this size's buffers; graphs read theirs, so a few sizes stay, with their graphs.
             while len(self._exchanges) > (1 if self.graphs is None else KEPT_SIZES):

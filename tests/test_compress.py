@@ -1,0 +1,112 @@
+"""Compressed displaced exchange (`ParallelConfig.compress`): the codecs' error bounds, error
+feedback that keeps receivers' copies from drifting, exactness where nothing is compressed
+(synchronous steps; a lossless codec through the residual path), and the bytes saved."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import BLOCK, denoise, tiny_model
+
+import distrifusion
+from distrifusion.compress import BLOCK as CODEC_BLOCK
+from distrifusion.compress import BlockCodec
+from distrifusion.simulate import LoopbackCommunicator, simulate_ranks
+from distrifusion.state import Exchange
+
+HEIGHT, WIDTH = 5 * BLOCK, 3 * BLOCK
+
+
+def _roundtrip(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
+    wire = torch.empty(codec.encoded_bytes(x.numel(), x.dtype), dtype=torch.uint8)
+    codec.encode(x, wire)
+    return codec.decode(wire, x.numel(), x.dtype)
+
+
+@pytest.mark.parametrize("kind,bound", [("int8", 0.5 / 127), ("fp8", 1 / 16), ("lossless", 0.0)])
+def test_codec_error_is_bounded_per_block(kind, bound):
+    """int8: half a step of the block's scale; fp8 e4m3: 3 mantissa bits (1/16 of the block's
+    largest value at most, counting its subnormals); lossless: the bytes themselves."""
+    x = torch.randn(3 * CODEC_BLOCK + 17, dtype=torch.float32) * torch.logspace(-3, 2, 3 * CODEC_BLOCK + 17)
+    codec = BlockCodec(kind)
+    y = _roundtrip(codec, x)
+    padded = torch.nn.functional.pad(x, (0, 4 * CODEC_BLOCK - x.numel())).view(4, CODEC_BLOCK)
+    block_max = padded.abs().amax(1).repeat_interleave(CODEC_BLOCK)[: x.numel()]
+    assert ((y - x).abs() <= bound * block_max * (1 + 1e-6)).all()
+    if kind != "lossless":
+        n = 64 * CODEC_BLOCK  # whole blocks: ~3.9x fewer bytes than float32
+        assert codec.encoded_bytes(n, torch.float32) * 3.8 < n * 4
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_error_feedback_keeps_copies_from_drifting(kind):
+    """A payload that drifts for 60 steps, then stays: with residual coding the receivers' copy
+    equals the sender's record bitwise, stays within one step's coding error of the truth while
+    it drifts, and converges to it once it stops; without residual coding the error stays."""
+    torch.manual_seed(0)
+    results = {}
+    for residual in (False, True):
+        exchange = Exchange(LoopbackCommunicator(2, rank=0), 1 << 20, BlockCodec(kind, residual=residual))
+        x = torch.randn(8192)
+        exchange.gather_now("kv", x.clone())
+        exchange.flush()
+        errors = []
+        for step in range(100):
+            if step < 60:
+                x = x + 0.05 * torch.randn(8192)
+            exchange.swap("kv", x.clone())
+            exchange.flush()
+            copy_of_mine = exchange.view("kv")[1]  # loopback: the other row is what receivers hold of ours
+            if residual:
+                assert torch.equal(copy_of_mine, exchange._sent[0])
+            errors.append((copy_of_mine - x).abs().max().item())
+        results[residual] = errors
+    step_bound = (0.5 / 127 if kind == "int8" else 1 / 16) * 0.05 * 6  # one step's change is ~N(0, 0.05²)
+    assert max(results[True][:60]) < step_bound
+    assert results[True][-1] < 1e-3 * results[False][-1]  # converged; plain coding keeps its error
+    assert results[False][-1] > 1e-3
+
+
+def _images(world: int, config: distrifusion.ParallelConfig, steps: int = 6) -> list[torch.Tensor]:
+    base = tiny_model("sdxl")
+
+    def rank(runtime):
+        model = copy.deepcopy(base)
+        distrifusion.parallelize(model, config, runtime=runtime)
+        return denoise(model, "sdxl", HEIGHT, WIDTH, steps=steps)
+
+    return simulate_ranks(world, rank)
+
+
+def test_residual_path_with_a_lossless_codec_is_uncompressed_displaced(monkeypatch):
+    """The residual bookkeeping alone (a lossless codec) changes nothing but float rounding of the
+    subtraction and addition (float64: 1e-12 of the scale is far above it, far below any error)."""
+    config = dict(mode="displaced", warmup_steps=1, split_cfg=False)
+    plain = _images(3, distrifusion.ParallelConfig(**config))
+    monkeypatch.setattr("distrifusion.state.make_codec", lambda compress: BlockCodec("lossless", residual=True))
+    lossless = _images(3, distrifusion.ParallelConfig(**config, compress="residual-int8"))
+    for a, b in zip(plain, lossless):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_sync_steps_are_never_compressed():
+    sync = _images(2, distrifusion.ParallelConfig(mode="sync", split_cfg=False))
+    compressed = _images(2, distrifusion.ParallelConfig(mode="sync", split_cfg=False, compress="int8"))
+    for a, b in zip(sync, compressed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compress", ["int8", "fp8", "residual-int8", "residual-fp8"])
+def test_compressed_displaced_stays_close_to_uncompressed(compress):
+    config = dict(mode="displaced", warmup_steps=1, split_cfg=False)
+    plain = _images(2, distrifusion.ParallelConfig(**config))
+    compressed = _images(2, distrifusion.ParallelConfig(**config, compress=compress))
+    for a, b in zip(plain, compressed):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max()
+
+
+def test_compress_setting_is_validated():
+    with pytest.raises(ValueError, match="compress"):
+        distrifusion.ParallelConfig(compress="zip")
