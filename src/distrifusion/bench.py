@@ -372,7 +372,13 @@ def counting_loopback_runtime(ranks: int, device: torch.device, counter: dict):
 
 
 def count_traffic(
-    arch: str, sizes: list[int], dtype: torch.dtype, ranks: list[int], mode: str = "displaced", text_tokens=None
+    arch: str,
+    sizes: list[int],
+    dtype: torch.dtype,
+    ranks: list[int],
+    mode: str = "displaced",
+    text_tokens=None,
+    compress: str | None = None,
 ):
     """Bytes each rank receives per synchronous and per displaced step, for every size and N, and
     what Ulysses sequence parallelism would receive for the same attention calls.
@@ -389,7 +395,12 @@ def count_traffic(
         for n in ranks:
             counter = {"bytes": 0}
             config = ParallelConfig(
-                mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=False, text_tokens=text_tokens or "sharded"
+                mode=mode,
+                warmup_steps=0,
+                split_cfg=True,
+                cuda_graphs=False,
+                text_tokens=text_tokens or "sharded",
+                compress=compress,
             )
             parallelize(model, config, runtime=counting_loopback_runtime(n, device, counter))
             with torch.no_grad():
@@ -400,7 +411,7 @@ def count_traffic(
             ulysses = ulysses_bytes(attention_calls, n // groups, groups, torch.finfo(dtype).bits // 8)
             rows.append(
                 dict(arch=arch, height=size, width=size, dtype=dtype_name, mode=mode, ranks=n, **traffic)
-                | dict(text_tokens=config.text_tokens, ulysses_step_bytes=ulysses)
+                | dict(text_tokens=config.text_tokens, compress=compress, ulysses_step_bytes=ulysses)
             )
     return rows
 

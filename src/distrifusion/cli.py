@@ -26,7 +26,7 @@ from pathlib import Path
 from .cli_checks import BENCH_ARCHS, EMBEDDED, Geometry, UsageError, check, is_vae
 from .cli_checks import check_image_size as check_image_size  # re-exported: tests call cli.check_image_size
 from .cli_checks import pipeline_geometry as pipeline_geometry  # and cli.pipeline_geometry
-from .config import GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, ParallelConfig
+from .config import COMPRESS_MODES, GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, ParallelConfig
 from .launcher import RUN_DIR, Interrupted, as_rank, launch, raise_interrupted
 from .timing import TimedCommunicator, time_phase
 
@@ -52,6 +52,13 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
         choices=TEXT_TOKEN_MODES,
         default="sharded",
         help="Flux/SD3: each rank computes a share of the text tokens, or all of them (default: sharded)",
+    )
+    p.add_argument(
+        "--compress",
+        choices=COMPRESS_MODES,
+        default=None,
+        help="displaced steps' exchange in 8 bits per value (int8/fp8), or their change since the last step "
+        "with error feedback (residual-int8/fp8); default: uncompressed",
     )
     p.add_argument(
         "--no-split-cfg",
@@ -199,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qual.add_argument("--seeds", type=int, default=8, help="images per method (seed i draws class i mod classes)")
     qual.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8], help="simulated rank counts")
+    qual.add_argument(
+        "--compress",
+        choices=COMPRESS_MODES,
+        nargs="+",
+        default=None,
+        help="compare these compressions of the displaced exchange (with sync, naive and uncompressed displaced) "
+        "instead of the default methods",
+    )
     qual.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     qual.add_argument("--out-dir", default="quality", help="where quality.md/json and comparison PNGs go")
     _add_verbose(qual)
@@ -230,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TEXT_TOKEN_MODES,
         default="sharded",
         help="Flux/SD3: each rank computes a share of the text tokens, or all of them (ParallelConfig.text_tokens)",
+    )
+    every.add_argument(
+        "--compress",
+        choices=COMPRESS_MODES,
+        default=None,
+        help="displaced steps' exchange compressed (ParallelConfig.compress); traffic and share timings",
     )
     every.add_argument(
         "--simulate",
@@ -433,6 +454,7 @@ def _parallel_config(args: argparse.Namespace) -> ParallelConfig:
         text_tokens=args.text_tokens,
         split_cfg=args.split_cfg and uses_cfg,  # no CFG batch, nothing to split (and no notice saying so)
         cuda_graphs=args.cuda_graphs,
+        compress=args.compress,
         **({"timeout_s": args.timeout} if args.timeout else {}),
     )
 
@@ -607,7 +629,7 @@ def quality(args: argparse.Namespace) -> int:
     import torch
 
     from .pipelines import EMBEDDED, EMBEDDED_DIT, load_texture_dit_pipeline, load_texture_pipeline
-    from .quality import run_quality, write_report
+    from .quality import compression_methods, run_quality, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -618,7 +640,8 @@ def quality(args: argparse.Namespace) -> int:
         pipe = load_texture_pipeline(EMBEDDED if args.model == "embedded" else args.model)
         scheduler = args.scheduler or "ddim"
     args.running = True
-    results = run_quality(pipe, args.height, args.width, args.steps, scheduler, args.seeds, args.ranks)
+    methods = compression_methods(args.compress) if args.compress else None
+    results = run_quality(pipe, args.height, args.width, args.steps, scheduler, args.seeds, args.ranks, methods)
     write_report(results, Path(args.out_dir), args.command_line)
     print(f"wrote {args.out_dir}/quality.md, quality.json and comparison images")
     return 0
@@ -680,7 +703,8 @@ def bench(args: argparse.Namespace) -> int:
                 save(rows)
         return 0
     if args.traffic_only:
-        for row in count_traffic(args.arch, args.sizes, dtype, args.simulate, args.mode, args.text_tokens):
+        traffic = count_traffic(args.arch, args.sizes, dtype, args.simulate, args.mode, args.text_tokens, args.compress)
+        for row in traffic:
             print(
                 f"{row['arch']} {row['height']}x{row['width']} {row['dtype']}, {row['ranks']} ranks "
                 f"({row['cfg_groups']} CFG groups, {row['text_tokens']} text): received per rank "

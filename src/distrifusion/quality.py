@@ -56,6 +56,16 @@ TRANSFORMER_METHODS = [
 SCHEDULERS = ("ddim", "dpm", "euler")
 
 
+def compression_methods(modes: list[str]) -> list[Method]:
+    """Uncompressed displaced steps against each compression of their exchange (the defaults:
+    warm-up 4, GroupNorm corrected_async), with the exact and naive references."""
+    return [
+        *METHODS[:2],
+        Method("displaced, uncompressed", "compress", {}),
+        *[Method(f"displaced, {mode}", "compress", dict(compress=mode)) for mode in modes],
+    ]
+
+
 def methods_for(pipe) -> list[Method]:
     """The methods worth comparing for the pipeline's denoiser (a UNet or a transformer)."""
     return TRANSFORMER_METHODS if hasattr(pipe, "transformer") else METHODS
