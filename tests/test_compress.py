@@ -25,7 +25,7 @@ def _roundtrip(codec: BlockCodec, x: torch.Tensor) -> torch.Tensor:
     return codec.decode(wire, x.numel(), x.dtype)
 
 
-@pytest.mark.parametrize("kind,bound", [("int8", 0.5 / 127), ("fp8", 1 / 16), ("lossless", 0.0)])
+@pytest.mark.parametrize("kind,bound", [("int8", 0.5 / 127), ("fp8", 1 / 16), ("int4", 0.5 / 7), ("lossless", 0.0)])
 def test_codec_error_is_bounded_per_block(kind, bound):
     """int8: half a step of the block's scale; fp8 e4m3: 3 mantissa bits (1/16 of the block's
     largest value at most, counting its subnormals); lossless: the bytes themselves."""
@@ -36,11 +36,11 @@ def test_codec_error_is_bounded_per_block(kind, bound):
     block_max = padded.abs().amax(1).repeat_interleave(CODEC_BLOCK)[: x.numel()]
     assert ((y - x).abs() <= bound * block_max * (1 + 1e-6)).all()
     if kind != "lossless":
-        n = 64 * CODEC_BLOCK  # whole blocks: ~3.9x fewer bytes than float32
-        assert codec.encoded_bytes(n, torch.float32) * 3.8 < n * 4
+        n = 64 * CODEC_BLOCK  # whole blocks: ~3.9x (int4: 7.5x) fewer bytes than float32
+        assert codec.encoded_bytes(n, torch.float32) * (7.4 if kind == "int4" else 3.8) < n * 4
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
 def test_error_feedback_keeps_copies_from_drifting(kind):
     """A payload that drifts for 60 steps, then stays: with residual coding the receivers' copy
     equals the sender's record bitwise, stays within one step's coding error of the truth while
@@ -63,7 +63,7 @@ def test_error_feedback_keeps_copies_from_drifting(kind):
                 assert torch.equal(copy_of_mine, exchange._sent[0])
             errors.append((copy_of_mine - x).abs().max().item())
         results[residual] = errors
-    step_bound = (0.5 / 127 if kind == "int8" else 1 / 16) * 0.05 * 6  # one step's change is ~N(0, 0.05²)
+    step_bound = {"int8": 0.5 / 127, "fp8": 1 / 16, "int4": 0.5 / 7}[kind] * 0.05 * 6  # a step's change: ~N(0, 0.05²)
     assert max(results[True][:60]) < step_bound
     assert results[True][-1] < 1e-3 * results[False][-1]  # converged; plain coding keeps its error
     assert results[False][-1] > 1e-3
@@ -98,7 +98,7 @@ def test_sync_steps_are_never_compressed():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("compress", ["int8", "fp8", "residual-int8", "residual-fp8"])
+@pytest.mark.parametrize("compress", ["int8", "fp8", "residual-int8", "residual-fp8", "residual-int4"])
 def test_compressed_displaced_stays_close_to_uncompressed(compress):
     config = dict(mode="displaced", warmup_steps=1, split_cfg=False)
     plain = _images(2, distrifusion.ParallelConfig(**config))
