@@ -1,14 +1,14 @@
 """Compressed exchange for displaced steps (`ParallelConfig.compress`).
 
 What a displaced step sends is already a step old, so sending it approximately costs little, as
-long as the error does not pile up from step to step. Two ways, each with three codes:
+long as the error does not pile up from step to step. Two ways, each with four codes:
 
-- "int8" / "fp8" / "int4": every payload row is sent in 8 (4) bits per value with one float32
-  scale per block of `BLOCK` values (the block's largest magnitude maps to the code's largest
-  value): about 3.9x (7.5x) fewer bytes than float32, 1.9x (3.8x) than float16. The receiver's
-  copy is the decoded row.
-- "residual-int8" / "residual-fp8" / "residual-int4": each rank sends the change of its row
-  since what the receivers hold, in the same code. Receivers add it to their copy; the sender adds the same
+- "int8" / "fp8" / "int4" / "int2": every payload row is sent in 8, 4 or 2 bits per value
+  (int2: -1, 0 or 1 times the scale) with one float32 scale per block of `BLOCK` values (the
+  block's largest magnitude maps to the code's largest value): about 3.9x, 7.5x or 14x fewer
+  bytes than float32 (half that against float16). The receiver's copy is the decoded row.
+- "residual-..." of each: each rank sends the change of its row since what the receivers hold,
+  in the same code. Receivers add it to their copy; the sender adds the same
   decoded change to its own record of that copy (error feedback), so the next change carries
   this step's coding error too and the copies never drift further than one step's error.
   Activations change slowly from step to step, so the change is small and its coding error
@@ -36,7 +36,7 @@ class BlockCodec:
     [values (padded to whole blocks) | scales as bytes]."""
 
     def __init__(self, kind: str, residual: bool = False) -> None:
-        if kind not in ("int8", "fp8", "int4", "lossless"):  # lossless: the bytes as they are (for tests)
+        if kind not in ("int8", "fp8", "int4", "int2", "lossless"):  # lossless: the bytes as they are (for tests)
             raise ValueError(f"unknown codec {kind!r}")
         self.kind, self.residual = kind, residual
 
@@ -44,7 +44,11 @@ class BlockCodec:
         if self.kind == "lossless":
             return numel * torch.empty(0, dtype=dtype).element_size()
         blocks = -(-numel // BLOCK)
-        return blocks * BLOCK // (2 if self.kind == "int4" else 1) + 4 * blocks
+        return blocks * BLOCK // self._per_byte + 4 * blocks
+
+    @property
+    def _per_byte(self) -> int:
+        return {"int4": 2, "int2": 4}.get(self.kind, 1)
 
     def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Write the code of the 1-D `x` into the uint8 row `out`."""
@@ -53,16 +57,17 @@ class BlockCodec:
             return
         blocks = -(-x.numel() // BLOCK)
         padded = torch.nn.functional.pad(x.float(), (0, blocks * BLOCK - x.numel())).view(blocks, BLOCK)
-        top = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}[self.kind]  # the code's largest value
+        top = {"int8": 127.0, "fp8": 448.0, "int4": 7.0, "int2": 1.0}[self.kind]  # the code's largest value
         scale = padded.abs().amax(1, keepdim=True).clamp_min(1e-30) / top
         scaled = padded / scale
         if self.kind == "int8":
             code = scaled.round_().to(torch.int8).view(torch.uint8)
-        elif self.kind == "int4":  # two values per byte, each stored as 1..15 (value + 8)
-            nibbles = (scaled.round_() + 8).to(torch.uint8)
-            code = nibbles[:, 0::2] * 16 + nibbles[:, 1::2]
-        else:
+        elif self.kind == "fp8":
             code = scaled.to(torch.float8_e4m3fn).view(torch.uint8)
+        else:  # int4 / int2: 2 / 4 values per byte, each stored as value + top + 1 (never negative)
+            bits, per = 8 // self._per_byte, self._per_byte
+            fields = (scaled.round_() + top + 1).to(torch.uint8)
+            code = sum(fields[:, i::per] * (1 << (bits * (per - 1 - i))) for i in range(per)).to(torch.uint8)
         values = code.numel()
         out[:values].copy_(code.flatten())
         out[values:].copy_(scale.flatten().view(torch.uint8))
@@ -72,10 +77,13 @@ class BlockCodec:
         if self.kind == "lossless":
             return data.view(dtype)
         blocks = -(-numel // BLOCK)
-        values = blocks * BLOCK // (2 if self.kind == "int4" else 1)
+        per = self._per_byte
+        values = blocks * BLOCK // per
         code, scale = data[..., :values], data[..., values:].contiguous().view(torch.float32)
-        if self.kind == "int4":
-            code = torch.stack([code // 16, code % 16], -1).flatten(-2).float() - 8
+        if per > 1:
+            bits, top = 8 // per, {"int4": 7, "int2": 1}[self.kind]
+            fields = [(code >> (bits * (per - 1 - i))) & ((1 << bits) - 1) for i in range(per)]
+            code = torch.stack(fields, -1).flatten(-2).float() - (top + 1)
         else:
             code = code.view(torch.int8 if self.kind == "int8" else torch.float8_e4m3fn).float()
         values = code.unflatten(-1, (blocks, BLOCK)) * scale.unsqueeze(-1)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 MODES = ("displaced", "sync", "naive")
 GROUPNORM_MODES = ("corrected_async", "stale", "sync", "separate")
 TEXT_TOKEN_MODES = ("replicated", "sharded")
-COMPRESS_MODES = ("int8", "fp8", "int4", "residual-int8", "residual-fp8", "residual-int4")
+COMPRESS_MODES = ("int8", "fp8", "int4", "int2", "residual-int8", "residual-fp8", "residual-int4", "residual-int2")
 
 
 @dataclass
@@ -56,9 +56,9 @@ class ParallelConfig:
 
     compress: str | None = None
     """Displaced steps' exchange in fewer bytes (see `distrifusion.compress`): None (as computed),
-    "int8", "fp8" or "int4" (8 or 4 bits per value, a scale per block of 256), "residual-int8",
-    "residual-fp8" or "residual-int4" (the change since what the others hold, in that code, with
-    error feedback).
+    "int8", "fp8", "int4" or "int2" (8, 4 or 2 bits per value, a scale per block of 256), or
+    "residual-" + one of them (the change since what the others hold, in that code, with error
+    feedback).
     Synchronous steps stay exact; small payloads (statistics) are never compressed."""
 
     comm_bucket_mb: float = 16.0
