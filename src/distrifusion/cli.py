@@ -27,7 +27,7 @@ from .cli_checks import BENCH_ARCHS, EMBEDDED, Geometry, UsageError, check, is_v
 from .cli_checks import check_image_size as check_image_size  # re-exported: tests call cli.check_image_size
 from .cli_checks import pipeline_geometry as pipeline_geometry  # and cli.pipeline_geometry
 from .config import COMPRESS_MODES, GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, ParallelConfig
-from .launcher import RUN_DIR, Interrupted, as_rank, launch, raise_interrupted
+from .launcher import RUN_DIR, Interrupted, as_rank, as_torchrun_worker, launch, raise_interrupted
 from .timing import TimedCommunicator, time_phase
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     launched = RUN_DIR in os.environ and "LOCAL_RANK" in os.environ
     if launched:
         as_rank()
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        as_torchrun_worker()
     args = build_parser().parse_args(argv)
     args.argv = list(argv)  # to relaunch as ranks, and (quoted) to name the command in reports
     args.command_line = shlex.join(["distrifusion", *argv])
@@ -403,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         _note(note)
     if args.command == "generate" and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch(args.nproc, argv, t0=t0, verbose=args.verbose)
-    if not launched and threading.current_thread() is threading.main_thread():
+    # Under torchrun, SIGTERM is the agent ending the job (the agent reports): a generate rank ends at once
+    # (SIG_DFL), even blocked in a collective, where a Python handler would wait for the collective's timeout.
+    torchrun_generate = "TORCHELASTIC_RUN_ID" in os.environ and args.command == "generate"
+    if not launched and not torchrun_generate and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, raise_interrupted)
     args.running = False
     try:

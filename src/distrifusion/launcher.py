@@ -46,6 +46,20 @@ def as_rank() -> None:
         os._exit(143)  # the launcher is already gone
 
 
+def as_torchrun_worker() -> None:
+    """A torchrun worker ends (SIGKILL) when its agent dies. torchrun starts its workers in sessions of
+    their own (start_new_session) and nothing else stops them: a killed agent would leave its host's ranks
+    computing or waiting in a collective with nobody watching."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the agent died before that
+        os._exit(137)
+
+
 def _free_port() -> int:
     import socket
 
