@@ -19,6 +19,7 @@ from .graphs import CudaGraphs, ReplayWatchdog
 from .layers import (
     PatchAttnProcessor,
     PatchConv2d,
+    PatchFreeU,
     PatchGroupNorm,
     PatchJointAttnProcessor,
     PatchZeroPadDownsample,
@@ -33,7 +34,7 @@ from .state import ParallelState, Plan, split_rows
 log = logging.getLogger("distrifusion")
 
 _STATE_ATTR = "_distrifusion_state"
-_LAYERS = (PatchConv2d, PatchGroupNorm, StripPatchEmbed, PatchZeroPadDownsample)
+_LAYERS = (PatchConv2d, PatchGroupNorm, PatchFreeU, StripPatchEmbed, PatchZeroPadDownsample)
 _PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
 
 
