@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .cli_checks import BENCH_ARCHS
 from .comm import Communicator, PendingGather
 from .config import ParallelConfig
 from .graphs import CudaGraphs
@@ -25,16 +26,7 @@ from .parallelize import parallelize, remove, reset
 from .simulate import loopback_runtime
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
-ARCHS = {
-    "sd15": "sd15_unet.json",
-    "sd21": "sd21_unet.json",
-    "sdxl": "sdxl_unet.json",
-    "flux_dev": "flux_dev_transformer.json",
-    "sd3_medium": "sd3_medium_transformer.json",
-    "pixart_alpha": "pixart_alpha_transformer.json",
-    "sd_vae": "sd_vae.json",
-    "sdxl_vae": "sdxl_vae.json",
-}
+ARCHS = BENCH_ARCHS  # the config file of each named architecture, in data/configs
 # Nominal one-direction bandwidths, bytes per second.
 LINKS = {
     "NVLink 4 (H100)": 450e9,

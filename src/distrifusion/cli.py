@@ -492,19 +492,16 @@ def generate(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
     times: dict[str, float] = {}
-    if args.model in EMBEDDED:
-        from .pipelines import load_texture_dit_pipeline, load_texture_pipeline
+    from .parallelize import _denoiser
+    from .pipelines import load_pipeline
 
-        load = load_texture_pipeline if args.model == "embedded" else load_texture_dit_pipeline
-        pipe = load(torch_dtype=dtype)
+    pipe = load_pipeline(args.model, dtype)
+    if args.model in EMBEDDED:
         default_class = "gravel" if "gravel" in pipe.classes else pipe.classes[0]
         label = pipe.class_index(args.prompt or default_class)
         pipe = distrifusion.parallelize(pipe, config)
         run = lambda: pipe(label, height=height, width=width, num_inference_steps=args.steps, generator=generator)  # noqa: E731
     else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
         pipe = distrifusion.parallelize(pipe, config)
         if hasattr(pipe, "encode_prompt"):
             time_phase(pipe, "encode_prompt", times, "text encoding")
@@ -515,7 +512,7 @@ def generate(args: argparse.Namespace) -> int:
         run = lambda: pipe(  # noqa: E731
             prompt=prompt, height=height, width=width, num_inference_steps=args.steps, generator=generator, **extra
         )
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    denoiser = _denoiser(pipe)
     state = denoiser._distrifusion_state
     runtime = state.runtime
     clock = [0.0]

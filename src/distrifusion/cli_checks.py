@@ -17,7 +17,7 @@ from .config import ParallelConfig
 
 DATA = Path(__file__).parent / "data"
 EMBEDDED = {"embedded": DATA / "textures", "embedded-dit": DATA / "textures_dit"}
-BENCH_ARCHS = {  # as bench.ARCHS (which imports torch)
+BENCH_ARCHS = {  # bench.ARCHS; here, because this module must not import torch
     "sd15": "sd15_unet.json",
     "sd21": "sd21_unet.json",
     "sdxl": "sdxl_unet.json",

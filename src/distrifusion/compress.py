@@ -14,16 +14,14 @@ long as the error does not pile up from step to step. Two ways, each with four c
   Activations change slowly from step to step, so the change is small and its coding error
   smaller still.
 
-Synchronous exchanges are never compressed (the synchronous mode and warm-up steps stay exact),
-nor are small payloads (GroupNorm statistics, FreeU's spectra: `MIN_ELEMENTS`), which go in
-buckets of their own.
+The modes are listed in `config.COMPRESS_MODES`. Synchronous exchanges are never compressed (the
+synchronous mode and warm-up steps stay exact), nor are small payloads (GroupNorm statistics,
+FreeU's spectra: `MIN_ELEMENTS`), which go in buckets of their own.
 """
 
 from __future__ import annotations
 
 import torch
-
-from .config import COMPRESS_MODES  # noqa: F401 - listed beside the other modes, used here
 
 BLOCK = 256
 """Values per scale: a scale (4 bytes) per 256 one-byte values adds 1.6% to the bytes."""

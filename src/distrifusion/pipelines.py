@@ -194,3 +194,15 @@ def load_texture_dit_pipeline(
     emb = load_file(path / "class_embeddings.safetensors")
     classes = json.loads((path / "classes.json").read_text())["classes"]
     return TextureDiTPipeline(transformer, scheduler, emb["tokens"], emb["pooled"], classes)
+
+
+def load_pipeline(model: str, torch_dtype: torch.dtype = torch.float32):
+    """The pipeline a command names: 'embedded' (the texture UNet), 'embedded-dit' (the texture Flux
+    transformer), or a diffusers pipeline folder or hub id (`DiffusionPipeline.from_pretrained`)."""
+    if model == "embedded":
+        return load_texture_pipeline(torch_dtype=torch_dtype)
+    if model == "embedded-dit":
+        return load_texture_dit_pipeline(torch_dtype=torch_dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)

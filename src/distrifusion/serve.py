@@ -274,19 +274,21 @@ class WorkerGroup:
         thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
         thread.start()
         deadline = time.monotonic() + self.load_timeout_s
-        while not accepted:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise GroupFailure(500, f"the ranks did not load within {self.load_timeout_s:.0f} s")
-            thread.join(0.1)
-        listener.close()
+        try:
+            self._wait_loading(lambda: thread.join(0.1) or bool(accepted), deadline)
+        finally:
+            listener.close()
         self.connection = accepted[0]
-        while not self.connection.poll(0.1):
+        self._wait_loading(lambda: self.connection.poll(0.1), deadline)
+        return self.connection.recv()[1]
+
+    def _wait_loading(self, ready, deadline: float) -> None:
+        """Poll `ready()` (each call may block 0.1 s) while the ranks load; GroupFailure if a rank exits
+        or the deadline passes."""
+        while not ready():
             self._check_alive()
             if time.monotonic() > deadline:
                 raise GroupFailure(500, f"the ranks did not load within {self.load_timeout_s:.0f} s")
-        message = self.connection.recv()
-        return message[1]
 
     def _check_alive(self) -> None:
         for rank, proc in enumerate(self.procs):

@@ -19,6 +19,8 @@ import time
 from datetime import timedelta
 from functools import partial
 
+from .parallelize import _denoiser
+
 IDLE_TIMEOUT = timedelta(days=365)
 """How long ranks 1..N-1 may wait for the next job."""
 
@@ -27,17 +29,9 @@ def load_pipeline(model: str, dtype, config):
     """The parallelised pipeline for `model` ('embedded', 'embedded-dit', or a diffusers pipeline)."""
     import distrifusion
 
-    from .cli_checks import EMBEDDED
+    from .pipelines import load_pipeline as load
 
-    if model in EMBEDDED:
-        from .pipelines import load_texture_dit_pipeline, load_texture_pipeline
-
-        pipe = (load_texture_pipeline if model == "embedded" else load_texture_dit_pipeline)(torch_dtype=dtype)
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    pipe = distrifusion.parallelize(pipe, config)
+    pipe = distrifusion.parallelize(load(model, dtype), config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -46,7 +40,7 @@ def run_job(pipe, job: dict, embedded: bool, on_step) -> tuple[list, dict]:
     """The images of one job (PIL) and its timings; `on_step(step)` after every denoising step."""
     import torch
 
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    denoiser = _denoiser(pipe)
     state = denoiser._distrifusion_state
     state.config = dataclasses.replace(state.config, mode=job["mode"])
     calls, marks = [0], {}
@@ -90,7 +84,7 @@ def worker_loop(pipe, embedded: bool, connection) -> None:
     """Run jobs until the front sends None. `connection` is rank 0's (None on the other ranks)."""
     import torch.distributed as dist
 
-    state = (pipe.unet if hasattr(pipe, "unet") else pipe.transformer)._distrifusion_state
+    state = _denoiser(pipe)._distrifusion_state
     world = state.runtime.world_size
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if world > 1 else None
     rank = dist.get_rank() if world > 1 else 0
