@@ -129,6 +129,13 @@ def run_controlnet(pipe):
     return run_text(pipe, image=image)
 
 
+PROCESSORS = {
+    "sliced": lambda pipe: pipe.enable_attention_slicing(1),
+    "fused": lambda pipe: pipe.fuse_qkv_projections(),
+    "classic": lambda pipe: pipe.unet.set_default_attn_processor(),
+}
+
+
 class UnknownProcessor(AttnProcessor2_0):
     """A processor the engine does not know (a subclass may compute anything, e.g. record maps)."""
 
@@ -172,6 +179,11 @@ def rank_job() -> dict:
     pipe.unfuse_qkv_projections()
     pipe.unet.set_default_attn_processor()
     out["classic after"] = run_text(pipe)
+
+    for name, set_up in PROCESSORS.items():  # the same processors set before parallelize
+        before = tiny_sd()
+        set_up(before)
+        out[f"{name} before"] = run_text(parallel(before))
 
     # Unknown processors: on every rank, then on one rank only; both refused everywhere.
     pipe.unet.set_attn_processor(UnknownProcessor())
@@ -270,9 +282,10 @@ def test_freeu_is_exact(results, order):
     check(results, f"freeu {order}", ref, FREEU_TOL)
 
 
-@pytest.mark.parametrize("processor", ["sliced", "fused", "classic"])
-def test_processor_set_after_parallelize_is_exact(results, processor):
-    check(results, f"{processor} after", reference("plain"), TOL)
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("processor", list(PROCESSORS))
+def test_processor_set_before_or_after_parallelize_is_exact(results, processor, order):
+    check(results, f"{processor} {order}", reference("plain"), TOL)
 
 
 @pytest.mark.parametrize("name", [*SCHEDULERS, "two per prompt", "controlnet"])
