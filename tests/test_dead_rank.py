@@ -36,3 +36,32 @@ def test_survivor_fails_fast_instead_of_hanging():
     assert results[0]["error"] is not None
     assert results[0]["seconds"] < 40  # within the 30 s collective timeout (gloo usually notices at once)
     assert time.perf_counter() - start < 120
+
+
+def roll_call_job(silent_rank: int | None) -> dict:
+    """Every rank but `silent_rank` answers the roll call (a rank that hangs or died answers nothing)."""
+    from distrifusion.comm import init_runtime, roll_call
+
+    init_runtime(timeout_s=30)
+    rank = int(os.environ["RANK"])
+    if rank == silent_rank:
+        time.sleep(4)  # outlasts the others' 2 s window; then leaves (its answer would come too late)
+        return {"said": None}
+    start = time.perf_counter()
+    said = roll_call(window_s=2.0)
+    return {"said": said, "seconds": time.perf_counter() - start}
+
+
+def test_roll_call_names_the_rank_that_does_not_answer():
+    results = run_ranks(3, roll_call_job, 2)
+    for result in results[:2]:
+        assert result["said"] is not None and "from rank 2 (" in result["said"], result
+        assert "rank 0" not in result["said"] and "rank 1" not in result["said"]
+        assert "127.0.0.1" in result["said"]  # the address it reaches the rendezvous from
+        assert 1.9 < result["seconds"] < 4.5  # waited the window, and no longer
+
+
+def test_roll_call_with_every_rank_answering_says_nothing_and_returns_at_once():
+    results = run_ranks(3, roll_call_job, None)
+    assert all(r["said"] is None for r in results), results
+    assert all(r["seconds"] < 1.9 for r in results), results  # did not wait out the window

@@ -327,10 +327,11 @@ def _exit_code(e: BaseException, running: bool) -> int:
     return 1
 
 
-def report_error(e: BaseException, code: int, verbose: bool) -> None:
+def report_error(e: BaseException, code: int, verbose: bool, silent: str | None = None) -> None:
     """One line, once: by the launcher (our ranks leave it in the run folder), by rank 0 under torchrun
-    for bad input (which every rank finds alike), by each failing rank for a failure."""
-    message = _one_line(e)
+    for bad input (which every rank finds alike), by each failing rank for a failure. `silent`: the roll
+    call's sentence naming ranks that no longer answer (comm.roll_call)."""
+    message = _one_line(e) + (f"; {silent}" if silent else "")
     if verbose:
         traceback.print_exception(e)
     run_dir = os.environ.get(RUN_DIR)
@@ -422,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     except Exception as e:  # noqa: BLE001 - every failure ends as one line and an exit code
         code = _exit_code(e, args.running)
-        report_error(e, code, args.verbose)
+        silent = None
+        if code == 1 and "torch.distributed" in sys.modules:
+            from .comm import roll_call
+
+            silent = roll_call(min(5.0, getattr(args, "timeout", None) or 300.0))
+        report_error(e, code, args.verbose, silent)
         return code
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -159,4 +162,85 @@ def init_runtime(timeout_s: float = 300.0) -> Runtime:
             mine = halves[rank // half]
             patch_groups[2] = DistCommunicator(mine) if half > 1 else SoloCommunicator()
         _RUNTIMES[key] = Runtime(rank, world_size, device, world, patch_groups)
+        _sign_in(rank)
     return _RUNTIMES[key]
+
+
+# -- naming the ranks that stopped answering ---------------------------------------------------------
+# A collective that times out says only that *some* rank is missing. After a failure each surviving
+# rank answers a roll call in the rendezvous store (the default group's key-value store, reached over
+# its own TCP connection, not through the broken collective) and names the ranks that do not answer.
+
+
+def _roll_call_key(what: str, rank: int) -> str:
+    # Keys of an earlier attempt of the same job (torchrun --max-restarts keeps the store) are not read.
+    return f"distrifusion/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{what}/{rank}"
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store (no group, or a backend without one): no roll call
+        return None
+
+
+def _where() -> str:
+    """This rank's place, for messages: torchrun's node index, the host name, and the address it reaches
+    the rendezvous from (two "hosts" that share a name, like network namespaces, differ in it)."""
+    parts = [f"node {os.environ['GROUP_RANK']}"] if "GROUP_RANK" in os.environ else []
+    parts.append(socket.gethostname())
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # connect() on UDP sends nothing
+            probe.connect((os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "29500"))))
+            parts.append(probe.getsockname()[0])
+    except (KeyError, OSError, ValueError):
+        pass
+    return " ".join(parts)
+
+
+def _sign_in(rank: int) -> None:
+    store = _default_store()
+    if store is not None:
+        store.set(_roll_call_key("where", rank), _where())
+
+
+def roll_call(window_s: float = 5.0) -> str | None:
+    """After a failure: which ranks no longer answer? Marks this rank as alive in the store, waits up to
+    `window_s` for every other rank to do the same (they fail at about the same moment: they wait on the
+    same collective), and returns a sentence naming the ranks that did not answer, with their node, host
+    and address; None when all answered, there is no group, or the store cannot be reached. Bounded: a
+    store behind a cut link cannot hold the caller longer than `window_s` plus 2 s."""
+    store = _default_store()
+    if store is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    found: list[str] = []
+
+    def answered(r: int, what: str = "here") -> bool:
+        return store.check([_roll_call_key(what, r)])
+
+    def call() -> None:
+        try:
+            store.set(_roll_call_key("here", rank), "1")
+            missing = [r for r in range(world_size) if r != rank]
+            deadline = time.monotonic() + window_s
+            while missing and time.monotonic() < deadline:
+                time.sleep(0.1)
+                missing = [r for r in missing if not answered(r)]
+            for r in missing:
+                where = store.get(_roll_call_key("where", r)).decode() if answered(r, "where") else ""
+                found.append(f"rank {r}" + (f" ({where})" if where else ""))
+            found.append("")  # done
+        except Exception:  # noqa: BLE001 - the store is gone too: the caller says nothing rather than guess
+            pass
+
+    caller = threading.Thread(target=call, name="distrifusion-roll-call", daemon=True)
+    caller.start()
+    caller.join(window_s + 2.0)
+    if not found or found[-1] != "":
+        return None  # the store did not answer (cut off from it): nothing reliable to say
+    silent = found[:-1]
+    if not silent:
+        return None
+    return f"no answer within {window_s:g} s of the failure from {', '.join(silent)}: stopped, killed or cut off"
+
