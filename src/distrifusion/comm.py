@@ -243,4 +243,3 @@ def roll_call(window_s: float = 5.0) -> str | None:
     if not silent:
         return None
     return f"no answer within {window_s:g} s of the failure from {', '.join(silent)}: stopped, killed or cut off"
-
