@@ -53,17 +53,25 @@ def build_model(arch: str, dtype: torch.dtype, device: torch.device):
         return cls.from_config(config).to(dtype).eval()
 
 
-def model_inputs(model, height: int, width: int, batch: int | None = None) -> dict:
+def model_inputs(model, height: int, width: int, batch: int | None = None, scale: int | None = None) -> dict:
     """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller), as the
     model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3 and PixArt; one image
-    with distilled guidance for Flux-dev. Text lengths are the pipelines' defaults (CLIP 77, SD3
-    333, PixArt 120, Flux 512)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+    with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no latents). Text
+    lengths are the pipelines' defaults (CLIP 77, SD3 333, PixArt 120, Flux 512). `scale`: pixels per
+    latent cell (None: 1 for a UNet2DModel, else 8; a pixel-space transformer takes 1)."""
+    from diffusers import (
+        AutoencoderKL,
+        FluxTransformer2DModel,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DModel,
+    )
 
     cfg, p = model.config, next(model.parameters())
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g) if p.device.type != "meta" else torch.empty(shape)  # noqa: E731
-    h, w = height // 8, width // 8
+    scale = scale or (1 if isinstance(model, UNet2DModel) else 8)
+    h, w = height // scale, width // scale
     if isinstance(model, FluxTransformer2DModel):
         batch = batch or 1
         rows, cols = h // 2, w // 2  # the pipeline packs 2x2 latent cells per token
@@ -97,6 +105,11 @@ def model_inputs(model, height: int, width: int, batch: int | None = None) -> di
                 aspect_ratio=torch.tensor([[height / width]] * batch, dtype=torch.float32),
             ),
         )
+    elif isinstance(model, UNet2DModel):  # pixel space (the embedded texture model): one image, a class label
+        batch = batch or 1
+        inputs = dict(sample=rand(batch, cfg.in_channels, h, w), timestep=torch.tensor(500))
+        if cfg.num_class_embeds:
+            inputs["class_labels"] = torch.zeros(batch, dtype=torch.long)
     elif isinstance(model, AutoencoderKL):  # a decode of one image
         inputs = dict(z=rand(batch or 1, cfg.latent_channels, h, w))
     else:
@@ -220,19 +233,26 @@ def _to_model(value, p: torch.Tensor):
 
 
 class CountingCommunicator:
-    """Counts the bytes this rank receives (from the group's other members) through `inner`."""
+    """Counts the bytes this rank receives (from the group's other members) through `inner`: in all
+    ("bytes"), and split by kind: blocking collectives ("blocking_bytes", "blocking_calls"), which
+    the step waits for, and asynchronous ones ("async_bytes", "async_calls"), which run behind it."""
 
     def __init__(self, inner: Communicator, counter: dict) -> None:
         self.inner, self.counter = inner, counter
         self.rank, self.size = inner.rank, inner.size
         self.capturable = inner.capturable
 
+    def _count(self, nbytes: int, async_op: bool) -> None:
+        kind = "async" if async_op else "blocking"
+        for key, value in (("bytes", nbytes), (f"{kind}_bytes", nbytes), (f"{kind}_calls", 1)):
+            self.counter[key] = self.counter.get(key, 0) + value
+
     def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
-        self.counter["bytes"] += (self.size - 1) * tensor.numel() * tensor.element_size()
+        self._count((self.size - 1) * tensor.numel() * tensor.element_size(), async_op)
         return self.inner.all_gather(tensor, async_op)
 
     def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
-        self.counter["bytes"] += (self.size - 1) * buffer[0].numel() * buffer.element_size()
+        self._count((self.size - 1) * buffer[0].numel() * buffer.element_size(), async_op)
         return self.inner.all_gather_inplace(buffer, async_op)
 
 
@@ -447,26 +467,33 @@ def _first_steps_traffic(model, inputs: dict, counter: dict, mode: str) -> dict:
     Both run eagerly (a graph is captured at a phase's second use) so the communicator sees them; with
     mode="sync" step 1 would be the synchronous graph's first replay, so the synchronous figure stands.
     """
-    counter["bytes"] = 0
+    counter.clear()
     model(**inputs)
-    sync_bytes, counter["bytes"] = counter["bytes"], 0
+    sync = dict(counter)
+    counter.clear()
     model(**inputs)
+    step = dict(counter) if mode != "sync" else sync
     plan = model._distrifusion_state.plan
     return dict(
         cfg_groups=plan.cfg_groups,
         largest_strip_rows=max(plan.rows),
-        sync_step_bytes=sync_bytes,
-        step_bytes=counter["bytes"] if mode != "sync" else sync_bytes,
+        sync_step_bytes=sync.get("bytes", 0),
+        step_bytes=step.get("bytes", 0),
+        # What a step waits for, and what runs behind it: distrifusion.plan's link model needs both.
+        **{f"step_{k}": step.get(k, 0) for k in ("blocking_bytes", "blocking_calls", "async_bytes", "async_calls")},
     )
 
 
 def _bench_share(
-    model, inputs: dict, ranks, repeats, mode, device, graphs, text_tokens="sharded", compiled=False
+    model, inputs: dict, ranks, repeats, mode, device, graphs, text_tokens="sharded", compiled=False, compress=None
 ) -> dict:
-    """One rank's share of `ranks`: this process plays the largest strip with loopback collectives."""
+    """One rank's share of `ranks`: this process plays the largest strip with loopback collectives
+    (a displaced step with `compress` encodes its row and decodes the others', as a real rank does)."""
     counter = {"bytes": 0}
     runtime = counting_loopback_runtime(ranks, device, counter)
-    config = ParallelConfig(mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=graphs, text_tokens=text_tokens)
+    config = ParallelConfig(
+        mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=graphs, text_tokens=text_tokens, compress=compress
+    )
     parallelize(model, config, runtime=runtime)
     state = model._distrifusion_state
     ours = torch.compile(model) if compiled else model

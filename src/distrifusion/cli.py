@@ -44,7 +44,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=MODES, default="displaced", help="parallel mode (default: displaced)")
+    p.add_argument(
+        "--mode", choices=(*MODES, "auto"), default="displaced",
+        help="parallel mode (default: displaced); auto: the fastest on these links, measured first (see `plan`)",
+    )  # fmt: skip
     p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps after the first (default: 4)")
     p.add_argument("--groupnorm", choices=GROUPNORM_MODES, default="corrected_async", help="GroupNorm mode (UNets)")
     p.add_argument(
@@ -297,6 +300,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     _add_verbose(bench)
+
+    pln = sub.add_parser(
+        "plan",
+        help="measure the link and each choice's share of a step; predict and rank the step times",
+        description="Predicts the step time of sync, displaced and displaced + each compression on all the ranks, "
+        "and displaced on fewer, from the measured link (all-gather latency and bandwidth), each choice's measured "
+        "share of a step and its counted bytes (see distrifusion.plan). ParallelConfig(mode='auto') and "
+        "`generate --mode auto` run the fastest. Launch it as generate: --nproc N here, or under torchrun.",
+    )
+    pln.add_argument("--nproc", type=int, default=2, help="ranks to plan for (under torchrun: its world size)")
+    pln.add_argument(
+        "--arch", default=None, help=f"{' | '.join(BENCH_ARCHS)} | PATH.json, random weights (default: sdxl on "
+        "CUDA, sd15 on a CPU)",
+    )  # fmt: skip
+    pln.add_argument("--model", default=None, help="plan a pipeline's denoiser instead: embedded, a folder, a hub id")
+    pln.add_argument("--height", type=int, default=None, help="pixels (default: 1024 on CUDA, 256 on a CPU)")
+    pln.add_argument("--width", type=int, default=None, help="pixels (default: as height's)")
+    pln.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    pln.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median)")
+    pln.add_argument(
+        "--measure", action="store_true",
+        help="also run each all-rank choice for real and print the prediction's error",
+    )  # fmt: skip
+    pln.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="collective timeout")
+    pln.add_argument("--json", default=None, help="write the plan (and measurements) to this JSON file")
+    _add_verbose(pln)
     return parser
 
 
@@ -404,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in notes:
         _note(note)
-    if args.command == "generate" and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if args.command in ("generate", "plan") and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch(args.nproc, argv, t0=t0, verbose=args.verbose)
     # Under torchrun, SIGTERM is the agent ending the job (the agent reports): a generate rank ends at once
     # (SIG_DFL), even blocked in a collective, where a Python handler would wait for the collective's timeout.
@@ -413,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, raise_interrupted)
     args.running = False
     try:
-        code = {"generate": generate, "quality": quality, "bench": bench, "serve": serve}[args.command](args)
+        commands = {"generate": generate, "quality": quality, "bench": bench, "serve": serve, "plan": plan}
+        code = commands[args.command](args)
         _close_process_group()
         return code
     except (KeyboardInterrupt, Interrupted) as e:
@@ -467,6 +497,7 @@ def _parallel_config(args: argparse.Namespace) -> ParallelConfig:
         cuda_graphs=args.cuda_graphs,
         compress=args.compress,
         **({"timeout_s": args.timeout} if args.timeout else {}),
+        **({"auto_size": (args.height, args.width)} if getattr(args, "height", None) else {}),
     )
 
 
@@ -776,3 +807,45 @@ def bench(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import build_model, model_inputs
+    from .comm import init_runtime
+    from .plan import Choice, choices, format_plan, measure
+    from .plan import plan as make_plan
+
+    runtime = init_runtime(args.timeout or 300.0)
+    dtype = _dtype(args.dtype)
+    scale = None
+    if args.model:
+        from .parallelize import _denoiser
+        from .pipelines import load_pipeline
+
+        pipe = load_pipeline(args.model, dtype)
+        model = _denoiser(pipe).to(runtime.device)
+        scale = getattr(pipe, "vae_scale_factor", 8) if getattr(pipe, "vae", None) else 1
+    else:
+        model = build_model(args.arch, dtype, runtime.device)
+    inputs = model_inputs(model, args.height, args.width, scale=scale)
+    args.running = True
+    found = make_plan(model, inputs, runtime, choices(runtime.world_size), args.repeats)
+    measured = {}
+    if args.measure:
+        for row in found["rows"]:
+            if row["ranks"] == runtime.world_size:
+                choice = Choice(row["ranks"], row["mode"], row["compress"])
+                row["measured_s"] = measure(model, inputs, runtime, choice, args.repeats)
+                measured[(row["ranks"], row["choice"])] = row["measured_s"]
+    if runtime.rank == 0:
+        device = runtime.device
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        what = args.model or args.arch
+        print(f"plan: {what} {args.height}x{args.width} {args.dtype}, {runtime.world_size} ranks on {card}")
+        print(format_plan(found, measured))
+        if args.json:
+            record = dict(command=args.command_line, card=card, threads=torch.get_num_threads(), **found)
+            Path(args.json).write_text(json.dumps(record, indent=1, default=str))
+    return 0

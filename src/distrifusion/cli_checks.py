@@ -262,7 +262,13 @@ def _common_parallel_checks(args) -> None:
 
 def check(args) -> list[str]:
     """Every check of a command's input that needs no model weights: raise UsageError, or return notes."""
-    checks = {"generate": check_generate, "quality": check_quality, "bench": check_bench, "serve": check_serve}
+    checks = {
+        "generate": check_generate,
+        "quality": check_quality,
+        "bench": check_bench,
+        "serve": check_serve,
+        "plan": check_plan,
+    }
     return checks[args.command](args)
 
 
@@ -376,3 +382,29 @@ def check_bench(args) -> list[str]:
         if args.traffic_only and (args.repeats or args.nproc > 1 or args.graphs != ["auto"]):
             notes.append("--traffic-only times nothing: --repeats, --graphs and --nproc are ignored")
     return notes + _cores_note(args.nproc if not args.traffic_only else 1)
+
+
+def check_plan(args) -> list[str]:
+    _positive("--nproc", args.nproc)
+    _positive("--repeats", args.repeats)
+    _finite("--timeout", args.timeout, positive=True)
+    cuda = _cuda_likely()
+    if args.model and args.arch:
+        raise UsageError("--model and --arch name the same thing: give one")
+    if args.model in EMBEDDED:
+        geo = embedded_geometry(args.model, EMBEDDED[args.model])
+    elif args.model:
+        geo = pipeline_geometry(args.model, None)
+    else:
+        args.arch = args.arch or ("sdxl" if cuda else "sd15")
+        if is_vae(args.arch):
+            raise UsageError("plan is for denoisers; a VAE is always split synchronously (bench --arch times it)")
+        geo = bench_geometry(args.arch)
+    args.height = args.height or (geo.default_px if args.model and geo else 1024 if cuda else 256)
+    args.width = args.width or args.height
+    args.dtype = args.dtype or ("float16" if cuda else "float32")
+    if geo is not None:
+        check_image_size(geo, args.height, args.width, _world(args))
+    if args.json:
+        _writable_folder(Path(args.json).parent, f"--json {args.json}")
+    return _cores_note(args.nproc)

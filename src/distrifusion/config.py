@@ -19,8 +19,13 @@ class ParallelConfig:
 
     mode: str = "displaced"
     """"displaced" (DistriFusion: other strips' context from the previous step, exchanged
-    asynchronously), "sync" (exact patch parallelism, fresh context every step, blocking), or
-    "naive" (strips never interact; the baseline that shows seams)."""
+    asynchronously), "sync" (exact patch parallelism, fresh context every step, blocking),
+    "naive" (strips never interact; the baseline that shows seams), or "auto": `parallelize`
+    measures the link and each choice's share (`distrifusion.plan`) and runs the fastest of sync,
+    displaced and displaced with each compression (which replaces `compress`)."""
+
+    auto_size: tuple[int, int] | None = None
+    """mode="auto" only: the (height, width) in pixels to plan for; None: the model's own sample size."""
 
     warmup_steps: int = 4
     """Synchronous steps after the first one in "displaced" mode (the first step is always
@@ -76,8 +81,12 @@ class ParallelConfig:
     that dies cannot leave the others blocked forever."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"ParallelConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in (*MODES, "auto"):
+            raise ValueError(f"ParallelConfig.mode must be one of {(*MODES, 'auto')}, got {self.mode!r}")
+        if self.auto_size is not None and not (
+            len(self.auto_size) == 2 and all(isinstance(v, int) and v > 0 for v in self.auto_size)
+        ):
+            raise ValueError(f"ParallelConfig.auto_size must be None or (height, width) pixels, got {self.auto_size!r}")
         if self.groupnorm not in GROUPNORM_MODES:
             raise ValueError(f"ParallelConfig.groupnorm must be one of {GROUPNORM_MODES}, got {self.groupnorm!r}")
         if self.text_tokens not in TEXT_TOKEN_MODES:

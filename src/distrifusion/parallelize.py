@@ -69,7 +69,18 @@ def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime:
         VAEAdapter().check(vae)
     runtime = runtime or init_runtime(config.timeout_s)
     pipe_or_model.to(runtime.device)
-    parallelize_model(model, config, runtime, adapter)
+    found = None
+    if config.mode == "auto":
+        from .plan import describe_choice, resolve_auto
+
+        # A pipeline's pixels per latent cell: its VAE's factor; no VAE: pixel space (the texture models).
+        scale = None
+        if model is not pipe_or_model:
+            scale = getattr(pipe_or_model, "vae_scale_factor", 8) if getattr(pipe_or_model, "vae", None) else 1
+        config, found = resolve_auto(model, config, runtime, scale)
+        if runtime.rank == 0:
+            log.info(describe_choice(found))
+    parallelize_model(model, config, runtime, adapter).auto_plan = found
     if vae is not None:
         parallelize_model(vae, config, runtime, VAEAdapter())
     if model is not pipe_or_model:

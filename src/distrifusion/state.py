@@ -318,6 +318,8 @@ class ParallelState:
         """(address, version) of every weight when the graphs were last checked (see `reset`)."""
         self.cross_kv: dict[str, tuple] = {}
         """Cross-attention keys/values per layer, computed once per image (see PatchAttnProcessor)."""
+        self.auto_plan: dict | None = None
+        """With ParallelConfig(mode="auto"): the plan it chose from (`distrifusion.plan.plan`)."""
         self._exchanges: dict[Plan, Exchange] = {}
         self._calls: dict[str, int] = {}
 

@@ -1,0 +1,238 @@
+"""`distrifusion plan` and `ParallelConfig(mode="auto")`: the fastest way to run N ranks on these links,
+predicted from measurements of this machine, this model and this size.
+
+Three measurements, no assumed figures:
+1. the link: all-gathers of a few sizes among the ranks, fitted as
+   seconds = latency x collectives + bytes received / bandwidth;
+2. each choice's work: this rank's strip of one step with loopback collectives (so its compute, and a
+   compressed choice's encoding and decoding), timed on every rank at once, so that ranks which share
+   a machine's cores or memory are timed as they will run;
+3. each choice's bytes, counted at the communicator in that same step and split into blocking
+   collectives (the step waits for them) and asynchronous ones (they run behind the next step's work).
+
+Predicted step = work + link(blocking) + max(0, link(asynchronous) - work): sync mode's exchanges all
+block; displaced mode's stale exchange starts at a layer and is waited for at that layer one step
+later, so it hides behind about one step of work. Fewer ranks are predicted the same way (their share
+and bytes measured, this link assumed); "auto" chooses among the modes and compressions of all the
+ranks (fewer ranks need another launch, so the table only shows them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .bench import _bench_share, _sync, free_cached_memory, model_inputs, time_calls
+from .comm import Communicator, Runtime
+from .config import COMPRESS_MODES, ParallelConfig
+
+PROBE_BYTES = (4 << 10, 256 << 10, 2 << 20, 8 << 20)
+"""Per-rank payloads of the link probe: the small ones give the latency, the large ones the bandwidth."""
+
+
+@dataclass
+class Link:
+    """One rank's view of an all-gather among the ranks: seconds per collective and bytes it receives
+    per second."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def seconds(self, nbytes: float, calls: int) -> float:
+        return calls * self.latency_s + nbytes / self.bytes_per_s
+
+
+def measure_link(comm: Communicator, device: torch.device, sizes=PROBE_BYTES, repeats: int = 5) -> Link:
+    """Time blocking all-gathers of `sizes` bytes per rank among `comm`'s members and fit a latency and a
+    bandwidth (least squares over the medians). Every rank returns the same, slowest, estimate."""
+    if comm.size == 1:
+        return Link(0.0, float("inf"))
+    points = []
+    for size in sizes:
+        buffer = torch.zeros(comm.size, size, dtype=torch.uint8, device=device)
+        times = []
+        for i in range(repeats + 1):  # the first one sets the connection up: untimed
+            _sync(device)
+            start = time.perf_counter()
+            comm.all_gather_inplace(buffer).wait()
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+        points.append(((comm.size - 1) * size, statistics.median(times)))
+    latency, seconds_per_byte = _fit_line(points)
+    mine = torch.tensor([latency, seconds_per_byte], dtype=torch.float64, device=device)
+    slowest = comm.all_gather(mine).wait().amax(0).tolist()
+    return Link(slowest[0], 1.0 / slowest[1])
+
+
+def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of t = a + b x by least squares, both kept positive (a probe's noise must not
+    give a negative latency or an infinite bandwidth)."""
+    xs, ts = [p[0] for p in points], [p[1] for p in points]
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    spread = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / spread if spread else 0.0
+    slope = max(slope, 1e-15)
+    return max(mt - slope * mx, 0.0), slope
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One way to run: how many ranks, which mode, which compression."""
+
+    ranks: int
+    mode: str
+    compress: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.mode + (f" + {self.compress}" if self.compress else "")
+
+
+def choices(ranks: int, compressions=COMPRESS_MODES) -> list[Choice]:
+    """All ranks: sync, displaced, displaced with each compression. Then each smaller power-of-two share
+    of the ranks (down to one, which needs no link), displaced."""
+    rows = [Choice(ranks, "sync"), Choice(ranks, "displaced")]
+    rows += [Choice(ranks, "displaced", c) for c in compressions]
+    fewer = ranks // 2
+    while fewer >= 1:
+        rows.append(Choice(fewer, "displaced" if fewer > 1 else "sync"))
+        fewer //= 2
+    return rows
+
+
+_COUNTS = ("step_blocking_bytes", "step_blocking_calls", "step_async_bytes", "step_async_calls")
+
+
+def predict(row: dict, link: Link) -> float:
+    """A step's seconds from its measured work and counted bytes (module docstring)."""
+    work = row["share_step_s"]
+    blocking = link.seconds(row["step_blocking_bytes"], row["step_blocking_calls"])
+    behind = link.seconds(row["step_async_bytes"], row["step_async_calls"])
+    return work + blocking + max(0.0, behind - work)
+
+
+def _slowest(runtime: Runtime, value: float) -> float:
+    """The largest of every rank's `value`: all ranks plan alike and the slowest rank sets the step."""
+    mine = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    return float(runtime.world.all_gather(mine).wait().max())
+
+
+def profile(model, inputs: dict, runtime: Runtime, candidates: list[Choice], repeats: int = 3) -> list[dict]:
+    """Measure each candidate's share (work, counted bytes) on every rank at once; one row per candidate,
+    with the slowest rank's work. `model` must not be parallelised (each candidate is, then removed)."""
+    rows = []
+    for choice in candidates:
+        with torch.no_grad():
+            if choice.ranks == 1:  # the whole step on one device: nothing to exchange
+                row = dict(ranks=1, cfg_groups=1, step_bytes=0, sync_step_bytes=0, **dict.fromkeys(_COUNTS, 0))
+                row["share_step_s"] = time_calls(lambda: model(**inputs), runtime.device, repeats)
+            else:
+                row = _bench_share(
+                    model, inputs, choice.ranks, repeats, choice.mode, runtime.device, False, compress=choice.compress
+                )
+        row["share_step_s"] = _slowest(runtime, row["share_step_s"])
+        rows.append(dict(row, choice=choice.name, mode=choice.mode, compress=choice.compress))
+        free_cached_memory(runtime.device)
+    return rows
+
+
+def plan(model, inputs: dict, runtime: Runtime, candidates: list[Choice] | None = None, repeats: int = 3) -> dict:
+    """The link, and each candidate's measured work, counted bytes and predicted step, fastest first;
+    `best`: the fastest candidate that uses all the ranks (what "auto" runs)."""
+    candidates = candidates or choices(runtime.world_size)
+    link = measure_link(runtime.world, runtime.device)
+    rows = profile(model, inputs, runtime, candidates, repeats)
+    for row in rows:
+        row["predicted_s"] = predict(row, link)
+    rows.sort(key=lambda r: r["predicted_s"])
+    best = next(r for r in rows if r["ranks"] == runtime.world_size)
+    return dict(link=dataclasses.asdict(link), rows=rows, best=best)
+
+
+def resolve_auto(
+    model, config: ParallelConfig, runtime: Runtime, scale: int | None = None
+) -> tuple[ParallelConfig, dict]:
+    """`ParallelConfig(mode="auto")` made concrete: plan at `config.auto_size` (pixels; None: the model's
+    own sample size; `scale` pixels per latent cell, as `bench.model_inputs`) and return the config with
+    the best choice's mode and compression, and the plan."""
+    if runtime.world_size == 1:
+        return dataclasses.replace(config, mode="sync"), {}
+    height, width = config.auto_size or _default_size(model, scale)
+    inputs = model_inputs(model, height, width, scale=scale)
+    found = plan(model, inputs, runtime, choices(runtime.world_size))
+    best = found["best"]
+    return dataclasses.replace(config, mode=best["mode"], compress=best["compress"]), found
+
+
+def describe_choice(found: dict) -> str:
+    """One line: what "auto" chose, and what it predicted for the others that use all the ranks."""
+    if not found:
+        return "distrifusion: mode auto: one rank, nothing to exchange (sync)"
+    best, link = found["best"], found["link"]
+    others = [r for r in found["rows"] if r["ranks"] == best["ranks"] and r is not best][:3]
+    alternatives = ", ".join(f"{r['choice']} {r['predicted_s'] * 1e3:.1f}" for r in others)
+    return (
+        f"distrifusion: mode auto: {best['choice']} (predicted {best['predicted_s'] * 1e3:.1f} ms/step; "
+        f"{alternatives}; "
+        f"link {link['latency_s'] * 1e3:.2f} ms + {link['bytes_per_s'] / 1e9:.2f} GB/s)"
+    )
+
+
+def _default_size(model, scale: int | None) -> tuple[int, int]:
+    """The pixel size a model was made for: sample_size latent cells of `scale` pixels (None: 1 for a
+    pixel-space UNet2DModel, else 8)."""
+    from diffusers import UNet2DModel
+
+    size = model.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    size *= scale or (1 if isinstance(model, UNet2DModel) else 8)
+    return size, size
+
+
+def measure(model, inputs: dict, runtime: Runtime, choice: Choice, repeats: int = 3, **config) -> float:
+    """The real step time of a choice that uses all the ranks (the slowest rank's median displaced or
+    sync step, after a synchronous first step): what a prediction is checked against."""
+    from .parallelize import parallelize, remove
+
+    cfg = ParallelConfig(mode=choice.mode, compress=choice.compress, warmup_steps=0, cuda_graphs=False, **config)
+    parallelize(model, cfg, runtime=runtime)
+    state = model._distrifusion_state
+    try:
+        with torch.no_grad():
+            model(**inputs)  # step 0: synchronous, fills the stale context
+            seconds = time_calls(lambda: model(**inputs), runtime.device, repeats, warmup=1)
+        state.reset()
+    finally:
+        remove(model)
+    return _slowest(runtime, seconds)
+
+
+def format_plan(found: dict, measured: dict | None = None) -> str:
+    """The plan as a table: one line per choice, fastest first, and the link it assumed."""
+    link = found["link"]
+    lines = [
+        f"link: {link['latency_s'] * 1e3:.3f} ms per collective, "
+        f"{link['bytes_per_s'] / 1e9:.3f} GB/s received per rank",
+        f"{'ranks':>5}  {'choice':<26}{'work/step':>11}{'MB/step':>10}{'behind':>8}{'predicted':>11}"
+        + (f"{'measured':>10}{'error':>8}" if measured else ""),
+    ]
+    for row in found["rows"]:
+        mb = row["step_bytes"] / 1e6
+        hidden = row["step_async_bytes"] / row["step_bytes"] if row["step_bytes"] else 0.0
+        line = (
+            f"{row['ranks']:>5}  {row['choice']:<26}{row['share_step_s'] * 1e3:>9.1f}ms{mb:>10.2f}{hidden:>8.0%}"
+            f"{row['predicted_s'] * 1e3:>9.1f}ms"
+        )
+        key = (row["ranks"], row["choice"])
+        if measured and key in measured:
+            real = measured[key]
+            line += f"{real * 1e3:>8.1f}ms{(row['predicted_s'] - real) / real:>+8.0%}"
+        lines.append(line)
+    best = found["best"]
+    lines.append(f"auto: {best['choice']} on {best['ranks']} ranks (predicted {best['predicted_s'] * 1e3:.1f} ms/step)")
+    return "\n".join(lines)
