@@ -485,14 +485,24 @@ def _first_steps_traffic(model, inputs: dict, counter: dict, mode: str) -> dict:
 
 
 def _bench_share(
-    model, inputs: dict, ranks, repeats, mode, device, graphs, text_tokens="sharded", compiled=False, compress=None
+    model,
+    inputs: dict,
+    ranks,
+    repeats,
+    mode,
+    device,
+    graphs,
+    text_tokens="sharded",
+    compiled=False,
+    compress=None,
+    split_cfg=True,
 ) -> dict:
     """One rank's share of `ranks`: this process plays the largest strip with loopback collectives
     (a displaced step with `compress` encodes its row and decodes the others', as a real rank does)."""
     counter = {"bytes": 0}
     runtime = counting_loopback_runtime(ranks, device, counter)
     config = ParallelConfig(
-        mode=mode, warmup_steps=0, split_cfg=True, cuda_graphs=graphs, text_tokens=text_tokens, compress=compress
+        mode=mode, warmup_steps=0, split_cfg=split_cfg, cuda_graphs=graphs, text_tokens=text_tokens, compress=compress
     )
     parallelize(model, config, runtime=runtime)
     state = model._distrifusion_state

@@ -30,7 +30,7 @@ from .bench import _bench_share, _sync, free_cached_memory, model_inputs, time_c
 from .comm import Communicator, Runtime
 from .config import COMPRESS_MODES, ParallelConfig
 
-PROBE_BYTES = (4 << 10, 256 << 10, 2 << 20, 8 << 20)
+PROBE_BYTES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20)
 """Per-rank payloads of the link probe: the small ones give the latency, the large ones the bandwidth."""
 
 
@@ -122,7 +122,9 @@ def _slowest(runtime: Runtime, value: float) -> float:
     return float(runtime.world.all_gather(mine).wait().max())
 
 
-def profile(model, inputs: dict, runtime: Runtime, candidates: list[Choice], repeats: int = 3) -> list[dict]:
+def profile(
+    model, inputs: dict, runtime: Runtime, candidates: list[Choice], repeats: int = 3, split_cfg: bool | str = True
+) -> list[dict]:
     """Measure each candidate's share (work, counted bytes) on every rank at once; one row per candidate,
     with the slowest rank's work. `model` must not be parallelised (each candidate is, then removed)."""
     rows = []
@@ -133,7 +135,15 @@ def profile(model, inputs: dict, runtime: Runtime, candidates: list[Choice], rep
                 row["share_step_s"] = time_calls(lambda: model(**inputs), runtime.device, repeats)
             else:
                 row = _bench_share(
-                    model, inputs, choice.ranks, repeats, choice.mode, runtime.device, False, compress=choice.compress
+                    model,
+                    inputs,
+                    choice.ranks,
+                    repeats,
+                    choice.mode,
+                    runtime.device,
+                    False,
+                    compress=choice.compress,
+                    split_cfg=split_cfg,
                 )
         row["share_step_s"] = _slowest(runtime, row["share_step_s"])
         rows.append(dict(row, choice=choice.name, mode=choice.mode, compress=choice.compress))
@@ -141,12 +151,20 @@ def profile(model, inputs: dict, runtime: Runtime, candidates: list[Choice], rep
     return rows
 
 
-def plan(model, inputs: dict, runtime: Runtime, candidates: list[Choice] | None = None, repeats: int = 3) -> dict:
+def plan(
+    model,
+    inputs: dict,
+    runtime: Runtime,
+    candidates: list[Choice] | None = None,
+    repeats: int = 3,
+    split_cfg: bool | str = True,
+) -> dict:
     """The link, and each candidate's measured work, counted bytes and predicted step, fastest first;
-    `best`: the fastest candidate that uses all the ranks (what "auto" runs)."""
+    `best`: the fastest candidate that uses all the ranks (what "auto" runs). `split_cfg` as
+    ParallelConfig's: with it, a CFG batch on 2 ranks is two halves, each whole (nothing to exchange)."""
     candidates = candidates or choices(runtime.world_size)
     link = measure_link(runtime.world, runtime.device)
-    rows = profile(model, inputs, runtime, candidates, repeats)
+    rows = profile(model, inputs, runtime, candidates, repeats, split_cfg)
     for row in rows:
         row["predicted_s"] = predict(row, link)
     rows.sort(key=lambda r: r["predicted_s"])
@@ -164,7 +182,7 @@ def resolve_auto(
         return dataclasses.replace(config, mode="sync"), {}
     height, width = config.auto_size or _default_size(model, scale)
     inputs = model_inputs(model, height, width, scale=scale)
-    found = plan(model, inputs, runtime, choices(runtime.world_size))
+    found = plan(model, inputs, runtime, choices(runtime.world_size), split_cfg=config.split_cfg)
     best = found["best"]
     return dataclasses.replace(config, mode=best["mode"], compress=best["compress"]), found
 

@@ -1,0 +1,137 @@
+"""The link-aware plan (distrifusion.plan): its link fit, its step model, the rows it measures, and
+ParallelConfig(mode="auto") running exactly the choice it reports, alike on every rank."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from helpers import BLOCK, denoise, tiny_model
+from test_cli import run_cli
+
+import distrifusion
+from distrifusion.bench import model_inputs
+from distrifusion.config import COMPRESS_MODES
+from distrifusion.plan import Choice, Link, _fit_line, choices, plan, predict
+from distrifusion.simulate import simulate_ranks
+
+
+def test_link_fit_recovers_latency_and_bandwidth():
+    latency, bandwidth = 2e-4, 3e9
+    points = [(x, latency + x / bandwidth) for x in (4e3, 6.4e4, 1e6, 8e6)]
+    a, b = _fit_line(points)
+    assert a == pytest.approx(latency, rel=1e-6) and 1 / b == pytest.approx(bandwidth, rel=1e-6)
+    # Noise that would give a negative latency or a zero slope is clipped, never a negative or infinite figure.
+    a, b = _fit_line([(1e3, 5e-3), (1e6, 1e-3)])
+    assert a >= 0 and b > 0
+
+
+def _row(work, blocking=0, blocking_calls=0, behind=0, behind_calls=0):
+    return dict(
+        share_step_s=work,
+        step_blocking_bytes=blocking,
+        step_blocking_calls=blocking_calls,
+        step_async_bytes=behind,
+        step_async_calls=behind_calls,
+    )
+
+
+def test_prediction_adds_blocking_exchange_and_only_the_unhidden_rest():
+    link = Link(latency_s=1e-3, bytes_per_s=1e9)
+    assert predict(_row(0.1, blocking=5e7, blocking_calls=10), link) == pytest.approx(0.1 + 0.01 + 0.05)
+    assert predict(_row(0.1, behind=5e7, behind_calls=2), link) == pytest.approx(0.1)  # 52 ms hides behind 100 ms
+    assert predict(_row(0.1, behind=3e8, behind_calls=2), link) == pytest.approx(0.302)  # 302 ms does not
+
+
+def test_choices_cover_modes_compressions_and_fewer_ranks():
+    rows = choices(8)
+    names = {(c.ranks, c.name) for c in rows}
+    assert (8, "sync") in names and (8, "displaced") in names
+    assert all((8, f"displaced + {c}") in names for c in COMPRESS_MODES)
+    assert {(4, "displaced"), (2, "displaced"), (1, "sync")} <= names
+
+
+def _plan_job(runtime):
+    model = tiny_model("sd15", dtype=torch.float32)
+    # 64 x 32 latents, no CFG batch (2 ranks share the rows): payloads large enough to be compressed.
+    inputs = model_inputs(model, 8 * 16 * BLOCK, 8 * 8 * BLOCK, batch=1)
+    candidates = [Choice(2, "sync"), Choice(2, "displaced"), Choice(2, "displaced", "int8"), Choice(1, "sync")]
+    return plan(model, inputs, runtime, candidates, repeats=1)
+
+
+def test_plan_counts_each_choices_bytes_and_ranks_agree():
+    found = simulate_ranks(2, _plan_job)
+    assert [r["choice"] for r in found[0]["rows"]] == [r["choice"] for r in found[1]["rows"]]
+    assert found[0]["best"]["choice"] == found[1]["best"]["choice"] and found[0]["best"]["ranks"] == 2
+    rows = {(r["ranks"], r["choice"]): r for r in found[0]["rows"]}
+    sync, displaced, int8 = rows[2, "sync"], rows[2, "displaced"], rows[2, "displaced + int8"]
+    assert sync["step_async_bytes"] == 0 and sync["step_blocking_bytes"] > 0  # sync waits for all it exchanges
+    assert displaced["step_async_bytes"] > displaced["step_blocking_bytes"]  # the stale exchange runs behind
+    # int8 in place of float32: a quarter of the bytes of the large payloads (a float32 scale per 256 values
+    # more); the small ones of this tiny model (under 4096 values: statistics, thin strips) stay exact.
+    assert displaced["step_async_bytes"] / 4 < int8["step_async_bytes"] < displaced["step_async_bytes"] / 2
+    assert rows[1, "sync"]["step_bytes"] == 0
+    assert all(r["predicted_s"] >= r["share_step_s"] for r in found[0]["rows"])
+
+
+def _auto_job(runtime):
+    model = tiny_model("sd15")
+    reference = copy.deepcopy(model)
+    size = (8 * 4 * BLOCK, 8 * 3 * BLOCK)
+    config = distrifusion.ParallelConfig(mode="auto", auto_size=size, warmup_steps=1, split_cfg=False)
+    distrifusion.parallelize(model, config, runtime=runtime)
+    state = model._distrifusion_state
+    chosen = state.config
+    image = denoise(model, "sd15", 4 * BLOCK, 3 * BLOCK, steps=4)
+    # The same choice, given explicitly: the very same image.
+    explicit = distrifusion.ParallelConfig(mode=chosen.mode, compress=chosen.compress, warmup_steps=1, split_cfg=False)
+    distrifusion.parallelize(reference, explicit, runtime=runtime)
+    again = denoise(reference, "sd15", 4 * BLOCK, 3 * BLOCK, steps=4)
+    return dict(
+        mode=chosen.mode,
+        compress=chosen.compress,
+        best=state.auto_plan["best"]["choice"],
+        same=bool(torch.equal(image, again)),
+    )
+
+
+def test_auto_runs_the_choice_it_reports_alike_on_every_rank():
+    results = simulate_ranks(2, _auto_job)
+    assert results[0] == results[1]
+    result = results[0]
+    assert result["mode"] in ("sync", "displaced") and result["same"]
+    assert result["best"] == result["mode"] + (f" + {result['compress']}" if result["compress"] else "")
+
+
+def test_auto_size_is_validated():
+    with pytest.raises(ValueError, match="auto_size"):
+        distrifusion.ParallelConfig(mode="auto", auto_size=(512,))
+    with pytest.raises(ValueError, match="mode"):
+        distrifusion.ParallelConfig(mode="fastest")
+
+
+def test_plan_command_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    args = ["plan", "--nproc", "2", "--model", "embedded", "--height", "32", "--width", "32", "--repeats", "1"]
+    proc, _ = run_cli(*args, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "link:" in proc.stdout and "auto: " in proc.stdout
+    record = json.loads(out.read_text())
+    assert len(record["rows"]) == len(choices(2)) and record["best"]["ranks"] == 2
+    assert all(r["predicted_s"] > 0 for r in record["rows"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "embedded", "--arch", "sd15"], "give one"),
+        (["--arch", "sd_vae"], "denoisers"),
+        (["--arch", "sd15", "--height", "100"], "100"),
+        (["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_plan_command_refuses_bad_input(args, message):
+    proc, _ = run_cli("plan", "--nproc", "2", *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
