@@ -14,7 +14,7 @@ from test_cli import run_cli
 import distrifusion
 from distrifusion.bench import model_inputs
 from distrifusion.config import COMPRESS_MODES
-from distrifusion.plan import Choice, Link, _fit_line, choices, plan, predict
+from distrifusion.plan import Choice, Link, _fit_line, choices, choose, plan, predict
 from distrifusion.simulate import simulate_ranks
 
 
@@ -51,6 +51,21 @@ def test_choices_cover_modes_compressions_and_fewer_ranks():
     assert (8, "sync") in names and (8, "displaced") in names
     assert all((8, f"displaced + {c}") in names for c in COMPRESS_MODES)
     assert {(4, "displaced"), (2, "displaced"), (1, "sync")} <= names
+
+
+def test_auto_prefers_the_more_faithful_choice_unless_clearly_slower():
+    def rows(**predicted):
+        return [dict(ranks=2, choice=name.replace("_", " + ").replace("ri", "residual-i"), predicted_s=t)
+                for name, t in predicted.items()]  # fmt: skip
+
+    assert choose(rows(sync=1.05, displaced=1.0, displaced_int8=0.98), 2)["choice"] == "sync"  # exact, 7% slower
+    assert choose(rows(sync=2.0, displaced=1.0, displaced_int8=0.95), 2)["choice"] == "displaced"
+    assert choose(rows(sync=2.0, displaced=1.5, displaced_rint2=1.0), 2)["choice"] == "displaced + residual-int2"
+    # Plain int2 (8 dB worse) is never run by auto, however fast; nor a choice on fewer ranks.
+    best = choose(
+        rows(sync=2.0, displaced=1.5, displaced_int2=0.5) + [dict(ranks=1, choice="sync", predicted_s=0.1)], 2
+    )
+    assert best["choice"] == "displaced"
 
 
 def _plan_job(runtime):

@@ -609,8 +609,10 @@ def generate(args: argparse.Namespace) -> int:
     phases.append(f"other {max(rest, 0.0):.1f} s")
     memory = ", ".join(f"{r['peak_mb'] / 1024:.2f}" for r in everyone)
     world = runtime.world_size
+    mode = state.config.mode + (f" + {state.config.compress}" if state.config.compress else "")
+    mode += " (auto)" if args.mode == "auto" else ""
     print(
-        f"wrote {args.out} ({width}x{height}, {args.steps} steps, {args.mode}, {world} rank{'s' * (world > 1)}) "
+        f"wrote {args.out} ({width}x{height}, {args.steps} steps, {mode}, {world} rank{'s' * (world > 1)}) "
         f"in {total:.1f} s: {', '.join(phases)}; peak memory per rank {memory} GB",
         flush=True,
     )

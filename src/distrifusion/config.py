@@ -21,8 +21,9 @@ class ParallelConfig:
     """"displaced" (DistriFusion: other strips' context from the previous step, exchanged
     asynchronously), "sync" (exact patch parallelism, fresh context every step, blocking),
     "naive" (strips never interact; the baseline that shows seams), or "auto": `parallelize`
-    measures the link and each choice's share (`distrifusion.plan`) and runs the fastest of sync,
-    displaced and displaced with each compression (which replaces `compress`)."""
+    measures the link and each choice's share (`distrifusion.plan`) and runs the most faithful of
+    sync, displaced and displaced with each compression predicted within 10% of the fastest (its
+    mode and compression replace these fields; the rest of this config is kept)."""
 
     auto_size: tuple[int, int] | None = None
     """mode="auto" only: the (height, width) in pixels to plan for; None: the model's own sample size."""

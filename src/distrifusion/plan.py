@@ -14,7 +14,8 @@ Predicted step = work + link(blocking) + max(0, link(asynchronous) - work): sync
 block; displaced mode's stale exchange starts at a layer and is waited for at that layer one step
 later, so it hides behind about one step of work. Fewer ranks are predicted the same way (their share
 and bytes measured, this link assumed); "auto" chooses among the modes and compressions of all the
-ranks (fewer ranks need another launch, so the table only shows them).
+ranks (fewer ranks need another launch, so the table only shows them): the most faithful choice predicted
+within 10% of the fastest (`choose`).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def plan(
     split_cfg: bool | str = True,
 ) -> dict:
     """The link, and each candidate's measured work, counted bytes and predicted step, fastest first;
-    `best`: the fastest candidate that uses all the ranks (what "auto" runs). `split_cfg` as
+    `best`: what "auto" runs (`choose`). `split_cfg` as
     ParallelConfig's: with it, a CFG batch on 2 ranks is two halves, each whole (nothing to exchange)."""
     candidates = candidates or choices(runtime.world_size)
     link = measure_link(runtime.world, runtime.device)
@@ -168,8 +169,36 @@ def plan(
     for row in rows:
         row["predicted_s"] = predict(row, link)
     rows.sort(key=lambda r: r["predicted_s"])
-    best = next(r for r in rows if r["ranks"] == runtime.world_size)
-    return dict(link=dataclasses.asdict(link), rows=rows, best=best)
+    return dict(link=dataclasses.asdict(link), rows=rows, best=choose(rows, runtime.world_size))
+
+
+FIDELITY = (
+    "sync",
+    "displaced",
+    "displaced + int8",
+    "displaced + residual-int8",
+    "displaced + fp8",
+    "displaced + residual-fp8",
+    "displaced + residual-int4",
+    "displaced + residual-int2",
+)
+"""What "auto" may run, the most faithful first (QUALITY.md, embedded model, N = 2/4/8: sync is exact; the
+others within 0.5 dB of uncompressed displaced). Plain int4 and int2 are left out: the residual codes
+send as few bytes and lose less (int2 loses 8 dB)."""
+
+AUTO_TOLERANCE = 0.10
+""""auto" takes the most faithful choice predicted within this fraction of the fastest: an exact image, or
+less compression, is worth a step that is a few percent slower (and the measurements' noise is of that
+order on shared CPUs)."""
+
+
+def choose(rows: list[dict], ranks: int) -> dict:
+    """The row "auto" runs: among the choices that use all `ranks` and that it may run (`FIDELITY`), the
+    most faithful one predicted within `AUTO_TOLERANCE` of the fastest."""
+    eligible = [r for r in rows if r["ranks"] == ranks and r["choice"] in FIDELITY]
+    fastest = min(r["predicted_s"] for r in eligible)
+    close = [r for r in eligible if r["predicted_s"] <= fastest * (1 + AUTO_TOLERANCE)]
+    return min(close, key=lambda r: FIDELITY.index(r["choice"]))
 
 
 def resolve_auto(
