@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one device command: GPU parity checks, the SDXL table, the Flux-dev share table (issue 8), a 2-rank generate.
+# The one device command: GPU parity checks, the SDXL table, the Flux-dev share table (issue 8), the codec's cost
+# (issue 14), a 2-rank generate.
 #
 #   here, once:     bash benchmarks/fetch_device_wheels.sh            (diffusers wheels -> .whl/)
 #   on the device:  run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=590)
@@ -25,9 +26,11 @@ log environment
 
 if [ -n "${DEVICE_CHECK_SMALL:-}" ]; then
   ARCH=sd15; DTYPE=float32; SIZES_A="256"; SIZES_B="256"; REPEATS=1; GEN=128; GRAPHS_A=off; GRAPHS_B=off
+  CODEC_SIZE=256; CODEC_GRAPHS=off
   DIT=benchmarks/configs/flux_small.json; DIT_DTYPE=float32; DIT_SIZES="256"; DIT_BIG="512"
 else
   ARCH=sdxl; DTYPE=float16; SIZES_A="1024 2048"; SIZES_B="3840"; REPEATS=10; GEN=512; GRAPHS_A="on off"; GRAPHS_B="off on"
+  CODEC_SIZE=2048; CODEC_GRAPHS=on
   DIT=flux_dev; DIT_DTYPE=bfloat16; DIT_SIZES="1024 2048"; DIT_BIG="4096"
 fi
 
@@ -60,7 +63,15 @@ log "bench $DIT $DIT_BIG, text sharded"
 timeout 55 python3 -m distrifusion bench --arch $DIT --dtype $DIT_DTYPE --sizes $DIT_BIG --simulate 8 \
   --text-tokens sharded --graphs off --repeats 1 --json "$OUT/bench_dit_big.json" 2>&1 | tee -a "$OUT/bench_dit.log"
 
-# 4. The CLI end to end on the GPU with two real ranks (gloo): the embedded model, a PNG back.
+# 4. The codec's cost on the GPU (issue 14: at most 5% of a step): the largest share of 8 with its displaced
+#    exchange coded residual-int2 (encode own row + decode the others', in the share's time), against step 2's
+#    uncompressed share of the same size and graphs setting.
+log "bench $ARCH $CODEC_SIZE, --compress residual-int2"
+timeout 45 python3 -m distrifusion bench --arch $ARCH --dtype $DTYPE --sizes $CODEC_SIZE --simulate 8 \
+  --compress residual-int2 --graphs $CODEC_GRAPHS --repeats $REPEATS --json "$OUT/bench_${ARCH}_codec.json" 2>&1 \
+  | tee "$OUT/bench_codec.log"
+
+# 5. The CLI end to end on the GPU with two real ranks (gloo): the embedded model, a PNG back.
 log "generate --nproc 2"
 DISTRIFUSION_BACKEND=gloo timeout 45 python3 -m distrifusion generate --nproc 2 --height $GEN --width $GEN \
   --steps 20 --out "$OUT/gravel_${GEN}_nproc2_gpu.png" 2>&1 | tee "$OUT/generate.log"

@@ -14,35 +14,50 @@ from test_cli import run_cli
 import distrifusion
 from distrifusion.bench import model_inputs
 from distrifusion.config import COMPRESS_MODES
-from distrifusion.plan import Choice, Link, _fit_line, choices, choose, plan, predict
+from distrifusion.plan import Choice, Link, _link_figures, choices, choose, plan, simulate_step
 from distrifusion.simulate import simulate_ranks
 
 
-def test_link_fit_recovers_latency_and_bandwidth():
+def test_link_figures_from_the_probe():
     latency, bandwidth = 2e-4, 3e9
     points = [(x, latency + x / bandwidth) for x in (4e3, 6.4e4, 1e6, 8e6)]
-    a, b = _fit_line(points)
+    a, b = _link_figures(points)
     assert a == pytest.approx(latency, rel=1e-6) and 1 / b == pytest.approx(bandwidth, rel=1e-6)
+    # A token bucket lets the small probes through at once: the bandwidth still comes from the large ones.
+    bucket = [(4e3, 1e-4), (6.4e4, 1e-4), (1e6, 1e6 / 1e7), (8e6, 8e6 / 1e7)]
+    a, b = _link_figures(bucket)
+    assert 1 / b == pytest.approx(1e7) and a == 0.0
     # Noise that would give a negative latency or a zero slope is clipped, never a negative or infinite figure.
-    a, b = _fit_line([(1e3, 5e-3), (1e6, 1e-3)])
+    a, b = _link_figures([(1e3, 5e-3), (1e6, 1e-3)])
     assert a >= 0 and b > 0
 
 
-def _row(work, blocking=0, blocking_calls=0, behind=0, behind_calls=0):
-    return dict(
-        share_step_s=work,
-        step_blocking_bytes=blocking,
-        step_blocking_calls=blocking_calls,
-        step_async_bytes=behind,
-        step_async_calls=behind_calls,
-    )
+LINK = Link(latency_s=0.0, bytes_per_s=1e9)  # 1 ms per MB
 
 
-def test_prediction_adds_blocking_exchange_and_only_the_unhidden_rest():
-    link = Link(latency_s=1e-3, bytes_per_s=1e9)
-    assert predict(_row(0.1, blocking=5e7, blocking_calls=10), link) == pytest.approx(0.1 + 0.01 + 0.05)
-    assert predict(_row(0.1, behind=5e7, behind_calls=2), link) == pytest.approx(0.1)  # 52 ms hides behind 100 ms
-    assert predict(_row(0.1, behind=3e8, behind_calls=2), link) == pytest.approx(0.302)  # 302 ms does not
+def test_blocking_exchange_adds_its_link_time():
+    events = [(0.02, "block", 5e6, -1), (0.05, "block", 1e6, -1)]
+    assert simulate_step(events, 0.1, LINK) == pytest.approx(0.1 + 0.005 + 0.001)
+
+
+def test_a_bucket_sent_at_the_end_and_read_at_the_start_hides_behind_nothing():
+    events = [(0.0, "wait", 0, 0), (0.1, "send", 30e6, 0)]  # read first thing, written last thing
+    assert simulate_step(events, 0.1, LINK) == pytest.approx(0.1 + 0.030, rel=1e-6)
+
+
+def test_a_bucket_sent_early_hides_behind_the_rest_of_the_step():
+    events = [(0.08, "wait", 0, 0), (0.02, "send", 50e6, 0)]  # written after 20 ms, read after 80 ms
+    # The link has the 80 ms left of its step and 80 ms of the next: 50 ms of transfer hide entirely ...
+    assert simulate_step(sorted(events), 0.1, LINK) == pytest.approx(0.1)
+    # ... 250 ms do not: the step stretches until the previous step's bucket arrives.
+    slow = Link(latency_s=0.0, bytes_per_s=2e8)
+    assert simulate_step(sorted(events), 0.1, slow) == pytest.approx(0.25, rel=1e-6)
+
+
+def test_blocking_collectives_queue_behind_buckets_in_flight():
+    # The output gather at the end waits for the bucket sent 10 ms before it (one link, one at a time).
+    events = [(0.05, "wait", 0, 0), (0.09, "send", 20e6, 0), (0.1, "block", 1e6, -1)]
+    assert simulate_step(events, 0.1, LINK) == pytest.approx(0.1 + 0.010 + 0.001, rel=1e-6)  # 10 ms still to go
 
 
 def test_choices_cover_modes_compressions_and_fewer_ranks():

@@ -235,25 +235,52 @@ def _to_model(value, p: torch.Tensor):
 class CountingCommunicator:
     """Counts the bytes this rank receives (from the group's other members) through `inner`: in all
     ("bytes"), and split by kind: blocking collectives ("blocking_bytes", "blocking_calls"), which
-    the step waits for, and asynchronous ones ("async_bytes", "async_calls"), which run behind it."""
+    the step waits for, and asynchronous ones ("async_bytes", "async_calls"), which run behind it.
 
-    def __init__(self, inner: Communicator, counter: dict) -> None:
-        self.inner, self.counter = inner, counter
+    While `counter["recording"]` is set it also logs each collective, for `distrifusion.plan`'s
+    timeline: (seconds since `counter["t0"]`, "block" or "send", bytes, id), and each asynchronous one's
+    wait: (seconds, "wait", 0, id), in `counter["events"]`. Ids number a step's asynchronous collectives
+    in issue order (whoever runs the steps sets `counter["next_id"] = 0` before each), so a wait in one
+    step names the collective of the previous step with the same number."""
+
+    def __init__(self, inner: Communicator, counter: dict, device: torch.device | None = None) -> None:
+        self.inner, self.counter, self.device = inner, counter, device
         self.rank, self.size = inner.rank, inner.size
         self.capturable = inner.capturable
 
-    def _count(self, nbytes: int, async_op: bool) -> None:
+    def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
+        return self._issue(lambda: self.inner.all_gather(tensor, async_op), tensor[None], async_op)
+
+    def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
+        return self._issue(lambda: self.inner.all_gather_inplace(buffer, async_op), buffer, async_op)
+
+    def _issue(self, gather, buffer: torch.Tensor, async_op: bool) -> PendingGather:
+        nbytes = (self.size - 1) * buffer[0].numel() * buffer.element_size()
         kind = "async" if async_op else "blocking"
         for key, value in (("bytes", nbytes), (f"{kind}_bytes", nbytes), (f"{kind}_calls", 1)):
             self.counter[key] = self.counter.get(key, 0) + value
+        ident = -1
+        if async_op:
+            ident = self.counter.get("next_id", 0)
+            self.counter["next_id"] = ident + 1
+        self.event("send" if async_op else "block", nbytes, ident)
+        pending = gather()
+        return _LoggedWait(pending, self, ident) if async_op else pending
 
-    def all_gather(self, tensor: torch.Tensor, async_op: bool = False) -> PendingGather:
-        self._count((self.size - 1) * tensor.numel() * tensor.element_size(), async_op)
-        return self.inner.all_gather(tensor, async_op)
+    def event(self, kind: str, nbytes: int, ident: int) -> None:
+        if self.counter.get("recording"):
+            if self.device is not None:
+                _sync(self.device)
+            self.counter["events"].append((time.perf_counter() - self.counter["t0"], kind, nbytes, ident))
 
-    def all_gather_inplace(self, buffer: torch.Tensor, async_op: bool = False) -> PendingGather:
-        self._count((self.size - 1) * buffer[0].numel() * buffer.element_size(), async_op)
-        return self.inner.all_gather_inplace(buffer, async_op)
+
+class _LoggedWait:
+    def __init__(self, pending: PendingGather, comm: CountingCommunicator, ident: int) -> None:
+        self.pending, self.comm, self.ident = pending, comm, ident
+
+    def wait(self) -> torch.Tensor:
+        self.comm.event("wait", 0, self.ident)
+        return self.pending.wait()
 
 
 def _sync(device: torch.device) -> None:
@@ -315,9 +342,11 @@ def bench_step(
     model=None,
     text_tokens: str = "sharded",
     compiled: bool = False,
+    compress: str | None = None,
 ) -> list[dict]:
     """Full-step times for one size, then one rank's share of each N in `simulate` (N > 1): one
-    row per N (or one row without a share), with traffic per step and peak memory.
+    row per N (or one row without a share), with traffic per step and peak memory. With `compress`
+    the shares' displaced steps code their exchange (the coding time is in the share's time).
 
     `graphs` is `ParallelConfig.cuda_graphs` for our runs (None: on where possible, i.e. CUDA);
     plain diffusers is timed eagerly and, on CUDA, also as a CUDA graph. With `compiled`, our runs
@@ -337,6 +366,7 @@ def bench_step(
         threads=torch.get_num_threads(),
         mode=mode,
         compiled=compiled,
+        compress=compress,
     )
     reset_peak_memory(device)
     with torch.no_grad():
@@ -364,7 +394,10 @@ def bench_step(
                 continue
             reset_peak_memory(device)
             share = dict(
-                row, **_bench_share(model, inputs, ranks, repeats, mode, device, graphs, text_tokens, compiled)
+                row,
+                **_bench_share(
+                    model, inputs, ranks, repeats, mode, device, graphs, text_tokens, compiled, compress=compress
+                ),
             )
             share["compute_speedup"] = row["full_step_s"] / share["share_step_s"]
             need = share["step_bytes"] / share["share_step_s"]
@@ -533,8 +566,9 @@ def format_row(row: dict) -> str:
     if "ranks" in row:
         text += (
             f"\n  one rank's share of {row['ranks']} ({row['cfg_groups']} CFG groups, strip of "
-            f"{row['largest_strip_rows']} rows): {row['share_step_s'] * 1e3:.0f} ms per step "
-            f"-> compute-bound speedup {row['compute_speedup']:.2f}x over the fastest full step; "
+            f"{row['largest_strip_rows']} rows): {row['share_step_s'] * 1e3:.0f} ms per step"
+            + (f" (exchange coded {row['compress']})" if row.get("compress") else "")
+            + f" -> compute-bound speedup {row['compute_speedup']:.2f}x over the fastest full step; "
             f"sync step {row['sync_step_s'] * 1e3:.0f} ms"
             f"\n  received per rank: {row['step_bytes'] / 1e9:.3f} GB per displaced step, "
             f"{row['sync_step_bytes'] / 1e9:.3f} GB per synchronous step; hiding it needs "
@@ -577,6 +611,7 @@ def bench_images(
     mode: str,
     graphs: bool | None = None,
     text_tokens: str = "sharded",
+    compress: str | None = None,
 ) -> dict:
     """Whole-image latency (every denoising step of one image, with the pipeline's batch: CFG for
     UNets, SD3 and PixArt) in this process or under torchrun. The update between steps is a plain
@@ -584,7 +619,7 @@ def bench_images(
     from .models import find_denoiser
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    config = ParallelConfig(mode=mode, cuda_graphs=graphs, text_tokens=text_tokens)
+    config = ParallelConfig(mode=mode, cuda_graphs=graphs, text_tokens=text_tokens, compress=compress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(arch, dtype, device)
     parallelize(model, config)  # one process: the original model (as a CUDA graph where graphs are on)
@@ -607,6 +642,7 @@ def bench_images(
         width=width,
         steps=steps,
         mode=mode,
+        compress=compress,
         world_size=world,
         threads=torch.get_num_threads(),
         graphs=model._distrifusion_state.graphs is not None,

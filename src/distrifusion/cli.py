@@ -704,7 +704,16 @@ def bench(args: argparse.Namespace) -> int:
     def images() -> dict:  # whole images at the first size (--nproc runs use the first --graphs choice)
         size, graphs = args.sizes[0], graph_choices[0]
         return bench_images(
-            args.arch, size, size, dtype, args.steps, args.repeats, args.mode, graphs, text_tokens=args.text_tokens
+            args.arch,
+            size,
+            size,
+            dtype,
+            args.steps,
+            args.repeats,
+            args.mode,
+            graphs,
+            text_tokens=args.text_tokens,
+            compress=args.compress,
         )
 
     args.running = True
@@ -773,6 +782,7 @@ def bench(args: argparse.Namespace) -> int:
                 model,
                 text_tokens=args.text_tokens,
                 compiled=args.compile,
+                compress=args.compress,
             ):
                 print(format_row(row), flush=True)
                 rows.append(row)

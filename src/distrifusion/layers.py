@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embed
 from torch import nn
 
-from .state import ParallelState
+from .state import ParallelState, tensor_version
 
 
 def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -259,14 +259,6 @@ def _autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except RuntimeError:  # a device type autocast does not know (meta): never on
         return False
-
-
-def tensor_version(t: torch.Tensor) -> int | None:
-    """The tensor's in-place modification counter (None for inference-mode tensors, which keep none)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
 
 
 def _norm_cross(attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:

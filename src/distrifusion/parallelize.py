@@ -25,11 +25,10 @@ from .layers import (
     PatchZeroPadDownsample,
     StripPatchEmbed,
     pad_to,
-    tensor_version,
 )
 from .models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
 from .ownership import Ownership
-from .state import ParallelState, Plan, split_rows
+from .state import ParallelState, Plan, identity, split_rows, tensor_version
 
 log = logging.getLogger("distrifusion")
 
@@ -283,7 +282,8 @@ class _ParallelForward:
         if state.graphs is None:
             full, kind = self.run_split(inputs)
         else:
-            full, kind = state.graphs(("sync" if state.sync_step else "displaced", state.plan), self.run_split, inputs)
+            phase = "sync" if state.sync_step else "displaced"
+            full, kind = state.graphs((phase, state.plan, state.branch), self.run_split, inputs)
         state.step += 1
         return self.output(full, kind)
 
@@ -293,6 +293,8 @@ class _ParallelForward:
         every rank agrees to go on) and return this rank's share of the inputs."""
         state, adapter = self.state, self.adapter
         problem = self.refresh()
+        conditioning = {name: inputs.get(name) for name in adapter.conditioning_args}
+        state.enter_branch(identity(conditioning), conditioning, inputs.get("timestep"))
         plan = self.plan(inputs)
         state.begin_step(plan)
         if state.step == 0:

@@ -2,20 +2,24 @@
 predicted from measurements of this machine, this model and this size.
 
 Three measurements, no assumed figures:
-1. the link: all-gathers of a few sizes among the ranks, fitted as
-   seconds = latency x collectives + bytes received / bandwidth;
-2. each choice's work: this rank's strip of one step with loopback collectives (so its compute, and a
-   compressed choice's encoding and decoding), timed on every rank at once, so that ranks which share
-   a machine's cores or memory are timed as they will run;
-3. each choice's bytes, counted at the communicator in that same step and split into blocking
-   collectives (the step waits for them) and asynchronous ones (they run behind the next step's work).
+1. the link: blocking all-gathers of 4 KiB to 8 MiB per rank among the ranks: the bandwidth from the
+   two largest (their difference: the marginal cost of a byte), the latency from the smallest;
+2. each choice's share of a step: this rank's strip with loopback collectives (so its compute, and a
+   compressed choice's encoding and decoding), timed on every rank at once, so that ranks which share a
+   machine's cores or memory are timed as they will run;
+3. each choice's exchange, recorded in one such step as a timeline: when each collective is issued,
+   how many bytes it moves, whether the step waits for it at once (blocking) or later (displaced mode's
+   buckets: sent when their last layer has written, waited for where the next step's first layer
+   reads them).
 
-Predicted step = work + link(blocking) + max(0, link(asynchronous) - work): sync mode's exchanges all
-block; displaced mode's stale exchange starts at a layer and is waited for at that layer one step
-later, so it hides behind about one step of work. Fewer ranks are predicted the same way (their share
-and bytes measured, this link assumed); "auto" chooses among the modes and compressions of all the
-ranks (fewer ranks need another launch, so the table only shows them): the most faithful choice predicted
-within 10% of the fastest (`choose`).
+The predicted step replays that timeline against the link (`simulate_step`): one collective at a time
+on the link, in issue order; the step stalls where it waits for a collective that has not arrived. So
+a bucket sent mid-step hides behind the rest of that step and the next step's layers before its use,
+and a bucket sent at the end and read at the start of the next step hides behind nothing. Fewer ranks
+are predicted the same way (their share and timeline measured, this link assumed); "auto" chooses
+among the modes and compressions of all the ranks (fewer ranks need another launch, so the table only
+shows them): the most faithful choice predicted within 10% of the fastest (`choose`). Steps are planned
+and measured eagerly (no CUDA graphs).
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import _bench_share, _sync, free_cached_memory, model_inputs, time_calls
+from .bench import CountingCommunicator, _sync, free_cached_memory, model_inputs, time_calls
 from .comm import Communicator, Runtime
 from .config import COMPRESS_MODES, ParallelConfig
+from .simulate import loopback_runtime
 
 PROBE_BYTES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20)
 """Per-rank payloads of the link probe: the small ones give the latency, the large ones the bandwidth."""
@@ -49,7 +54,7 @@ class Link:
 
 def measure_link(comm: Communicator, device: torch.device, sizes=PROBE_BYTES, repeats: int = 5) -> Link:
     """Time blocking all-gathers of `sizes` bytes per rank among `comm`'s members and fit a latency and a
-    bandwidth (least squares over the medians). Every rank returns the same, slowest, estimate."""
+    bandwidth (`_link_figures`, from the medians). Every rank returns the same, slowest, estimate."""
     if comm.size == 1:
         return Link(0.0, float("inf"))
     points = []
@@ -64,21 +69,21 @@ def measure_link(comm: Communicator, device: torch.device, sizes=PROBE_BYTES, re
             if i:
                 times.append(time.perf_counter() - start)
         points.append(((comm.size - 1) * size, statistics.median(times)))
-    latency, seconds_per_byte = _fit_line(points)
+    latency, seconds_per_byte = _link_figures(points)
     mine = torch.tensor([latency, seconds_per_byte], dtype=torch.float64, device=device)
     slowest = comm.all_gather(mine).wait().amax(0).tolist()
     return Link(slowest[0], 1.0 / slowest[1])
 
 
-def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(intercept, slope) of t = a + b x by least squares, both kept positive (a probe's noise must not
-    give a negative latency or an infinite bandwidth)."""
-    xs, ts = [p[0] for p in points], [p[1] for p in points]
-    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
-    spread = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / spread if spread else 0.0
-    slope = max(slope, 1e-15)
-    return max(mt - slope * mx, 0.0), slope
+def _link_figures(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds per collective, seconds per byte) from (bytes, seconds) probe points sorted by size: the
+    marginal cost of a byte between the two largest, the rest of the smallest one's time as latency. A
+    straight-line fit through all points would be bent by rate limiters that let small messages through
+    at once (token buckets) and by the small ones' noise. Both kept positive."""
+    (x1, t1), (x2, t2) = points[-2], points[-1]
+    per_byte = max((t2 - t1) / (x2 - x1), 1e-15) if x2 > x1 else max(t2 / x2, 1e-15)
+    x0, t0 = points[0]
+    return max(t0 - x0 * per_byte, 0.0), per_byte
 
 
 @dataclass(frozen=True)
@@ -109,12 +114,35 @@ def choices(ranks: int, compressions=COMPRESS_MODES) -> list[Choice]:
 _COUNTS = ("step_blocking_bytes", "step_blocking_calls", "step_async_bytes", "step_async_calls")
 
 
+def simulate_step(events: list, work: float, link: Link, steps: int = 40) -> float:
+    """A steady-state step's seconds: the recorded `events` (module docstring) replayed against `link`.
+
+    Runs `steps` consecutive steps in time: the link moves one collective at a time, in issue order; a
+    step stalls at a blocking collective until it has moved, and at a wait until that collective of the
+    previous step has arrived, and everything after a stall happens later (the sends too). Returns the
+    mean of the last quarter of the steps (a link-bound exchange can settle into alternating lengths)."""
+    free, arrived, start, lengths = 0.0, {}, 0.0, []
+    for _ in range(steps):
+        shift, sent = 0.0, {}
+        for t, kind, nbytes, ident in events:
+            now = start + t + shift
+            if kind == "block":
+                free = max(now, free) + link.seconds(nbytes, 1)
+                shift += free - now
+            elif kind == "wait" and arrived.get(ident, now) > now:
+                shift += arrived[ident] - now
+            elif kind == "send":
+                free = sent[ident] = max(now, free) + link.seconds(nbytes, 1)
+        arrived = sent
+        lengths.append(work + shift)
+        start += work + shift
+    last = lengths[-max(1, steps // 4) :]
+    return sum(last) / len(last)
+
+
 def predict(row: dict, link: Link) -> float:
-    """A step's seconds from its measured work and counted bytes (module docstring)."""
-    work = row["share_step_s"]
-    blocking = link.seconds(row["step_blocking_bytes"], row["step_blocking_calls"])
-    behind = link.seconds(row["step_async_bytes"], row["step_async_calls"])
-    return work + blocking + max(0.0, behind - work)
+    """A step's seconds from its measured work and recorded exchange (`simulate_step`)."""
+    return simulate_step(row.get("timeline", []), row["share_step_s"], link)
 
 
 def _slowest(runtime: Runtime, value: float) -> float:
@@ -123,31 +151,66 @@ def _slowest(runtime: Runtime, value: float) -> float:
     return float(runtime.world.all_gather(mine).wait().max())
 
 
+def share_profile(
+    model, inputs: dict, choice: Choice, device: torch.device, repeats: int = 3, split_cfg: bool | str = True
+) -> dict:
+    """One rank's share of `choice` on this device (loopback collectives): its work per step (median of
+    `repeats` steady-state steps), its bytes per step (received; blocking and asynchronous) and the
+    timeline of one step's exchange. `model` must not be parallelised (it is, then removed again)."""
+    from .parallelize import parallelize, remove
+
+    if choice.ranks == 1:  # the whole step on one device: nothing to exchange
+        work = time_calls(lambda: model(**inputs), device, repeats)
+        return dict(
+            share_step_s=work, cfg_groups=1, step_bytes=0, sync_step_bytes=0, timeline=[], **dict.fromkeys(_COUNTS, 0)
+        )
+    log: dict = {}
+    runtime = loopback_runtime(choice.ranks, device=device)
+    runtime.world = CountingCommunicator(runtime.world, log, device)
+    runtime.patch_groups = {k: CountingCommunicator(c, log, device) for k, c in runtime.patch_groups.items()}
+    config = ParallelConfig(
+        mode=choice.mode, compress=choice.compress, warmup_steps=0, split_cfg=split_cfg, cuda_graphs=False
+    )
+    parallelize(model, config, runtime=runtime)
+
+    def step() -> None:
+        log["next_id"] = 0
+        model(**inputs)
+
+    try:
+        step()  # step 0: synchronous
+        sync_bytes = log.get("bytes", 0)
+        for key in ("bytes", *(k.removeprefix("step_") for k in _COUNTS)):
+            log[key] = 0
+        step()  # the first displaced step (sync mode: another synchronous one)
+        row = {f"step_{key}": log.get(key, 0) for key in ("bytes", *(k.removeprefix("step_") for k in _COUNTS))}
+        work = time_calls(step, device, repeats, warmup=1)
+        log.update(recording=True, events=[], t0=time.perf_counter())
+        _sync(device)
+        step()
+        _sync(device)
+        recorded = time.perf_counter() - log["t0"]
+        log["recording"] = False
+        plan = model._distrifusion_state.plan
+    finally:
+        remove(model)
+    # The recorded step ran with a synchronisation at every event: its times, scaled to the median step.
+    scale = work / recorded if recorded > 0 else 1.0
+    timeline = [(t * scale, kind, nbytes, ident) for t, kind, nbytes, ident in log["events"]]
+    return dict(row, share_step_s=work, cfg_groups=plan.cfg_groups, sync_step_bytes=sync_bytes, timeline=timeline)
+
+
 def profile(
     model, inputs: dict, runtime: Runtime, candidates: list[Choice], repeats: int = 3, split_cfg: bool | str = True
 ) -> list[dict]:
-    """Measure each candidate's share (work, counted bytes) on every rank at once; one row per candidate,
-    with the slowest rank's work. `model` must not be parallelised (each candidate is, then removed)."""
+    """Measure each candidate's share (`share_profile`) on every rank at once; one row per candidate, with
+    the slowest rank's work. `model` must not be parallelised (each candidate is, then removed)."""
     rows = []
     for choice in candidates:
         with torch.no_grad():
-            if choice.ranks == 1:  # the whole step on one device: nothing to exchange
-                row = dict(ranks=1, cfg_groups=1, step_bytes=0, sync_step_bytes=0, **dict.fromkeys(_COUNTS, 0))
-                row["share_step_s"] = time_calls(lambda: model(**inputs), runtime.device, repeats)
-            else:
-                row = _bench_share(
-                    model,
-                    inputs,
-                    choice.ranks,
-                    repeats,
-                    choice.mode,
-                    runtime.device,
-                    False,
-                    compress=choice.compress,
-                    split_cfg=split_cfg,
-                )
+            row = share_profile(model, inputs, choice, runtime.device, repeats, split_cfg)
         row["share_step_s"] = _slowest(runtime, row["share_step_s"])
-        rows.append(dict(row, choice=choice.name, mode=choice.mode, compress=choice.compress))
+        rows.append(dict(row, ranks=choice.ranks, choice=choice.name, mode=choice.mode, compress=choice.compress))
         free_cached_memory(runtime.device)
     return rows
 

@@ -17,6 +17,74 @@ from .config import ParallelConfig
 
 KEPT_SIZES = 4
 """With CUDA graphs: image sizes whose exchange buffers and graphs are kept (least recently used go)."""
+MAX_BRANCHES = 4
+"""Guidance branches (see `ParallelState.enter_branch`) that keep their own context; beyond, the least
+recently used one is taken over (its next call is synchronous)."""
+_BRANCH_FIELDS = ("step", "plan", "exchange", "_exchanges", "_calls", "cross_kv")
+
+
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (None for inference-mode tensors, which keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def identity(value) -> object:
+    """A hashable stand-in for a call's inputs that changes when a tensor is replaced or modified in
+    place, without reading its values (no device synchronisation)."""
+    if isinstance(value, torch.Tensor):
+        return (value.data_ptr(), tuple(value.shape), value.dtype, tensor_version(value))
+    if isinstance(value, dict):
+        return tuple((k, identity(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0])))
+    if isinstance(value, (list, tuple)):
+        return tuple(identity(v) for v in value)
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return id(value)
+
+
+def same_values(a, b) -> bool:
+    """Whether two calls' inputs hold equal values (tensors compared element by element)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and torch.equal(a, b)
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _same_time(a, b) -> bool:
+    """Whether two calls' timesteps are the same moment: a number, or a tensor of it per batch entry
+    (calls of one step may have different batches: SD3's skip-layer call takes only the positive half)."""
+    if a is None or b is None:
+        return a is b
+    first = lambda t: float(torch.as_tensor(t).reshape(-1)[0]) if torch.as_tensor(t).numel() else None  # noqa: E731
+    return first(a) == first(b)
+
+
+@dataclass
+class _Branch:
+    """One guidance branch of the current image: what tells its calls apart, and (while another branch
+    runs) its step bookkeeping and context."""
+
+    key: object = None
+    """`identity` of its conditioning in this image (None: not yet seen in this image)."""
+    conditioning: object = None
+    saved: dict | None = None
+    """Its `_BRANCH_FIELDS` while it is not the current branch (None: it has none yet)."""
+    last_used: int = 0
 
 
 @dataclass(frozen=True)
@@ -322,11 +390,26 @@ class ParallelState:
         """With ParallelConfig(mode="auto"): the plan it chose from (`distrifusion.plan.plan`)."""
         self._exchanges: dict[Plan, Exchange] = {}
         self._calls: dict[str, int] = {}
+        self.branch = 0
+        """The current call's guidance branch (see `enter_branch`); the fields above are its own."""
+        self._branches = [_Branch()]
+        self._branch_calls = 0
+        self._this_step: list[int] = []  # branches called in the current step, in order
+        self._last_step: list[int] = []
+        self._last_timestep: object = None
 
     # -- step bookkeeping ------------------------------------------------------------------
     @torch.compiler.disable
     def reset(self) -> None:
-        """Start a new image: step 0 (synchronous); the context buffers are kept for reuse."""
+        """Start a new image: step 0 (synchronous) in every branch; the context buffers are kept for reuse."""
+        for index in range(len(self._branches)):
+            self._switch(index)
+            self._reset_branch()
+            self._branches[index].key = self._branches[index].conditioning = None
+        self._switch(0)
+        self._this_step, self._last_step, self._last_timestep = [], [], None
+
+    def _reset_branch(self) -> None:
         if self.exchange is not None and self.exchange.fixed:
             self.exchange.settle()
         elif self.exchange is not None:  # a first step that did not finish: its partial layout is no use
@@ -339,10 +422,75 @@ class ParallelState:
     def release(self) -> None:
         """Drop every buffer and graph (for `remove`)."""
         self.reset()
-        self._exchanges.clear()
-        self.exchange = self.plan = None
+        for index in range(len(self._branches)):
+            self._switch(index)
+            self._exchanges.clear()
+            self.exchange = self.plan = None
+        self._switch(0)
+        self._branches = self._branches[:1]
         if self.graphs is not None:
             self.graphs.clear()
+
+    # -- guidance branches -----------------------------------------------------------------
+    # A pipeline may call the denoiser more than once per denoising step with other conditioning:
+    # Flux's true CFG (a second call with the negative prompt), SD3's skip-layer guidance (a third call
+    # without some layers), guidance by separate calls. Each such branch needs its *own* stale context:
+    # the other branch's activations of this step are not this branch's of the previous one. Branches
+    # are told apart by the adapter's `conditioning_args`: by identity (no device synchronisation); when
+    # the identity is new, by value (embeddings rebuilt every step are the same branch); when the values
+    # are new too, by place: another call of the same step (same timestep) is another branch, the first
+    # call of a step with an edited prompt continues the branch that came first in the previous step.
+    @torch.compiler.disable
+    def enter_branch(self, key: object, conditioning: object, timestep: object) -> None:
+        """Make the branch of this call the current one (a new branch's first call is synchronous)."""
+        branches = self._branches
+        found = next((i for i, b in enumerate(branches) if b.key is not None and b.key == key), None)
+        if found is None:
+            seen = [i for i, b in enumerate(branches) if b.key is not None]
+            found = next((i for i in seen if same_values(branches[i].conditioning, conditioning)), None)
+        if found is None:
+            found = self._placed_branch(timestep)
+        if found in self._this_step:  # a branch runs once per step: this call begins the next step
+            self._last_step, self._this_step = self._this_step, []
+        self._this_step.append(found)
+        self._switch(found)
+        self._branch_calls += 1
+        branches[found].key, branches[found].conditioning = key, conditioning
+        branches[found].last_used = self._branch_calls
+        self._last_timestep = timestep
+
+    def _placed_branch(self, timestep: object) -> int:
+        """The branch of a call whose conditioning this image has not seen: by its place in the step."""
+        same_step = bool(self._this_step) and _same_time(self._last_timestep, timestep)
+        previous, used = (self._last_step, self._this_step) if same_step else (self._this_step, [])
+        place = len(used)
+        if place < len(previous) and previous[place] not in used:
+            return previous[place]
+        branches = self._branches
+        unused = next((i for i, b in enumerate(branches) if b.key is None and i not in used), None)
+        if unused is not None:
+            return unused
+        if len(branches) < MAX_BRANCHES:
+            branches.append(_Branch())
+            return len(branches) - 1
+        # Taken over: its context belongs to another conditioning, so it starts again (synchronously).
+        free = [i for i in range(len(branches)) if i not in used] or list(range(len(branches)))
+        index = min(free, key=lambda i: branches[i].last_used)
+        self._switch(index)
+        self._reset_branch()
+        return index
+
+    def _switch(self, index: int) -> None:
+        if index == self.branch:
+            return
+        self._branches[self.branch].saved = {name: getattr(self, name) for name in _BRANCH_FIELDS}
+        saved = self._branches[index].saved
+        if saved is None:  # a new branch: nothing laid out yet
+            saved = dict(step=0, plan=None, exchange=None, _exchanges={}, _calls={}, cross_kv={})
+        for name in _BRANCH_FIELDS:
+            setattr(self, name, saved[name])
+        self._branches[index].saved = None
+        self.branch = index
 
     def abort_step(self) -> None:
         """Undo the bookkeeping of a step whose CUDA-graph capture failed, before it reruns eagerly."""
@@ -356,7 +504,7 @@ class ParallelState:
             self.plan, self._calls = plan, {}
             return
         if plan != self.plan:
-            self.reset()
+            self._reset_branch()
             self.plan = plan
             exchange = self._exchanges.pop(plan, None)
             if exchange is None:

@@ -31,6 +31,10 @@ class ModelAdapter:
     """What the split's rows are, for error messages (rows of the model's input, or token rows)."""
     joint_text: bool = False
     """Whether image and text tokens attend jointly (so text tokens can be sharded among ranks)."""
+    conditioning_args: tuple[str, ...] = ()
+    """The forward arguments that tell a pipeline's guidance branches apart (the prompt, the class, the
+    layers to skip): calls that differ in them keep separate stale context (`ParallelState.enter_branch`).
+    Not the noisy input, the timestep, or per-step extras such as ControlNet residuals."""
     uses_groupnorm: bool = False
     always_sync: bool = False
     """Whether every call is synchronous whatever the config's mode (a VAE: one call per image,

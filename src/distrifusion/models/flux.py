@@ -26,6 +26,7 @@ from .base import (
 
 class FluxAdapter(ModelAdapter):
     models = (FluxTransformer2DModel,)
+    conditioning_args = ("encoder_hidden_states", "pooled_projections", "txt_ids")  # true CFG: a negative-prompt call
     sample_arg = "hidden_states"
     output_dim = 1
     row_unit = "token rows"

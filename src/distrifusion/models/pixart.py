@@ -28,6 +28,7 @@ from .unet import ATTENTION_PROCESSORS
 
 class PixArtAdapter(ModelAdapter):
     models = (PixArtTransformer2DModel,)
+    conditioning_args = ("encoder_hidden_states", "encoder_attention_mask")
     sample_arg = "hidden_states"
 
     def check(self, model: nn.Module) -> None:

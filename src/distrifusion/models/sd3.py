@@ -27,6 +27,7 @@ from .base import (
 
 class SD3Adapter(ModelAdapter):
     models = (SD3Transformer2DModel,)
+    conditioning_args = ("encoder_hidden_states", "pooled_projections", "skip_layers")  # skip-layer guidance
     sample_arg = "hidden_states"
     joint_text = True
 

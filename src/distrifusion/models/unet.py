@@ -59,6 +59,7 @@ SPATIAL_ARGS = (
 
 class UNetAdapter(ModelAdapter):
     models = (UNet2DConditionModel, UNet2DModel)
+    conditioning_args = ("encoder_hidden_states", "class_labels", "added_cond_kwargs", "encoder_attention_mask")
     uses_groupnorm = True
 
     def check(self, model: nn.Module) -> None:
