@@ -38,6 +38,9 @@ LINK = Link(latency_s=0.0, bytes_per_s=1e9)  # 1 ms per MB
 def test_blocking_exchange_adds_its_link_time():
     events = [(0.02, "block", 5e6, -1), (0.05, "block", 1e6, -1)]
     assert simulate_step(events, 0.1, LINK) == pytest.approx(0.1 + 0.005 + 0.001)
+    # Ranks that arrive 2 ms apart on average: each blocking collective waits that long first.
+    skewed = Link(latency_s=0.0, bytes_per_s=1e9, skew_s=0.002)
+    assert simulate_step(events, 0.1, skewed) == pytest.approx(0.1 + 0.005 + 0.001 + 2 * 0.002)
 
 
 def test_a_bucket_sent_at_the_end_and_read_at_the_start_hides_behind_nothing():

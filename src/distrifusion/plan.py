@@ -3,7 +3,8 @@ predicted from measurements of this machine, this model and this size.
 
 Three measurements, no assumed figures:
 1. the link: blocking all-gathers of 4 KiB to 8 MiB per rank among the ranks: the bandwidth from the
-   two largest (their difference: the marginal cost of a byte), the latency from the smallest;
+   two largest (their difference: the marginal cost of a byte), the latency from the smallest; and how
+   long ranks wait for each other at a collective after a few milliseconds of computation (skew);
 2. each choice's share of a step: this rank's strip with loopback collectives (so its compute, and a
    compressed choice's encoding and decoding), timed on every rank at once, so that ranks which share a
    machine's cores or memory are timed as they will run;
@@ -47,6 +48,9 @@ class Link:
 
     latency_s: float
     bytes_per_s: float
+    skew_s: float = 0.0
+    """How long a rank that reaches a collective after some computation waits, on average, for the last
+    one to arrive (their computations do not take exactly as long): paid at every blocking collective."""
 
     def seconds(self, nbytes: float, calls: int) -> float:
         return calls * self.latency_s + nbytes / self.bytes_per_s
@@ -70,9 +74,28 @@ def measure_link(comm: Communicator, device: torch.device, sizes=PROBE_BYTES, re
                 times.append(time.perf_counter() - start)
         points.append(((comm.size - 1) * size, statistics.median(times)))
     latency, seconds_per_byte = _link_figures(points)
-    mine = torch.tensor([latency, seconds_per_byte], dtype=torch.float64, device=device)
+    skew = _measure_skew(comm, device, latency)
+    mine = torch.tensor([latency, seconds_per_byte, skew], dtype=torch.float64, device=device)
     slowest = comm.all_gather(mine).wait().amax(0).tolist()
-    return Link(slowest[0], 1.0 / slowest[1])
+    return Link(slowest[0], 1.0 / slowest[1], slowest[2])
+
+
+def _measure_skew(comm: Communicator, device: torch.device, latency: float, rounds: int = 40) -> float:
+    """`Link.skew_s`: rounds of a few milliseconds of computation, each followed by a small blocking
+    all-gather; the mean time in the all-gather beyond its latency is the wait for the others."""
+    x = torch.randn(192, 192, device=device)
+    buffer = torch.zeros(comm.size, 1024, dtype=torch.uint8, device=device)
+    waits = []
+    for i in range(rounds + 5):
+        for _ in range(8):
+            x = torch.tanh(x @ x * 0.01)
+        _sync(device)
+        start = time.perf_counter()
+        comm.all_gather_inplace(buffer).wait()
+        _sync(device)
+        if i >= 5:  # the first rounds start together from the probe above
+            waits.append(time.perf_counter() - start)
+    return max(statistics.fmean(waits) - latency, 0.0)
 
 
 def _link_figures(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -118,7 +141,8 @@ def simulate_step(events: list, work: float, link: Link, steps: int = 40) -> flo
     """A steady-state step's seconds: the recorded `events` (module docstring) replayed against `link`.
 
     Runs `steps` consecutive steps in time: the link moves one collective at a time, in issue order; a
-    step stalls at a blocking collective until it has moved, and at a wait until that collective of the
+    step stalls at a blocking collective until the others have arrived (`Link.skew_s`) and it has moved,
+    and at a wait until that collective of the
     previous step has arrived, and everything after a stall happens later (the sends too). Returns the
     mean of the last quarter of the steps (a link-bound exchange can settle into alternating lengths)."""
     free, arrived, start, lengths = 0.0, {}, 0.0, []
@@ -126,8 +150,8 @@ def simulate_step(events: list, work: float, link: Link, steps: int = 40) -> flo
         shift, sent = 0.0, {}
         for t, kind, nbytes, ident in events:
             now = start + t + shift
-            if kind == "block":
-                free = max(now, free) + link.seconds(nbytes, 1)
+            if kind == "block":  # starts when the last rank is there and the link is free
+                free = max(now + link.skew_s, free) + link.seconds(nbytes, 1)
                 shift += free - now
             elif kind == "wait" and arrived.get(ident, now) > now:
                 shift += arrived[ident] - now
@@ -327,7 +351,8 @@ def format_plan(found: dict, measured: dict | None = None) -> str:
     link = found["link"]
     lines = [
         f"link: {link['latency_s'] * 1e3:.3f} ms per collective, "
-        f"{link['bytes_per_s'] / 1e9:.3f} GB/s received per rank",
+        f"{link['bytes_per_s'] / 1e9:.3f} GB/s received per rank, "
+        f"{link.get('skew_s', 0.0) * 1e3:.3f} ms waiting for the others at a blocking collective",
         f"{'ranks':>5}  {'choice':<26}{'work/step':>11}{'MB/step':>10}{'behind':>8}{'predicted':>11}"
         + (f"{'measured':>10}{'error':>8}" if measured else ""),
     ]
