@@ -98,6 +98,44 @@ def test_residual_path_with_a_lossless_codec_is_uncompressed_displaced(monkeypat
         assert (a - b).abs().max() <= 1e-12 * b.abs().max()
 
 
+def _transformer_images(family: str, config: distrifusion.ParallelConfig) -> list[torch.Tensor]:
+    from transformer_helpers import denoise as denoise_tokens
+    from transformer_helpers import tiny_transformer
+
+    base = tiny_transformer(family)
+
+    def rank(runtime):
+        model = copy.deepcopy(base)
+        distrifusion.parallelize(model, config, runtime=runtime)
+        # Flux 48 x 16 tokens, SD3 16 x 16 patches (its largest position table): strips' keys/values get coded.
+        return denoise_tokens(model, family, 48 if family == "flux" else 16, 16, batch=1, steps=5)
+
+    return simulate_ranks(2, rank)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("text_tokens", ["sharded", "replicated"])
+def test_lossless_codec_is_uncompressed_displaced_for_transformers(monkeypatch, family, text_tokens):
+    """A coded buffer is decoded only when the next step waits for it, so a lossless codec shows whether
+    the uncompressed path ever reads another rank's row after this step's gather has started: with
+    sharded text, joint attention read its image keys from the exchange buffer after the text's
+    exchange call had sent that buffer off (fresh rows could land in a displaced step)."""
+    config = dict(mode="displaced", warmup_steps=1, split_cfg=False, text_tokens=text_tokens)
+    plain = _transformer_images(family, distrifusion.ParallelConfig(**config))
+    coded = []
+
+    class Lossless(BlockCodec):
+        def encode(self, x, out):
+            coded.append(x.numel())
+            super().encode(x, out)
+
+    monkeypatch.setattr("distrifusion.state.make_codec", lambda compress: Lossless("lossless"))
+    lossless = _transformer_images(family, distrifusion.ParallelConfig(**config, compress="int8"))
+    assert coded  # the keys/values did go through the codec
+    for a, b in zip(plain, lossless):
+        assert torch.equal(a, b)
+
+
 def test_sync_steps_are_never_compressed():
     sync = _images(2, distrifusion.ParallelConfig(mode="sync", split_cfg=False))
     compressed = _images(2, distrifusion.ParallelConfig(mode="sync", split_cfg=False, compress="int8"))

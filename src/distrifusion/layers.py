@@ -351,16 +351,23 @@ class PatchJointAttnProcessor:
         if text is None:
             query, kv = q_img, kv_img
         else:
+            sharded = state.config.text_tokens == "sharded" and not state.naive
+            n_keys = sum(plan.text) if sharded else n_text
+            # [text keys, image keys]. The image part is copied in *now*: it may be a view of an exchange
+            # buffer, which the text's exchange call below sends off (in a displaced step the others'
+            # fresh rows then land in it while this step still needs their previous ones).
+            kv = kv_img.new_empty(kv_img.shape[0], n_keys + kv_img.shape[1], kv_img.shape[2])
+            kv[:, n_keys:] = kv_img
             projections = (
                 (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
                 if added
                 else (attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
             )
             q_txt, kv_txt = _qkv(attn, text, *projections, text_rotary)
-            if state.config.text_tokens == "sharded" and not state.naive:
+            if sharded:
                 kv_txt = gather_tokens(state, self.name + ".text", kv_txt, list(plan.text))
+            kv[:, :n_keys] = kv_txt
             query = torch.cat([q_txt, q_img] if self.text_first else [q_img, q_txt], 1)
-            kv = torch.cat([kv_txt, kv_img], 1)
         key, value = kv.unflatten(-1, (attn.heads, -1)).transpose(1, 2).chunk(2, -1)  # (batch, heads, tokens, d)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value)
         out = out.transpose(1, 2).flatten(2).to(query.dtype)

@@ -298,7 +298,9 @@ def resolve_auto(
         return dataclasses.replace(config, mode="sync"), {}
     height, width = config.auto_size or _default_size(model, scale)
     inputs = model_inputs(model, height, width, scale=scale)
-    found = plan(model, inputs, runtime, choices(runtime.world_size), split_cfg=config.split_cfg)
+    # Only what "auto" may run: all the ranks, the choices in FIDELITY (the rest would only cost time).
+    candidates = [c for c in choices(runtime.world_size) if c.ranks == runtime.world_size and c.name in FIDELITY]
+    found = plan(model, inputs, runtime, candidates, split_cfg=config.split_cfg)
     best = found["best"]
     return dataclasses.replace(config, mode=best["mode"], compress=best["compress"]), found
 
