@@ -43,11 +43,11 @@ class ParallelConfig:
     """Text tokens of models whose text and image tokens attend jointly (Flux, SD3): "sharded"
     (each rank computes a share of them and exchanges their keys/values like image tokens) or
     "replicated" (every rank computes all of them; nothing more to exchange). Sharded is the
-    default because it measured better on both counts: the largest share of 8 ranks of a
-    Flux-like model at 1024² ran 1.6x faster (text tokens are not computed 8 times over), and on
-    the embedded Flux-architecture model displaced steps stayed closer to one process (QUALITY.md),
-    for about 12% more bytes (Flux-dev, N = 8, 1024²). Both are exact in synchronous steps. No
-    effect on UNets and PixArt, whose text enters through cross-attention only."""
+    default for speed: the largest share of 8 ranks of a Flux-like model at 1024² ran 1.6x
+    faster (text tokens are not computed 8 times over), for about 12% more bytes (Flux-dev,
+    N = 8, 1024²); on the embedded Flux-architecture model both are equally close to one process
+    in displaced steps (QUALITY.md). Both are exact in synchronous steps. No effect on UNets and
+    PixArt, whose text enters through cross-attention only."""
 
     split_cfg: bool | str = True
     """Split the batch in two halves over two rank groups (with classifier-free guidance the
