@@ -269,9 +269,9 @@ FIDELITY = (
     "displaced + residual-int4",
     "displaced + residual-int2",
 )
-"""What "auto" may run, the most faithful first (QUALITY.md, embedded model, N = 2/4/8: sync is exact; the
-others within 0.5 dB of uncompressed displaced). Plain int4 and int2 are left out: the residual codes
-send as few bytes and lose less (int2 loses 8 dB)."""
+"""What "auto" may run, the most faithful first (QUALITY.md, embedded UNet and DiT, N = 2/4/8: sync is
+exact; the others within 1 dB of uncompressed displaced). Plain int4 and int2 are left out: the residual
+codes send as few bytes and lose less (plain int2 loses 8 dB on the UNet, 20 on the DiT)."""
 
 AUTO_TOLERANCE = 0.10
 """"auto" takes the most faithful choice predicted within this fraction of the fastest: an exact image, or
