@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -154,6 +155,16 @@ def test_plan_command_prints_the_table_and_writes_json(tmp_path):
     record = json.loads(out.read_text())
     assert len(record["rows"]) == len(choices(2)) and record["best"]["ranks"] == 2
     assert all(r["predicted_s"] > 0 for r in record["rows"])
+
+
+def test_generate_mode_auto_plans_and_reports_its_choice(tmp_path):
+    out = tmp_path / "auto.png"
+    args = ["--nproc", "2", "--height", "32", "--width", "32", "--steps", "3", "--mode", "auto", "--out", str(out)]
+    proc, _ = run_cli("generate", *args)
+    assert proc.returncode == 0, proc.stderr
+    chosen = re.search(r"mode auto: (\S+(?: \+ \S+)?) \(predicted", proc.stderr)
+    assert chosen, proc.stderr
+    assert f"3 steps, {chosen[1]} (auto), 2 ranks" in proc.stdout and out.exists()
 
 
 @pytest.mark.parametrize(

@@ -282,3 +282,20 @@ def test_dispatcher_times_out_a_hung_job_restarts_and_drains():
     with pytest.raises(Refused) as refused:
         dispatcher.submit({"steps": 1})
     assert refused.value.status == 503
+
+
+def test_mode_auto_serves_the_planned_mode_and_per_request_modes():
+    """`--mode auto`: the ranks plan at start-up; a request without a mode runs the planned one (the
+    engine never runs an unresolved "auto"), a request may still ask for sync."""
+    s = Server("--mode", "auto")
+    try:
+        for body in (
+            {"prompt": "gravel", "size": "64x32", "steps": 3},
+            {"prompt": "grass", "size": "32x64", "mode": "sync"},
+        ):
+            r = s.post("/generate", json=body, headers={})
+            assert r.status_code == 200, (r.text, "".join(s.output))
+            assert png(r.content).size == tuple(int(v) for v in body["size"].split("x"))
+        assert "mode auto: " in "".join(s.output)
+    finally:
+        s.close()

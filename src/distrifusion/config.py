@@ -111,4 +111,6 @@ class ParallelConfig:
 
     def is_sync_step(self, step: int) -> bool:
         """Whether denoising step `step` (0-based, counted per image) exchanges fresh context."""
+        if self.mode == "auto":
+            raise ValueError("ParallelConfig(mode='auto') is made concrete by parallelize(); this config was not")
         return self.mode == "sync" or (self.mode == "displaced" and step <= self.warmup_steps)

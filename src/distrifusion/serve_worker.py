@@ -42,7 +42,10 @@ def run_job(pipe, job: dict, embedded: bool, on_step) -> tuple[list, dict]:
 
     denoiser = _denoiser(pipe)
     state = denoiser._distrifusion_state
-    state.config = dataclasses.replace(state.config, mode=job["mode"])
+    mode = job["mode"]
+    if mode == "auto":  # the server's --mode auto: what parallelize planned at start-up
+        mode = state.auto_plan["best"]["mode"] if state.auto_plan else "sync"
+    state.config = dataclasses.replace(state.config, mode=mode)
     calls, marks = [0], {}
 
     def after(module, inputs, output):
