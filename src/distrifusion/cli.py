@@ -305,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="measure the link and each choice's share of a step; predict and rank the step times",
         description="Predicts the step time of sync, displaced and displaced + each compression on all the ranks, "
-        "and displaced on fewer, from the measured link (all-gather latency and bandwidth), each choice's measured "
-        "share of a step and its counted bytes (see distrifusion.plan). ParallelConfig(mode='auto') and "
-        "`generate --mode auto` run the fastest. Launch it as generate: --nproc N here, or under torchrun.",
+        "and displaced on fewer: each choice's share of a step and its exchange (when each collective is issued, "
+        "its bytes, where the step waits for it) are measured, then replayed against the measured link (latency, "
+        "bandwidth, ranks' skew); see distrifusion.plan. ParallelConfig(mode='auto') and --mode auto (generate, "
+        "serve) run the most faithful choice predicted within 10% of the fastest. Launch it as generate: "
+        "--nproc N here, or under torchrun.",
     )
     pln.add_argument("--nproc", type=int, default=2, help="ranks to plan for (under torchrun: its world size)")
     pln.add_argument(
