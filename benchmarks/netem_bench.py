@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,40 +115,56 @@ def reference(gen: list[str], out: Path, timeout: float) -> dict:
     return {"code": proc.returncode, "wall_s": round(time.monotonic() - t0, 2), **parse(text), "tail": text[-400:]}
 
 
-def two_hosts(gen: list[str], link: tuple | None, out: Path, ref_png: Path, timeout: float) -> dict:
+class LinkRefused(RuntimeError):
+    """`tc` would not put the link's qdisc on the veth (e.g. netem on a kernel without it)."""
+
+
+@contextmanager
+def shaped_two_hosts(link: list[str] | tuple | None):
+    """The two-host bed with 1 rank per host and `link`'s root qdisc on both veth ends (None: the bare
+    veth). Raises LinkRefused when tc refuses it. On exit the qdiscs go, then every process in our
+    namespaces (SIGKILL by PID) and the namespaces with the veth pair."""
     bed = TwoHosts(nproc_per_node=1)
-    qdiscs: list[str] = []
+    shaped: list[str] = []
     try:
         bed._make()
         if link is not None:
             for ns, veth in zip(bed.ns, bed.veth):
                 r = tc(ns, "qdisc", "add", "dev", veth, "root", *link)
                 if r.returncode:
-                    return {"codes": None, "wall_s": 0.0, "error": f"tc qdisc add {' '.join(link)}: {r.stderr.strip()}"}
-                qdiscs.append(ns)
-        shown = tc(bed.ns[0], "qdisc", "show", "dev", bed.veth[0]).stdout.strip()
-        bed.start([*gen, "--out", str(out), "--timeout", "60"], extra=("--shutdown-timeout", "5"))
-        res = bed.wait(timeout=timeout)
-        wall = (max(e for e in res["ended"] if e is not None) if all(res["ended"]) else time.monotonic()) - (
-            bed.started_at or 0
-        )
-        text = bed.output(0)
-        row = {
-            "codes": res["codes"],
-            "wall_s": round(wall, 2),
-            **parse(text),
-            "max_pixel_diff_vs_1_process": pixel_diff(out, ref_png) if out.exists() else None,
-            "qdisc": shown,
-            "left": res["left"],
-        }
-        if not row.get("denoising_s"):
-            row["tail"] = bed.all_output()[-1500:]
-        return row
+                    raise LinkRefused(f"tc qdisc add {' '.join(link)}: {r.stderr.strip()}")
+                shaped.append(ns)
+        yield bed
     finally:
         for ns, veth in zip(bed.ns, bed.veth):
-            if ns in qdiscs:
+            if ns in shaped:
                 tc(ns, "qdisc", "del", "dev", veth, "root")
-        bed.close()  # SIGKILL every PID in our namespaces, delete them (and the veth pair)
+        bed.close()
+
+
+def two_hosts(gen: list[str], link: tuple | None, out: Path, ref_png: Path, timeout: float) -> dict:
+    try:
+        with shaped_two_hosts(link) as bed:
+            shown = tc(bed.ns[0], "qdisc", "show", "dev", bed.veth[0]).stdout.strip()
+            bed.start([*gen, "--out", str(out), "--timeout", "60"], extra=("--shutdown-timeout", "5"))
+            res = bed.wait(timeout=timeout)
+            wall = (max(e for e in res["ended"] if e is not None) if all(res["ended"]) else time.monotonic()) - (
+                bed.started_at or 0
+            )
+            text = bed.output(0)
+            row = {
+                "codes": res["codes"],
+                "wall_s": round(wall, 2),
+                **parse(text),
+                "max_pixel_diff_vs_1_process": pixel_diff(out, ref_png) if out.exists() else None,
+                "qdisc": shown,
+                "left": res["left"],
+            }
+            if not row.get("denoising_s"):
+                row["tail"] = bed.all_output()[-1500:]
+            return row
+    except LinkRefused as e:
+        return {"codes": None, "wall_s": 0.0, "error": str(e)}
 
 
 def main() -> int:

@@ -23,32 +23,21 @@ import tempfile
 from pathlib import Path
 
 import netem_bench  # its import puts tests/ on the path, for multihost
-from multihost import TwoHosts, unavailable
+from multihost import unavailable
 
-LINKS, tc = netem_bench.LINKS, netem_bench.tc
+LINKS = netem_bench.LINKS
 
 
 def plan_on_two_hosts(plan_args: list[str], link: list[str] | None, out: Path, timeout: float) -> dict:
-    bed = TwoHosts(nproc_per_node=1)
-    shaped: list[str] = []
     try:
-        bed._make()
-        if link is not None:
-            for ns, veth in zip(bed.ns, bed.veth):
-                r = tc(ns, "qdisc", "add", "dev", veth, "root", *link)
-                if r.returncode:
-                    return {"error": f"tc qdisc add {' '.join(link)}: {r.stderr.strip()}"}
-                shaped.append(ns)
-        bed.start([*plan_args, "--json", str(out), "--timeout", "120"], extra=("--shutdown-timeout", "5"))
-        result = bed.wait(timeout=timeout)
-        if result["codes"] != [0, 0] or not out.exists():
-            return {"error": f"exit codes {result['codes']}", "tail": bed.all_output()[-1500:]}
-        return {"table": bed.output(0)[-2500:], **json.loads(out.read_text())}
-    finally:
-        for ns, veth in zip(bed.ns, bed.veth):
-            if ns in shaped:
-                tc(ns, "qdisc", "del", "dev", veth, "root")
-        bed.close()  # SIGKILL every PID in our namespaces, delete them (and the veth pair)
+        with netem_bench.shaped_two_hosts(link) as bed:
+            bed.start([*plan_args, "--json", str(out), "--timeout", "120"], extra=("--shutdown-timeout", "5"))
+            result = bed.wait(timeout=timeout)
+            if result["codes"] != [0, 0] or not out.exists():
+                return {"error": f"exit codes {result['codes']}", "tail": bed.all_output()[-1500:]}
+            return {"table": bed.output(0)[-2500:], **json.loads(out.read_text())}
+    except netem_bench.LinkRefused as e:
+        return {"error": str(e)}
 
 
 def main() -> int:

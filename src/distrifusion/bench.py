@@ -411,8 +411,8 @@ def bench_step(
 def counting_loopback_runtime(ranks: int, device: torch.device, counter: dict):
     """This process as the last rank of `ranks` (loopback), counting the bytes it receives."""
     runtime = loopback_runtime(ranks, device=device)
-    runtime.world = CountingCommunicator(runtime.world, counter)
-    runtime.patch_groups = {k: CountingCommunicator(c, counter) for k, c in runtime.patch_groups.items()}
+    runtime.world = CountingCommunicator(runtime.world, counter, device)
+    runtime.patch_groups = {k: CountingCommunicator(c, counter, device) for k, c in runtime.patch_groups.items()}
     return runtime
 
 

@@ -828,7 +828,7 @@ def plan(args: argparse.Namespace) -> int:
 
     from .bench import build_model, model_inputs
     from .comm import init_runtime
-    from .plan import Choice, choices, format_plan, measure
+    from .plan import Choice, choices, format_plan, measure, pixels_per_latent
     from .plan import plan as make_plan
 
     runtime = init_runtime(args.timeout or 300.0)
@@ -840,7 +840,7 @@ def plan(args: argparse.Namespace) -> int:
 
         pipe = load_pipeline(args.model, dtype)
         model = _denoiser(pipe).to(runtime.device)
-        scale = getattr(pipe, "vae_scale_factor", 8) if getattr(pipe, "vae", None) else 1
+        scale = pixels_per_latent(pipe)
     else:
         model = build_model(args.arch, dtype, runtime.device)
     inputs = model_inputs(model, args.height, args.width, scale=scale)

@@ -70,12 +70,9 @@ def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime:
     pipe_or_model.to(runtime.device)
     found = None
     if config.mode == "auto":
-        from .plan import describe_choice, resolve_auto
+        from .plan import describe_choice, pixels_per_latent, resolve_auto
 
-        # A pipeline's pixels per latent cell: its VAE's factor; no VAE: pixel space (the texture models).
-        scale = None
-        if model is not pipe_or_model:
-            scale = getattr(pipe_or_model, "vae_scale_factor", 8) if getattr(pipe_or_model, "vae", None) else 1
+        scale = None if model is pipe_or_model else pixels_per_latent(pipe_or_model)
         config, found = resolve_auto(model, config, runtime, scale)
         if runtime.rank == 0:
             log.info(describe_choice(found))

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import CountingCommunicator, _sync, free_cached_memory, model_inputs, time_calls
+from .bench import _first_steps_traffic, _sync, counting_loopback_runtime, free_cached_memory, model_inputs, time_calls
 from .comm import Communicator, Runtime
 from .config import COMPRESS_MODES, ParallelConfig
-from .simulate import loopback_runtime
 
 PROBE_BYTES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20)
 """Per-rank payloads of the link probe: the small ones give the latency, the large ones the bandwidth."""
@@ -189,9 +188,7 @@ def share_profile(
             share_step_s=work, cfg_groups=1, step_bytes=0, sync_step_bytes=0, timeline=[], **dict.fromkeys(_COUNTS, 0)
         )
     log: dict = {}
-    runtime = loopback_runtime(choice.ranks, device=device)
-    runtime.world = CountingCommunicator(runtime.world, log, device)
-    runtime.patch_groups = {k: CountingCommunicator(c, log, device) for k, c in runtime.patch_groups.items()}
+    runtime = counting_loopback_runtime(choice.ranks, device, log)
     config = ParallelConfig(
         mode=choice.mode, compress=choice.compress, warmup_steps=0, split_cfg=split_cfg, cuda_graphs=False
     )
@@ -202,12 +199,7 @@ def share_profile(
         model(**inputs)
 
     try:
-        step()  # step 0: synchronous
-        sync_bytes = log.get("bytes", 0)
-        for key in ("bytes", *(k.removeprefix("step_") for k in _COUNTS)):
-            log[key] = 0
-        step()  # the first displaced step (sync mode: another synchronous one)
-        row = {f"step_{key}": log.get(key, 0) for key in ("bytes", *(k.removeprefix("step_") for k in _COUNTS))}
+        row = _first_steps_traffic(model, inputs, log, choice.mode)  # step 0 (synchronous), then one more
         work = time_calls(step, device, repeats, warmup=1)
         log.update(recording=True, events=[], t0=time.perf_counter())
         _sync(device)
@@ -215,13 +207,12 @@ def share_profile(
         _sync(device)
         recorded = time.perf_counter() - log["t0"]
         log["recording"] = False
-        plan = model._distrifusion_state.plan
     finally:
         remove(model)
     # The recorded step ran with a synchronisation at every event: its times, scaled to the median step.
     scale = work / recorded if recorded > 0 else 1.0
     timeline = [(t * scale, kind, nbytes, ident) for t, kind, nbytes, ident in log["events"]]
-    return dict(row, share_step_s=work, cfg_groups=plan.cfg_groups, sync_step_bytes=sync_bytes, timeline=timeline)
+    return dict(row, share_step_s=work, timeline=timeline)
 
 
 def profile(
@@ -317,6 +308,12 @@ def describe_choice(found: dict) -> str:
         f"{alternatives}; "
         f"link {link['latency_s'] * 1e3:.2f} ms + {link['bytes_per_s'] / 1e9:.2f} GB/s)"
     )
+
+
+def pixels_per_latent(pipe) -> int:
+    """A pipeline's pixels per latent cell: its VAE's factor; without a VAE it works on pixels (the
+    texture models)."""
+    return getattr(pipe, "vae_scale_factor", 8) if getattr(pipe, "vae", None) else 1
 
 
 def _default_size(model, scale: int | None) -> tuple[int, int]:
