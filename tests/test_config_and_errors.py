@@ -1,6 +1,9 @@
 """Config validation and input errors: raised before any collective, so checked in one process
 with a runtime that claims several ranks (the check is the same on every rank)."""
 
+import copy
+from functools import partial
+
 import pytest
 import torch
 from helpers import BLOCK, tiny_model
@@ -128,3 +131,33 @@ def test_parallelize_twice_raises_and_remove_restores():
         after = model(sample, 10, encoder_hidden_states=text).sample
     assert torch.equal(before, after) and torch.equal(before, alone)
     assert all("forward" not in m.__dict__ for m in model.modules())  # every layer gone, FreeU's too
+
+
+def _mismatch_job(runtime, what: str, base):
+    from helpers import denoise
+
+    model = copy.deepcopy(base)  # built once: ranks built at once would share (and race on) the global RNG
+    odd = runtime.rank == 1
+    compress = "int8" if (what == "config" and odd) else None
+    config = distrifusion.ParallelConfig(compress=compress, timeout_s=30.0 + runtime.rank, split_cfg=False)
+    distrifusion.parallelize(model, config, runtime=runtime)
+    try:
+        denoise(model, "sd15", 4 * BLOCK, 2 * BLOCK, steps=2, seed=2 if (what == "inputs" and odd) else 1)
+    except ValueError as error:
+        return str(error)
+    return "ran"
+
+
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("config", "different ParallelConfig settings"),
+        ("inputs", "the model inputs differ between ranks"),
+        ("nothing", "ran"),  # a different timeout alone is no mismatch
+    ],
+)
+def test_ranks_that_disagree_are_refused_before_any_layer_exchanges(what, message):
+    from distrifusion.simulate import simulate_ranks
+
+    results = simulate_ranks(2, partial(_mismatch_job, what=what, base=tiny_model("sd15")))
+    assert all(message in result for result in results), results

@@ -110,6 +110,27 @@ def test_plan_counts_each_choices_bytes_and_ranks_agree():
     assert all(r["predicted_s"] >= r["share_step_s"] for r in found[0]["rows"])
 
 
+def test_ranks_plan_from_the_same_predictions(monkeypatch):
+    # Each rank replays its own timeline, so its own predictions differ; here they rank the choices in
+    # opposite orders. Had a rank sorted or chosen from its own, the ranks would then measure or run
+    # different choices (found over two hosts: one rank's int8 gather met the other's int4).
+    import threading
+
+    def rank_dependent(row, link):
+        order = ["sync", "displaced", "displaced + int8"].index(row["choice"]) if row["ranks"] == 2 else 0
+        return 1.0 + 0.5 * (order if threading.current_thread().name == "rank0" else 2 - order)
+
+    monkeypatch.setattr("distrifusion.plan.predict", rank_dependent)
+    found = simulate_ranks(2, _plan_job)
+    assert [r["choice"] for r in found[0]["rows"]] == [r["choice"] for r in found[1]["rows"]]
+    assert [r["predicted_s"] for r in found[0]["rows"]] == [r["predicted_s"] for r in found[1]["rows"]]
+    assert found[0]["best"]["choice"] == found[1]["best"]["choice"] == "displaced"
+    # The slowest rank's figure (alone, rank 0 would choose sync, rank 1 int8).
+    assert {r["choice"]: r["predicted_s"] for r in found[0]["rows"] if r["ranks"] == 2} == pytest.approx(
+        {"sync": 2.0, "displaced": 1.5, "displaced + int8": 2.0}
+    )
+
+
 def _auto_job(runtime):
     model = tiny_model("sd15")
     reference = copy.deepcopy(model)

@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import logging
 import warnings
+import zlib
 from functools import partial
 
 import torch
@@ -127,6 +128,13 @@ def _under_compile() -> bool:
     """Whether torch.compile's frame evaluation is on around this call (a frame that dynamo skips
     but whose callees it compiles, as `_ParallelForward.__call__`)."""
     return torch._C._dynamo.eval_frame.get_eval_frame_callback() not in (None, False)
+
+
+def _fingerprint(config: ParallelConfig) -> float:
+    """A number that ranks with the same config share: what decides which collectives a step issues
+    (the timeout and the size "auto" planned at may differ)."""
+    fields = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
+    return float(zlib.crc32(repr([f for f in fields if f[0] not in ("timeout_s", "auto_size")]).encode()))
 
 
 def _everywhere(runtime: Runtime, ok: bool) -> bool:
@@ -395,7 +403,9 @@ class _ParallelForward:
             return
         t = torch.as_tensor(0 if timestep is None else timestep, device=sample.device).double().sum()
         layers = float(self.state.ownership.layers)
-        flags = torch.tensor([float(problem is None), layers], dtype=torch.float64, device=sample.device)
+        flags = torch.tensor(
+            [float(problem is None), layers, _fingerprint(self.state.config)], dtype=torch.float64, device=sample.device
+        )
         summary = torch.cat([torch.stack([sample.double().sum(), sample.double().abs().sum(), t]), flags])
         gathered = self.state.runtime.world.all_gather(summary).wait()
         if problem is not None:
@@ -408,6 +418,11 @@ class _ParallelForward:
             raise ValueError(
                 f"distrifusion: the ranks' models differ (patch-parallel layers per rank: {counts}); every rank "
                 "must load the same LoRAs, adapters and attention processors"
+            )
+        if gathered[:, 5].amin() != gathered[:, 5].amax():
+            raise ValueError(
+                "distrifusion: the ranks run with different ParallelConfig settings (mode, compress, warm-up, ...); "
+                "give every rank the same config"
             )
         if not torch.equal(gathered[:, :3].amin(0), gathered[:, :3].amax(0)):
             raise ValueError(

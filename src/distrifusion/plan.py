@@ -168,10 +168,11 @@ def predict(row: dict, link: Link) -> float:
     return simulate_step(row.get("timeline", []), row["share_step_s"], link)
 
 
-def _slowest(runtime: Runtime, value: float) -> float:
-    """The largest of every rank's `value`: all ranks plan alike and the slowest rank sets the step."""
-    mine = torch.tensor([value], dtype=torch.float64, device=runtime.device)
-    return float(runtime.world.all_gather(mine).wait().max())
+def _slowest(runtime: Runtime, *values: float) -> list[float]:
+    """Each of `values`, the largest over the ranks: the slowest rank sets the step, and every rank must
+    plan from the same figures (a rank that sorted or chose from its own would run other collectives)."""
+    mine = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    return runtime.world.all_gather(mine).wait().amax(0).tolist()
 
 
 def share_profile(
@@ -224,7 +225,7 @@ def profile(
     for choice in candidates:
         with torch.no_grad():
             row = share_profile(model, inputs, choice, runtime.device, repeats, split_cfg)
-        row["share_step_s"] = _slowest(runtime, row["share_step_s"])
+        (row["share_step_s"],) = _slowest(runtime, row["share_step_s"])
         rows.append(dict(row, ranks=choice.ranks, choice=choice.name, mode=choice.mode, compress=choice.compress))
         free_cached_memory(runtime.device)
     return rows
@@ -244,8 +245,9 @@ def plan(
     candidates = candidates or choices(runtime.world_size)
     link = measure_link(runtime.world, runtime.device)
     rows = profile(model, inputs, runtime, candidates, repeats, split_cfg)
-    for row in rows:
-        row["predicted_s"] = predict(row, link)
+    # Each rank replays its own exchange (strips differ: so do timelines): the slowest prediction counts.
+    for row, predicted in zip(rows, _slowest(runtime, *(predict(row, link) for row in rows))):
+        row["predicted_s"] = predicted
     rows.sort(key=lambda r: r["predicted_s"])
     return dict(link=dataclasses.asdict(link), rows=rows, best=choose(rows, runtime.world_size))
 
@@ -342,7 +344,7 @@ def measure(model, inputs: dict, runtime: Runtime, choice: Choice, repeats: int 
         state.reset()
     finally:
         remove(model)
-    return _slowest(runtime, seconds)
+    return _slowest(runtime, seconds)[0]
 
 
 def format_plan(found: dict, measured: dict | None = None) -> str:
