@@ -121,7 +121,25 @@ def parallelize_model(
     state.ownership.install()
     for method, entry in adapter.entries(model):
         setattr(model, method, _ParallelForward(model, state, entry, method))
+    if hasattr(type(model), "set_default_attn_processor"):
+        model.set_default_attn_processor = _WithOriginalProcessors(model, "set_default_attn_processor")
     return state
+
+
+class _WithOriginalProcessors:
+    """A model method that judges the attention processors by their class: diffusers'
+    `set_default_attn_processor` refuses ones it does not know, ours included. The engine's
+    processors give theirs back first; the next call brings the model under the engine again
+    (see `distrifusion.ownership`)."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        self.model, self.original = model, getattr(type(model), method)
+
+    def __call__(self, *args, **kwargs):
+        for module in self.model.modules():
+            if isinstance(getattr(module, "processor", None), _PROCESSORS):
+                module.set_processor(module.processor.original)
+        return self.original(self.model, *args, **kwargs)
 
 
 def _under_compile() -> bool:
@@ -178,7 +196,7 @@ def _remove_model(model: nn.Module) -> bool:
     state.ownership.close()
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
-            if isinstance(value, (*_LAYERS, _ParallelForward)):
+            if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
                 delattr(module, name)
         if isinstance(getattr(module, "processor", None), _PROCESSORS):
             module.set_processor(module.processor.original)
