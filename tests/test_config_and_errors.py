@@ -107,6 +107,68 @@ def test_unsupported_layer_raises_type_error():
         distrifusion.parallelize(model, runtime=fake_runtime(2))
 
 
+ROW_CROSSING = {
+    "transposed conv": lambda: torch.nn.ConvTranspose2d(8, 8, 3, padding=1),
+    "overlapping pool": lambda: torch.nn.AvgPool2d(3, stride=1, padding=1),
+    "row padding": lambda: torch.nn.ReflectionPad2d(1),
+    "instance norm": lambda: torch.nn.InstanceNorm2d(8),
+    "bilinear upsampling": lambda: torch.nn.Upsample(scale_factor=2, mode="bilinear"),
+}
+ROW_LOCAL = {
+    "2x2 transposed conv": lambda: torch.nn.ConvTranspose2d(8, 8, 2, stride=2),
+    "2x2 pool": lambda: torch.nn.AvgPool2d(2),
+    "column padding": lambda: torch.nn.ReflectionPad2d((1, 1, 0, 0)),
+    "nearest upsampling": lambda: torch.nn.Upsample(scale_factor=2),
+}
+
+
+@pytest.mark.parametrize("layer", list(ROW_CROSSING))
+def test_a_layer_that_reads_across_rows_is_refused_by_name(layer):
+    # Whatever custom or added layer would see a strip's edge as the image's edge: refused, not run.
+    model = tiny_model("sd15")
+    model.mid_block.resnets[0].extra = ROW_CROSSING[layer]()
+    with pytest.raises(TypeError, match=r"mid_block\.resnets\.0\.extra.*cannot be split"):
+        distrifusion.parallelize(model, runtime=fake_runtime(2))
+
+
+@pytest.mark.parametrize("layer", list(ROW_LOCAL))
+def test_a_layer_local_to_rows_is_accepted(layer):
+    model = tiny_model("sd15")
+    model.mid_block.resnets[0].extra = ROW_LOCAL[layer]()
+    distrifusion.parallelize(model, runtime=fake_runtime(2))
+
+
+def _row_crossing_added_job(runtime, base):
+    from helpers import denoise
+
+    model = copy.deepcopy(base)
+    distrifusion.parallelize(model, distrifusion.ParallelConfig(split_cfg=False), runtime=runtime)
+    denoise(model, "sd15", 4 * BLOCK, 2 * BLOCK, steps=1)
+    model.up_blocks[0].extra = torch.nn.InstanceNorm2d(8)  # after parallelize: checked at the next call
+    try:
+        denoise(model, "sd15", 4 * BLOCK, 2 * BLOCK, steps=1)
+    except TypeError as error:
+        return str(error)
+    return "ran"
+
+
+def test_a_row_crossing_layer_added_after_parallelize_is_refused_on_every_rank():
+    from distrifusion.simulate import simulate_ranks
+
+    results = simulate_ranks(2, partial(_row_crossing_added_job, base=tiny_model("sd15")))
+    assert all("up_blocks.0.extra" in r and "InstanceNorm2d" in r for r in results), results
+
+
+def test_a_transformer_conv_with_overlapping_windows_is_refused():
+    from transformer_helpers import tiny_transformer
+
+    model = tiny_transformer("pixart")
+    distrifusion.remove(distrifusion.parallelize(model, runtime=fake_runtime(2)))  # its patch embedding is fine
+    model.pos_embed.smooth = torch.nn.Conv2d(4, 4, 3, padding=1)
+    with pytest.raises(TypeError, match="pos_embed.smooth"):
+        distrifusion.parallelize(model, runtime=fake_runtime(2))
+
+
 def test_config_must_be_a_parallel_config():
     with pytest.raises(TypeError, match="ParallelConfig"):
         distrifusion.parallelize(tiny_model("sd15"), {"mode": "sync"}, runtime=fake_runtime(2))

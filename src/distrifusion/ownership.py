@@ -51,7 +51,7 @@ class Ownership:
 
     def install(self) -> None:
         """Check the model and install the adapter's layers on whatever lacks them."""
-        self.adapter.check(self.model)
+        self.adapter.check_model(self.model)
         self.adapter.install(self.model, self.state)
         modules = list(self.model.modules())
         self._modules = weakref.WeakSet(modules)

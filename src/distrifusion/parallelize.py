@@ -58,7 +58,7 @@ def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime:
     model, adapter = find_denoiser(pipe_or_model)
     if hasattr(model, _STATE_ATTR):
         raise ValueError("this model is already parallelised; call distrifusion.remove() first")
-    adapter.check(model)
+    adapter.check_model(model)
     if not adapter.uses_groupnorm and config.groupnorm != ParallelConfig.groupnorm:
         warnings.warn(
             f"distrifusion: ParallelConfig.groupnorm has no effect on {type(model).__name__} (no GroupNorm)",
@@ -66,7 +66,7 @@ def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime:
         )
     vae = _pipeline_vae(pipe_or_model, model) if config.split_vae else None
     if vae is not None:
-        VAEAdapter().check(vae)
+        VAEAdapter().check_model(vae)
     runtime = runtime or init_runtime(config.timeout_s)
     pipe_or_model.to(runtime.device)
     found = None

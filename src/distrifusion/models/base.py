@@ -39,6 +39,16 @@ class ModelAdapter:
     always_sync: bool = False
     """Whether every call is synchronous whatever the config's mode (a VAE: one call per image,
     no previous step to borrow from)."""
+    halo_convs: bool = False
+    """Whether the adapter gives every conv taller than one row its halo rows (UNets, VAEs); else
+    only convs whose windows do not overlap (a transformer's patch embedding) are accepted."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse the model, before anything runs, if a layer cannot be split into strips: the
+        family's own rules (`check`) and, for every family, the layers that read across rows."""
+        for name, module in model.named_modules():
+            refuse_row_crossing(name, module, self.halo_convs)
+        self.check(model)
 
     def entries(self, model: nn.Module) -> list[tuple[str, ModelAdapter]]:
         """The model's methods that each run one split call, with the adapter that splits it
@@ -174,6 +184,39 @@ def install_processor(attn: nn.Module, state: ParallelState, make: Callable) -> 
             return
         current = current.original
     attn.set_processor(make(current))
+
+
+UNSPLIT_LAYERS = ("AdaGroupNorm", "SpatialNorm", "FirDownsample2D", "FirUpsample2D", "KDownsample2D", "KUpsample2D")
+"""diffusers layers that read across rows in ways the engine does not split (statistics over the whole
+map, FIR or transposed-conv resampling done with functions inside their forward). By class name: not
+every diffusers version has all of them."""
+_PADS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.CircularPad2d)
+
+
+def refuse_row_crossing(name: str, module: nn.Module, halo_convs: bool) -> None:
+    """Raise for a layer that would read rows of other strips without the engine knowing, which would
+    give a wrong image with no error: a strip's edge is not the image's edge."""
+    kind, why = type(module).__name__, None
+    if kind in UNSPLIT_LAYERS:
+        why = "not supported"
+    elif isinstance(module, (nn.ConvTranspose2d, nn.MaxPool2d, nn.AvgPool2d)) or (
+        isinstance(module, nn.Conv2d) and not halo_convs
+    ):
+        kernel, stride, padding = (_pair(getattr(module, a))[0] for a in ("kernel_size", "stride", "padding"))
+        if (kernel > 1 or padding) and not (kernel == stride and padding == 0):
+            why = f"its {kernel}-row windows (stride {stride}, padding {padding}) cross strip edges"
+    elif isinstance(module, _PADS) and any(module.padding[2:]):  # (left, right, top, bottom)
+        why = "it pads rows at every strip's edge"
+    elif isinstance(module, (nn.InstanceNorm2d, nn.LocalResponseNorm)):
+        why = "its statistics span the whole map"
+    elif isinstance(module, nn.Upsample) and module.mode != "nearest":
+        why = f"{module.mode} interpolation reads the rows beyond a strip's edge"
+    if why:
+        raise TypeError(f"distrifusion: layer {name!r} ({kind}) cannot be split into strips: {why}")
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def check_processor(name: str, attn: nn.Module, allowed: tuple[type, ...]) -> None:

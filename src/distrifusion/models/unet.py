@@ -61,12 +61,10 @@ class UNetAdapter(ModelAdapter):
     models = (UNet2DConditionModel, UNet2DModel)
     conditioning_args = ("encoder_hidden_states", "class_labels", "added_cond_kwargs", "encoder_attention_mask")
     uses_groupnorm = True
+    halo_convs = True
 
     def check(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
-            kind = type(module).__name__
-            if kind in ("AdaGroupNorm", "SpatialNorm", "FirDownsample2D", "KDownsample2D", "FirUpsample2D"):
-                raise TypeError(f"distrifusion: layer {name!r} ({kind}) is not supported")
             if isinstance(module, Downsample2D) and module.use_conv and module.padding == 0:
                 raise TypeError(f"distrifusion: downsampler {name!r} pads asymmetrically (padding=0), not supported")
             if isinstance(module, Attention):

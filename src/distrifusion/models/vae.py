@@ -28,15 +28,13 @@ class VAEAdapter(ModelAdapter):
     models = (AutoencoderKL,)
     uses_groupnorm = True
     always_sync = True
+    halo_convs = True
 
     def entries(self, model: nn.Module) -> list[tuple[str, ModelAdapter]]:
         return [("_encode", VAEEncode()), ("_decode", VAEDecode())]
 
     def check(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
-            kind = type(module).__name__
-            if kind in ("SpatialNorm", "FirDownsample2D", "KDownsample2D", "FirUpsample2D"):
-                raise TypeError(f"distrifusion: VAE layer {name!r} ({kind}) is not supported")
             if isinstance(module, Attention):
                 check_processor(name, module, ATTENTION_PROCESSORS)
             if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
