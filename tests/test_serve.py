@@ -167,6 +167,29 @@ def test_oversized_body_is_413(server):
     assert response.status_code == 413
 
 
+def test_a_chunked_body_over_the_limit_is_413(server):
+    def chunks():  # no Content-Length: sent chunked
+        yield b'{"prompt": "gravel", "size": "32x48", "steps": 2, "negative_prompt": "'
+        for _ in range(20):
+            yield b"x" * 4096
+        yield b'"}'
+
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = httpx.post(server.url + "/generate", content=chunks(), headers=headers, timeout=60)
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+    small = iter([b'{"prompt": "gravel", ', b'"size": "32x48", "steps": 2}'])
+    response = httpx.post(server.url + "/generate", content=small, headers=headers, timeout=60)
+    assert response.status_code == 200 and png(response.content).size == (32, 48)
+
+
+def test_errors_share_one_shape(server):
+    assert server.post("/generate", content=b"{not json", headers={}).status_code == 401  # the key first
+    for path in ("/nowhere", "/generate"):  # 404, and 405 (GET on a POST route)
+        response = httpx.get(server.url + path, headers=AUTH)
+        assert response.status_code in (404, 405) and response.json()["error"]["status"] == response.status_code
+    assert httpx.head(server.url + "/health").status_code == 200
+
+
 def test_api_key(server):
     assert server.post("/generate", SMALL, headers={}).status_code == 401
     assert server.post("/generate", SMALL, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -210,6 +233,12 @@ def test_killed_rank_fails_the_request_then_the_group_restarts():
         assert server.post("/generate", SMALL).status_code == 200
         metrics = httpx.get(server.url + "/metrics").text
         assert "distrifusion_group_restarts_total 1" in metrics
+        # A rank that dies while the server is idle is replaced before the next request, which succeeds.
+        os.kill(server.ranks()[0], signal.SIGKILL)
+        time.sleep(1.5)
+        assert httpx.get(server.url + "/health").json()["status"] in ("restarting", "ready")
+        assert server.post("/generate", SMALL).status_code == 200
+        assert "distrifusion_group_restarts_total 2" in httpx.get(server.url + "/metrics").text
         # SIGTERM while a job runs: it finishes, a new request gets 503, everything exits 0 within 30 s.
         ranks = server.ranks()
         result.clear()
@@ -239,7 +268,14 @@ class FakeGroup:
 
     def __init__(self) -> None:
         self.starts = self.stops = self.kills = 0
-        self.hang = False
+        self.hang = self.dead = self.deaf = False
+
+    def check_alive(self) -> None:
+        from distrifusion.serve import GroupFailure
+
+        if self.dead:
+            self.dead = False
+            raise GroupFailure(500, "rank 1 exited (-9)")
 
     def start(self) -> dict:
         self.starts += 1
@@ -248,6 +284,10 @@ class FakeGroup:
     def run(self, job, deadline: float) -> None:
         from distrifusion.serve import GroupFailure
 
+        while self.deaf:  # a job that outlives the drain: ends only when the group is killed
+            if self.kills:
+                raise GroupFailure(500, "lost rank 0")
+            time.sleep(0.01)
         while self.hang:
             if time.monotonic() > deadline:
                 self.hang = False
@@ -282,6 +322,66 @@ def test_dispatcher_times_out_a_hung_job_restarts_and_drains():
     with pytest.raises(Refused) as refused:
         dispatcher.submit({"steps": 1})
     assert refused.value.status == 503
+
+
+def test_dispatcher_replaces_a_group_that_died_while_idle():
+    from distrifusion.serve import Dispatcher, Settings
+
+    group = FakeGroup()
+    dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None), group)
+    dispatcher.thread.start()
+    assert dispatcher.submit({"steps": 1}).finished.wait(5)
+    group.dead = True
+    deadline = time.monotonic() + 5
+    while group.starts < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group.kills == 1 and group.starts == 2 and dispatcher.metrics.restarts == 1
+    job = dispatcher.submit({"steps": 1})
+    assert job.finished.wait(5) and job.status == "done"
+    assert dispatcher.drain()
+
+
+def test_a_queued_request_expires_at_its_deadline_and_a_drain_that_runs_out_fails_the_running_job():
+    from distrifusion.serve import Dispatcher, Settings
+
+    group = FakeGroup()
+    dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None), group)
+    dispatcher.thread.start()
+    group.deaf = True
+    running = dispatcher.submit({"steps": 1})
+    queued = dispatcher.submit({"steps": 1})
+    time.sleep(0.2)
+    dispatcher.expire(queued)  # what the request's handler does at its deadline
+    assert queued.finished.is_set() and queued.error[0] == 504 and not dispatcher.queue
+    assert not dispatcher.drain(grace_s=0.3)  # the running job outlives the drain: its ranks are stopped
+    assert running.finished.is_set() and running.error[0] == 503 and "shut down" in running.error[1]
+    assert group.starts == 1, "no new group is started while the server shuts down"
+
+
+def test_a_job_whose_progress_never_stops_still_times_out():
+    """The deadline holds while progress messages keep coming (quick steps on a GPU)."""
+    from multiprocessing.connection import Pipe
+
+    from distrifusion.serve import GroupFailure, Job, WorkerGroup
+
+    group = WorkerGroup([], 0)
+    group.connection, rank0 = Pipe()
+    stop = threading.Event()
+
+    def chatty_rank0():
+        rank0.recv()  # the job
+        step = 0
+        while not stop.is_set():
+            rank0.send(("progress", "id", step))
+            step += 1
+            time.sleep(0.005)
+
+    threading.Thread(target=chatty_rank0, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(GroupFailure) as failure:
+        group.run(Job({"steps": 1000}), deadline=started + 0.3)
+    stop.set()
+    assert failure.value.status == 504 and time.monotonic() - started < 2
 
 
 def test_mode_auto_serves_the_planned_mode_and_per_request_modes():

@@ -35,10 +35,11 @@ from multiprocessing.connection import Client, Connection, Listener, Pipe
 from pathlib import Path
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .cli_checks import EMBEDDED, Geometry, UsageError, check_image_size
 
@@ -124,7 +125,8 @@ def job_settings(request, settings: Settings) -> dict:
     if settings.classes is not None:
         prompt = prompt or settings.classes[0]
         if prompt not in settings.classes:
-            raise Refused(422, f"unknown class {prompt!r}; this model knows: {', '.join(settings.classes)}")
+            shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            raise Refused(422, f"unknown class {shown!r}; this model knows: {', '.join(settings.classes)}")
         if request.negative_prompt or request.guidance_scale is not None:
             raise Refused(422, "the embedded models take no negative_prompt or guidance_scale (they have no CFG)")
     elif not prompt:
@@ -154,10 +156,11 @@ class Job:
     step: int = 0
     images: list[bytes] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
-    error: tuple[int, str] | None = None
+    error: tuple | None = None
+    """(HTTP status, message[, headers]) of a job that failed."""
     finished: threading.Event = field(default_factory=threading.Event)
 
-    def finish(self, images: list[bytes] | None = None, error: tuple[int, str] | None = None) -> None:
+    def finish(self, images: list[bytes] | None = None, error: tuple | None = None) -> None:
         self.status = "failed" if error else "done"
         self.images, self.error = images or [], error
         self.timings["total_s"] = time.monotonic() - self.created
@@ -286,33 +289,34 @@ class WorkerGroup:
         """Poll `ready()` (each call may block 0.1 s) while the ranks load; GroupFailure if a rank exits
         or the deadline passes."""
         while not ready():
-            self._check_alive()
+            self.check_alive()
             if time.monotonic() > deadline:
                 raise GroupFailure(500, f"the ranks did not load within {self.load_timeout_s:.0f} s")
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """GroupFailure if a rank has exited (with that rank's own error, if it left one)."""
         for rank, proc in enumerate(self.procs):
             code = proc.poll()
             if code is not None:
-                raise GroupFailure(500, f"rank {rank} exited ({code}){self._rank_error()}")
+                raise GroupFailure(500, f"rank {rank} exited ({code}){self._rank_error(rank)}")
 
-    def _rank_error(self) -> str:
-        for path in sorted(Path(self.run_dir).glob("*")):
-            try:
-                return ": " + json.loads(path.read_text()).get("message", "")
-            except (OSError, ValueError, AttributeError):
-                continue
-        return ""
+    def _rank_error(self, rank: int) -> str:
+        # Only the rank's own: the others' errors are what its death did to them ("connection closed").
+        try:
+            return ": " + json.loads(Path(self.run_dir, f"error.{rank}").read_text()).get("message", "")
+        except (OSError, ValueError, AttributeError):
+            return ""
 
     def run(self, job: Job, deadline: float) -> None:
         """Run one job to its end (job.finish), or raise GroupFailure."""
         try:
             self.connection.send(job.settings | {"id": job.id})
             while True:
+                # The deadline at every turn: a job whose steps are quick sends progress all the time.
+                if time.monotonic() > deadline:
+                    raise GroupFailure(504, "the request timed out; the worker group is being restarted")
                 if not self.connection.poll(0.05):
-                    self._check_alive()
-                    if time.monotonic() > deadline:
-                        raise GroupFailure(504, "the request timed out; the worker group is being restarted")
+                    self.check_alive()
                     continue
                 kind, _, *rest = self.connection.recv()
                 if kind == "progress":
@@ -325,7 +329,7 @@ class WorkerGroup:
                     job.finish(error=(rest[0], rest[1]))
                     return
         except (EOFError, OSError) as e:  # rank 0 is gone
-            self._check_alive()
+            self.check_alive()
             raise GroupFailure(500, f"lost rank 0: {e}") from None
 
     def stop(self, grace_s: float = 20.0) -> bool:
@@ -376,7 +380,7 @@ class InProcessGroup(WorkerGroup):
     def start(self) -> dict:
         return self.connection.recv()[1]
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         if not self.rank_thread.is_alive():
             raise GroupFailure(500, "rank 0's loop ended")
 
@@ -429,6 +433,9 @@ class Dispatcher:
 
     def _start_group(self) -> bool:
         for _ in range(1 + self.settings.max_restarts):
+            if self.stopping:  # shutting down: a group that failed meanwhile is not started again
+                self.stopped_cleanly = False
+                return False
             try:
                 self.info = self.group.start()
                 self.status, self.detail = "ready", ""
@@ -444,16 +451,29 @@ class Dispatcher:
             self.queue.clear()
         return False
 
+    def _restart(self, failure: GroupFailure) -> bool:
+        self.metrics.restarts += 1
+        self.group.kill()
+        self.status, self.detail = "restarting", str(failure)
+        return self._start_group()
+
     def _run(self) -> None:
         if not self._start_group():
             return
         while True:
             with self.lock:
-                while not self.queue and not self.stopping:
-                    self.lock.wait()
-                if not self.queue:
+                if not self.queue and not self.stopping:
+                    self.lock.wait(0.5)
+                if not self.queue and self.stopping:
                     break
-                job = self.running = self.queue.popleft()
+                job = self.running = self.queue.popleft() if self.queue else None
+            if job is None:  # idle: a rank that died meanwhile is replaced before the next request
+                try:
+                    self.group.check_alive()
+                except GroupFailure as e:
+                    if not self._restart(e):
+                        return
+                continue
             deadline = job.created + self.settings.request_timeout_s
             waited = time.monotonic() - job.created
             job.timings["queued_s"] = waited
@@ -465,11 +485,13 @@ class Dispatcher:
             try:
                 self.group.run(job, deadline)
             except GroupFailure as e:
+                if self.stopping:  # the drain's time ran out and its ranks were stopped
+                    job.finish(error=(503, "the server shut down before this job finished", {"Retry-After": "30"}))
+                    self.group.kill()
+                    self.stopped_cleanly = False
+                    return
                 job.finish(error=(e.status, f"the worker group failed: {e}"))
-                self.metrics.restarts += 1
-                self.group.kill()
-                self.status, self.detail = "restarting", str(e)
-                if not self._start_group():
+                if not self._restart(e):
                     return
             finally:
                 self.running = None
@@ -479,17 +501,26 @@ class Dispatcher:
         # Stopped from this thread: the ranks die with the thread that started them (PR_SET_PDEATHSIG).
         self.stopped_cleanly = self.group.stop()
 
+    def expire(self, job: Job) -> None:
+        """A request's time is up: a job still queued leaves the queue (504); a running one is failed
+        by the dispatcher at the same deadline."""
+        with self.lock:
+            if any(queued is job for queued in self.queue):
+                self.queue = deque(queued for queued in self.queue if queued is not job)
+                job.finish(error=(504, "the request timed out while queued"))
+
     def drain(self, grace_s: float = 25.0) -> bool:
         """Refuse new jobs, fail the queued ones with 503, let the running one finish, stop the ranks."""
         with self.lock:
             self.stopping = True
             for job in self.queue:
-                job.finish(error=(503, "the server is shutting down"))
+                job.finish(error=(503, "the server is shutting down", {"Retry-After": "30"}))
             self.queue.clear()
             self.lock.notify_all()
         self.thread.join(grace_s)
         if self.thread.is_alive():  # the running job did not finish in time
             self.group.kill()
+            self.thread.join(5)  # its request is answered (503) before the front goes
             return False
         return self.stopped_cleanly
 
@@ -520,37 +551,42 @@ def make_app(dispatcher: Dispatcher):
         text = "; ".join(f"{'.'.join(str(x) for x in p['loc'][1:]) or 'body'}: {p['msg']}" for p in problems)
         return error(422, text)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return error(413, f"the request body is larger than {MAX_BODY} bytes")
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):  # 404, 405, unreadable bodies: our shape
+        return error(e.status_code, str(e.detail), getattr(e, "headers", None))
 
-    def authorised(request: Request) -> None:
+    def key_error(headers: dict) -> JSONResponse | None:
+        """401 unless the request carries the API key (when one is set)."""
         if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        given = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise Refused(
-                401, "a valid API key is required (Authorization: Bearer KEY)", {"WWW-Authenticate": "Bearer"}
-            )
+            return None
+        given = headers.get("authorization", "")
+        given = given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+        if hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            return None
+        return error(401, "a valid API key is required (Authorization: Bearer KEY)", {"WWW-Authenticate": "Bearer"})
+
+    too_large = lambda: error(413, f"the request body is larger than {MAX_BODY} bytes")  # noqa: E731
+    app.add_middleware(_Gate, key_error=key_error, too_large=too_large)
 
     async def finished(job: Job) -> Job:
-        await asyncio.to_thread(job.finished.wait, settings.request_timeout_s + 60)
+        left = job.created + settings.request_timeout_s - time.monotonic()
+        if not await asyncio.to_thread(job.finished.wait, max(0.0, left)):
+            dispatcher.expire(job)  # queued: 504 now; running: the dispatcher fails it at this deadline
+            await asyncio.to_thread(job.finished.wait, 10.0)
+        if not job.finished.is_set():
+            raise Refused(504, "the request timed out")
         if job.error:
             raise Refused(*job.error)
         return job
 
-    @app.post("/v1/images/generations", dependencies=[Depends(authorised)])
+    @app.post("/v1/images/generations")
     async def generations(body: ImageRequest):
         job = await finished(dispatcher.submit(job_settings(body, settings)))
         metrics.outcome(200)
         data = [{"b64_json": base64.b64encode(png).decode()} for png in job.images]
         return {"created": int(time.time()), "data": data, "timings": job.timings, "seed": job.settings["seed"]}
 
-    @app.post("/generate", dependencies=[Depends(authorised)])
+    @app.post("/generate")
     async def generate(body: ImageRequest):
         if body.n != 1:
             raise Refused(422, "/generate returns one PNG: n must be 1 (use /v1/images/generations for more)")
@@ -559,20 +595,20 @@ def make_app(dispatcher: Dispatcher):
         timings = ", ".join(f"{k}={v:.3f}" for k, v in job.timings.items())
         return Response(job.images[0], media_type="image/png", headers={"X-Distrifusion-Timings": timings})
 
-    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(authorised)])
+    @app.post("/v1/jobs", status_code=202)
     async def submit(body: ImageRequest):
         job = dispatcher.submit(job_settings(body, settings))
         metrics.outcome(202)
         return {"id": job.id, "status": job.status}
 
-    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(authorised)])
+    @app.get("/v1/jobs/{job_id}")
     async def job_status(job_id: str):
         job = dispatcher.jobs.get(job_id)
         if job is None:
             raise Refused(404, f"no job {job_id!r} (finished jobs are kept for a while only)")
         return job.public()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         body = {
             "status": dispatcher.status,
@@ -584,7 +620,7 @@ def make_app(dispatcher: Dispatcher):
         }
         return JSONResponse(body, 200 if dispatcher.status == "ready" else 503)
 
-    @app.get("/metrics", dependencies=[Depends(authorised)])
+    @app.get("/metrics")
     async def prometheus():
         return PlainTextResponse(metrics.text(len(dispatcher.queue), dispatcher.status))
 
@@ -595,6 +631,56 @@ def make_app(dispatcher: Dispatcher):
         return HTMLResponse(page)
 
     return app
+
+
+OPEN_PATHS = ("/", "/health")
+"""What answers without the API key: the page (it asks for the key) and the health check."""
+
+
+class _Gate:
+    """ASGI middleware in front of every route: the API key (before the body is read), then the body's
+    size, declared (Content-Length) or not (chunked: counted as it arrives; no more is read past the
+    limit). Either refusal is answered here, in the app's error shape."""
+
+    def __init__(self, app, key_error, too_large) -> None:
+        self.app, self.key_error, self.too_large = app, key_error, too_large
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = None if scope["path"] in OPEN_PATHS else self.key_error(headers)
+        length = headers.get("content-length")
+        if refusal is None and length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            refusal = self.too_large()
+        if refusal is None and length is None:
+            body, more = b"", True
+            while more and len(body) <= MAX_BODY:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return
+                body, more = body + message.get("body", b""), message.get("more_body", False)
+            if len(body) > MAX_BODY:
+                refusal = self.too_large()
+            else:
+                receive = _replay(body, receive)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that gives `body` (already read) once, then what the client sends next."""
+    given = False
+
+    async def replayed():
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 # -- the command ----------------------------------------------------------------------------------
