@@ -65,3 +65,35 @@ def test_roll_call_with_every_rank_answering_says_nothing_and_returns_at_once():
     results = run_ranks(3, roll_call_job, None)
     assert all(r["said"] is None for r in results), results
     assert all(r["seconds"] < 1.9 for r in results), results  # did not wait out the window
+
+
+def _listening(port: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) of sockets listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    found.append(local.rsplit(":", 1)[0])
+    return found
+
+
+def test_the_rendezvous_store_of_local_ranks_listens_on_loopback_only(monkeypatch):
+    from datetime import timedelta
+
+    from helpers import free_port
+
+    from distrifusion.comm import _loopback_store
+
+    port = free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    store = _loopback_store(timedelta(seconds=10), 1)
+    store.set("k", "v")
+    assert store.get("k") == b"v"
+    assert _listening(port) == ["0100007F"]  # 127.0.0.1, not every interface
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")  # another machine's address: torch's own store
+    assert _loopback_store(timedelta(seconds=10), 1) is None

@@ -138,7 +138,9 @@ def init_runtime(timeout_s: float = 300.0) -> Runtime:
     if not dist.is_initialized() and world_size > 1:
         # DISTRIFUSION_BACKEND=gloo lets several ranks share one GPU (nccl refuses that).
         backend = os.environ.get("DISTRIFUSION_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        store = _loopback_store(timedelta(seconds=timeout_s), world_size)
+        ranks = dict(store=store, rank=int(os.environ["RANK"]), world_size=world_size) if store else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **ranks)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -164,6 +166,19 @@ def init_runtime(timeout_s: float = 300.0) -> Runtime:
         _RUNTIMES[key] = Runtime(rank, world_size, device, world, patch_groups)
         _sign_in(rank)
     return _RUNTIMES[key]
+
+
+def _loopback_store(timeout: timedelta, world_size: int) -> dist.TCPStore | None:
+    """The rendezvous store of ranks that all run on this machine (`MASTER_ADDR` 127.0.0.1, as our
+    launcher and server set it), listening on the loopback address only: torch's own listens on every
+    interface, unauthenticated. None where torch's should be used (other addresses, torchrun's agent)."""
+    if os.environ.get("MASTER_ADDR") != "127.0.0.1" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    port = int(os.environ["MASTER_PORT"])
+    if os.environ["RANK"] != "0":
+        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    listener = socket.create_server(("127.0.0.1", port))
+    return dist.TCPStore("127.0.0.1", port, world_size, True, timeout, master_listen_fd=listener.detach())
 
 
 # -- naming the ranks that stopped answering ---------------------------------------------------------
