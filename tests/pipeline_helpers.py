@@ -191,11 +191,10 @@ def run_text(pipe, seed: int = 0, **kwargs) -> tuple[torch.Tensor, torch.Tensor]
         final["latents"] = tensors["latents"].clone()
         return tensors
 
+    kwargs = {"height": SD_SIZE[0], "width": SD_SIZE[1], **kwargs}
     image = pipe(
         PROMPT,
         negative_prompt=NEGATIVE,
-        height=SD_SIZE[0],
-        width=SD_SIZE[1],
         num_inference_steps=STEPS,
         guidance_scale=5.0,
         generator=torch.Generator().manual_seed(seed),

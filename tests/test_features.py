@@ -13,6 +13,7 @@ its tolerance is the float32 criterion, 1e-5 of the scale (measured: ~1e-7).
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import pytest
@@ -49,6 +50,31 @@ def add_conv_lora(pipe, name: str = "default", seed: int = 5) -> None:
     config = LoraConfig(r=2, lora_alpha=2, target_modules=LORA_TARGETS, init_lora_weights=False)
     pipe.unet.add_adapter(config, adapter_name=name)
     pipe.unet.to(torch.float64)
+
+
+def attention_lora(unet, seed: int = 8) -> dict:
+    """A LoRA on the attention projections in the layout `load_lora_weights` reads (random weights)."""
+    from peft import get_peft_model_state_dict
+
+    donor = copy.deepcopy(unet)
+    torch.manual_seed(seed)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    donor.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False), "donor")
+    return {f"unet.{k}": v.clone() for k, v in get_peft_model_state_dict(donor, adapter_name="donor").items()}
+
+
+def fuse_and_unload_lora(pipe) -> None:
+    """Merge a LoRA into the weights and drop its layers: peft writes the weights in place (`.data`)."""
+    pipe.load_lora_weights(attention_lora(pipe.unet), adapter_name="merged")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+
+
+def lora_and_fused_qkv(pipe) -> None:
+    """A LoRA on q/k/v and fused QKV projections: the fused processor computes from its own snapshot
+    of the projections (the LoRA does not reach it), which the engine must follow."""
+    pipe.load_lora_weights(attention_lora(pipe.unet), adapter_name="qkv")
+    pipe.fuse_qkv_projections()
 
 
 def ip_adapter_state_dict(unet, seed: int = 7) -> dict:
@@ -89,9 +115,9 @@ def load_ip_adapter(pipe) -> None:
     pipe.unet.to(torch.float64)
 
 
-def run_ip(pipe):
+def run_ip(pipe, **kwargs):
     embeds = torch.randn(2, 1, IP_EMBED_DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return run_text(pipe, ip_adapter_image_embeds=[embeds])
+    return run_text(pipe, ip_adapter_image_embeds=[embeds], **kwargs)
 
 
 SCHEDULERS = {
@@ -123,10 +149,15 @@ def tiny_controlnet():
     return pipe
 
 
-def run_controlnet(pipe):
-    height, width = SD_SIZE
+NARROW = 20
+"""Pixels: 10 latent columns, not a whole number of the tiny UNet's 4-column blocks (the residual maps of
+the lower levels round their width up)."""
+
+
+def run_controlnet(pipe, width: int = SD_SIZE[1]):
+    height = SD_SIZE[0]
     image = torch.linspace(0, 1, height * width * 3, dtype=torch.float64).reshape(1, 3, height, width)
-    return run_text(pipe, image=image)
+    return run_text(pipe, image=image, width=width)
 
 
 PROCESSORS = {
@@ -209,6 +240,17 @@ def rank_job() -> dict:
     add_conv_lora(pipe)
     out["lora before"] = run_text(parallel(pipe))
 
+    pipe = parallel(tiny_sd())
+    run_text(pipe)  # an image first: the engine has read the weights once
+    fuse_and_unload_lora(pipe)
+    out["lora fused and unloaded"] = run_text(pipe)
+    pipe = tiny_sd()
+    lora_and_fused_qkv(pipe)
+    out["lora fused qkv before"] = run_text(parallel(pipe))
+    pipe = parallel(tiny_sd())
+    lora_and_fused_qkv(pipe)
+    out["lora fused qkv after"] = run_text(pipe)
+
     pipe = tiny_sd()
     load_ip_adapter(pipe)
     out["ip before"] = run_ip(parallel(pipe))
@@ -216,12 +258,15 @@ def rank_job() -> dict:
     load_ip_adapter(pipe)
     pipe.set_ip_adapter_scale(0.7)
     out["ip after"] = run_ip(pipe)
+    mask = torch.ones(1, 1, *SD_SIZE, dtype=torch.float64)  # whole-image masks, resized per call: refused
+    out["ip masks"] = refused(lambda: run_ip(pipe, cross_attention_kwargs={"ip_adapter_masks": [mask]}))
 
     for name, scheduler in SCHEDULERS.items():
         pipe = parallel(with_scheduler(tiny_sd(), scheduler))
         out[name] = run_text(pipe)
     out["two per prompt"] = run_text(parallel(tiny_sd()), num_images_per_prompt=2)
     out["controlnet"] = run_controlnet(parallel(tiny_controlnet()))
+    out["controlnet narrow"] = run_controlnet(parallel(tiny_controlnet()), width=NARROW)
 
     # Displaced mode runs all of them (approximate: its warm-up covers one step of three).
     pipe = tiny_sd()
@@ -248,6 +293,15 @@ def reference(name: str):
         return run_text(pipe, num_images_per_prompt=2)
     if name == "controlnet":
         return run_controlnet(tiny_controlnet())
+    if name == "controlnet narrow":
+        return run_controlnet(tiny_controlnet(), width=NARROW)
+    if name == "lora fused and unloaded":
+        run_text(pipe)
+        fuse_and_unload_lora(pipe)
+        return run_text(pipe)
+    if name == "lora fused qkv":
+        lora_and_fused_qkv(pipe)
+        return run_text(pipe)
     if name == "freeu":
         pipe.enable_freeu(**FREEU)
     elif name == "lora":
@@ -302,6 +356,22 @@ def test_schedulers_batches_and_controlnet_are_exact(results, name):
 
 def test_set_default_attn_processor_right_after_parallelize_is_exact(results):
     check(results, "classic right after", reference("plain"), TOL)
+
+
+@pytest.mark.parametrize("name", ["lora fused and unloaded", "lora fused qkv before", "lora fused qkv after"])
+def test_lora_merged_in_place_or_under_fused_projections_is_exact(results, name):
+    expected = reference(name.removesuffix(" before").removesuffix(" after"))
+    assert differs(expected, reference("plain")) > 1e-2, "the LoRA must change the image"
+    check(results, name, expected, TOL)
+
+
+def test_controlnet_at_a_width_that_is_not_whole_blocks_is_exact(results):
+    check(results, "controlnet narrow", reference("controlnet narrow"), TOL)
+
+
+def test_ip_adapter_masks_are_refused(results):
+    for result in results:
+        assert "distrifusion" in result["ip masks"] and "ip_adapter_masks" in result["ip masks"]
 
 
 def test_unknown_processor_is_refused_on_every_rank(results):

@@ -168,8 +168,12 @@ def test_fused_qkv_projections_in_either_order_are_exact(family):
 
     from distrifusion.simulate import simulate_ranks
 
-    model = tiny_transformer(family)
-    reference = denoise(model, family, ROWS, COLS, steps=2)
+    # SD3.5's image-only attention cannot run fused in diffusers (its fused processor needs text), and
+    # that processor skips the q/k norms: so an SD3.5 without the dual attention, fused in one process.
+    model = tiny_transformer(family, **({"dual_attention_layers": ()} if family == "sd3" else {}))
+    fused = copy.deepcopy(model)
+    fused.fuse_qkv_projections()
+    reference = denoise(fused, family, ROWS, COLS, steps=2)
 
     def rank(runtime, fuse_first):
         replica = copy.deepcopy(model)

@@ -13,9 +13,10 @@ FAMILIES = ["flux", "sd3", "pixart"]
 BLOCK = {"flux": 1, "sd3": 2, "pixart": 2}
 
 
-def tiny_transformer(family: str, dtype=torch.float64, seed: int = 0):
+def tiny_transformer(family: str, dtype=torch.float64, seed: int = 0, **overrides):
     """The published block structure at toy width: Flux with double- and single-stream blocks;
-    SD3.5 with a dual-attention layer and RMS qk-norm; PixArt with resolution conditions."""
+    SD3.5 with a dual-attention layer and RMS qk-norm; PixArt with resolution conditions.
+    `overrides`: other values of the family's constructor arguments."""
     torch.manual_seed(seed)
     if family == "flux":
         model = FluxTransformer2DModel(
@@ -61,6 +62,9 @@ def tiny_transformer(family: str, dtype=torch.float64, seed: int = 0):
         )
     else:
         raise ValueError(family)
+    if overrides:
+        torch.manual_seed(seed)
+        model = type(model)(**{**model.config, **overrides})
     model = model.to(dtype).eval()
     with torch.no_grad():  # zero-initialised or constant parameters would hide paths
         for p in model.parameters():

@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0, FusedJointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embed
 from torch import nn
 
@@ -168,25 +168,28 @@ class PatchAttnProcessor:
             raise TypeError(f"distrifusion: attention {name!r} uses a spatial norm, which is not supported")
         self.name, self.state = name, state
         self.original = AttnProcessor2_0() if original is None else original
-        self._fused: tuple | None = None
 
-    def _fused_weights(self, attn: nn.Module, dtype: torch.dtype):
+    def _fused_weights(self, attn: nn.Module):
         """(weight, bias) of the key and value projections side by side, or None if they are not
-        plain linears (e.g. LoRA-wrapped); rebuilt whenever either weight changes."""
+        plain linears (e.g. LoRA-wrapped); rebuilt when either is replaced or modified, and re-read
+        at every new image (`ParallelState.reset`)."""
         k, v = attn.to_k, attn.to_v
         if not (type(k) is nn.Linear and type(v) is nn.Linear):
             return None
-        version = (tensor_version(k.weight), tensor_version(v.weight), k.weight.data_ptr(), v.weight.data_ptr(), dtype)
-        if self._fused is None or self._fused[0] != version:
+        version = (tensor_version(k.weight), tensor_version(v.weight), k.weight.data_ptr(), v.weight.data_ptr())
+        cached = self.state.fused_kv.get(self.name)
+        if cached is None or cached[0] is not k or cached[1] is not v or cached[4] != version:
             bias = None if k.bias is None else torch.cat([k.bias, v.bias])
-            self._fused = (version, torch.cat([k.weight, v.weight]), bias)
-        return self._fused[1:]
+            cached = self.state.fused_kv[self.name] = [k, v, torch.cat([k.weight, v.weight]), bias, version]
+        return cached[2], cached[3]
 
     def _kv(self, attn: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Keys and values side by side, (batch, tokens, 2 * channels); written into `out` when it
         is a contiguous (batch, tokens, 2 * channels) tensor."""
+        if isinstance(self.original, FusedAttnProcessor2_0) and attn.is_cross_attention:
+            return attn.to_kv(x)  # what the fused processor computes (self-attention: see __call__)
         # Compiled (torch.compile), the projections stay separate: no version counters, no writes into exchange buffers.
-        fused = None if torch.compiler.is_compiling() else self._fused_weights(attn, x.dtype)
+        fused = None if torch.compiler.is_compiling() else self._fused_weights(attn)
         if fused is None:
             return torch.cat([attn.to_k(x), attn.to_v(x)], -1)
         weight, bias = fused
@@ -215,11 +218,18 @@ class PatchAttnProcessor:
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        local_kv = None
+        if isinstance(self.original, FusedAttnProcessor2_0) and encoder_hidden_states is None:
+            # Fused QKV (`fuse_qkv_projections`): what that processor computes, from its fused linear (a
+            # LoRA on to_q/to_k/to_v does not reach it there, so neither here)
+            qkv = attn.to_qkv(hidden_states)
+            query, local_kv = qkv.split([attn.to_q.out_features, qkv.shape[-1] - attn.to_q.out_features], -1)
+        else:
+            query = attn.to_q(hidden_states)
         if encoder_hidden_states is not None:
             kv = self._cross_kv(attn, encoder_hidden_states)
         else:
-            kv = self._self_kv(attn, hidden_states)
+            kv = self._self_kv(attn, hidden_states, local_kv)
         out = _attend(attn, query, kv)
         if spatial:
             out = out.transpose(-1, -2).reshape(batch, channels, height, width)
@@ -227,13 +237,14 @@ class PatchAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _self_kv(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Keys/values of every strip's tokens, in image order; this strip's fresh."""
+    def _self_kv(self, attn: nn.Module, hidden_states: torch.Tensor, kv: torch.Tensor | None) -> torch.Tensor:
+        """Keys/values of every strip's tokens, in image order; this strip's fresh (`kv`, if given)."""
         state = self.state
         if state.naive:
-            return self._kv(attn, hidden_states)
-        row = None if torch.compiler.is_compiling() else state.own_row(self.name)
-        kv = self._kv(attn, hidden_states, None if row is None else row[:, : hidden_states.shape[1]])
+            return self._kv(attn, hidden_states) if kv is None else kv
+        if kv is None:
+            row = None if torch.compiler.is_compiling() else state.own_row(self.name)
+            kv = self._kv(attn, hidden_states, None if row is None else row[:, : hidden_states.shape[1]])
         return gather_tokens(state, self.name, kv, state.sizes(hidden_states.shape[1]))
 
     def _cross_kv(self, attn: nn.Module, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -345,7 +356,7 @@ class PatchJointAttnProcessor:
             text_rotary, image_rotary = (first, second) if self.text_first else (second, first)
         else:
             text_rotary = image_rotary = None
-        q_img, kv_img = _qkv(attn, image, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, image_rotary)
+        q_img, kv_img = _qkv(attn, image, *_joint_projections(attn, self.original, added=False), image_rotary)
         if not state.naive:
             kv_img = gather_tokens(state, self.name, kv_img, state.sizes(image.shape[1]))
         if text is None:
@@ -358,12 +369,7 @@ class PatchJointAttnProcessor:
             # fresh rows then land in it while this step still needs their previous ones).
             kv = kv_img.new_empty(kv_img.shape[0], n_keys + kv_img.shape[1], kv_img.shape[2])
             kv[:, n_keys:] = kv_img
-            projections = (
-                (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
-                if added
-                else (attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
-            )
-            q_txt, kv_txt = _qkv(attn, text, *projections, text_rotary)
+            q_txt, kv_txt = _qkv(attn, text, *_joint_projections(attn, self.original, added), text_rotary)
             if sharded:
                 kv_txt = gather_tokens(state, self.name + ".text", kv_txt, list(plan.text))
             kv[:, :n_keys] = kv_txt
@@ -385,15 +391,15 @@ class PatchJointAttnProcessor:
         return out_img, out_txt
 
 
-def _qkv(attn, x, to_q, to_k, to_v, norm_q, norm_k, rotary):
+def _qkv(attn, x, fused, to_q, to_k, to_v, norm_q, norm_k, rotary):
     """Queries (batch, tokens, heads, head_dim) and keys/values side by side per head, flattened
-    (batch, tokens, heads * 2 * head_dim), normalised and rotated as the model does."""
+    (batch, tokens, heads * 2 * head_dim), projected (by `fused` when given), normalised and rotated
+    as the model does."""
     if x.shape[1] == 0:  # a rank whose share of sharded text tokens is empty (fewer tokens than ranks)
         width = to_q.out_features
         return x.new_empty(x.shape[0], 0, attn.heads, width // attn.heads), x.new_empty(x.shape[0], 0, 2 * width)
-    query = to_q(x).unflatten(-1, (attn.heads, -1))
-    key = to_k(x).unflatten(-1, (attn.heads, -1))
-    value = to_v(x).unflatten(-1, (attn.heads, -1))
+    projected = fused(x).chunk(3, -1) if fused is not None else (to_q(x), to_k(x), to_v(x))
+    query, key, value = (p.unflatten(-1, (attn.heads, -1)) for p in projected)
     if norm_q is not None:
         query = norm_q(query)
     if norm_k is not None:
@@ -402,6 +408,22 @@ def _qkv(attn, x, to_q, to_k, to_v, norm_q, norm_k, rotary):
         query = apply_rotary_emb(query, rotary, sequence_dim=1)
         key = apply_rotary_emb(key, rotary, sequence_dim=1)
     return query, torch.cat([key, value], -1).flatten(2)
+
+
+def _joint_projections(attn, original, added: bool) -> tuple:
+    """(fused linear or None, to_q, to_k, to_v, norm_q, norm_k) of the image tokens or of the added
+    (text) stream: what the model's own processor projects with. After `fuse_qkv_projections` that is
+    the fused linear (Flux: `fused_projections`; SD3: its fused processor, which skips the q/k norms)."""
+    names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k") if added else ()
+    names = names or ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+    to_q, to_k, to_v, norm_q, norm_k = (getattr(attn, name, None) for name in names)
+    sd3_fused = isinstance(original, FusedJointAttnProcessor2_0)
+    fused = None
+    if sd3_fused or getattr(attn, "fused_projections", False):
+        fused = getattr(attn, "to_added_qkv" if added else "to_qkv", None)
+    if sd3_fused:
+        norm_q = norm_k = None
+    return fused, to_q, to_k, to_v, norm_q, norm_k
 
 
 def _project_out(attn, out: torch.Tensor) -> torch.Tensor:

@@ -386,6 +386,8 @@ class ParallelState:
         """(address, version) of every weight when the graphs were last checked (see `reset`)."""
         self.cross_kv: dict[str, tuple] = {}
         """Cross-attention keys/values per layer, computed once per image (see PatchAttnProcessor)."""
+        self.fused_kv: dict[str, list] = {}
+        """Per attention: [to_k, to_v, their weights side by side, biases, version] (see PatchAttnProcessor)."""
         self.auto_plan: dict | None = None
         """With ParallelConfig(mode="auto"): the plan it chose from (`distrifusion.plan.plan`)."""
         self._exchanges: dict[Plan, Exchange] = {}
@@ -402,6 +404,7 @@ class ParallelState:
     @torch.compiler.disable
     def reset(self) -> None:
         """Start a new image: step 0 (synchronous) in every branch; the context buffers are kept for reuse."""
+        self._refresh_fused_kv()
         for index in range(len(self._branches)):
             self._switch(index)
             self._reset_branch()
@@ -419,9 +422,19 @@ class ParallelState:
         self._calls.clear()
         self.cross_kv.clear()
 
+    @torch.no_grad()
+    def _refresh_fused_kv(self) -> None:
+        # Weights changed through `.data` (peft's fuse_lora merges so) keep their address and version:
+        # re-read them once per image, in place (a CUDA graph reads these tensors).
+        for k, v, weight, bias, _ in self.fused_kv.values():
+            torch.cat([k.weight, v.weight], out=weight)
+            if bias is not None:
+                torch.cat([k.bias, v.bias], out=bias)
+
     def release(self) -> None:
         """Drop every buffer and graph (for `remove`)."""
         self.reset()
+        self.fused_kv.clear()
         for index in range(len(self._branches)):
             self._switch(index)
             self._exchanges.clear()

@@ -27,6 +27,7 @@ from ..state import ParallelState, Plan
 from .base import (
     ModelAdapter,
     batch_slice,
+    check_kwargs_dict,
     check_processor,
     image_map_grid,
     install_forward,
@@ -104,6 +105,9 @@ class UNetAdapter(ModelAdapter):
         return image_map_grid(inputs["sample"])
 
     def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+        # A LoRA scale is the same on every strip; IP-Adapter masks (whole-image maps the processor
+        # resizes to the tokens it sees) and other per-layer extras are not.
+        check_kwargs_dict("UNet", inputs, "cross_attention_kwargs")
         rows, batch = strip_rows(plan), batch_slice(plan)
         return {k: local_maps(v, plan, batch, rows if k in SPATIAL_ARGS else None) for k, v in inputs.items()}
 
@@ -125,10 +129,10 @@ def local_maps(value, plan: Plan, batch: slice, rows: tuple[int, int] | None):
     value = value[batch]
     if rows is None:
         return value
-    # Spatial maps (the latent, ControlNet residuals) at any level of the UNet: slice their rows.
-    height, width = plan.height, plan.width
-    if value.dim() == 4 and height % value.shape[2] == 0 and width % value.shape[3] == 0:
-        factor = height // value.shape[2]
-        if width // value.shape[3] == factor:
-            value = value[:, :, rows[0] // factor : rows[1] // factor]
+    # Spatial maps (the latent, ControlNet and T2I-Adapter residuals) at any level of the UNet: slice
+    # their rows. The level is read from the rows alone (the height is a whole number of blocks, so every
+    # level's rows divide it; a width that is not may round up on the way down).
+    if value.dim() == 4 and plan.height % value.shape[2] == 0:
+        factor = plan.height // value.shape[2]
+        value = value[:, :, rows[0] // factor : rows[1] // factor]
     return value
