@@ -89,13 +89,46 @@ def _images(world: int, config: distrifusion.ParallelConfig, steps: int = 6) -> 
 
 def test_residual_path_with_a_lossless_codec_is_uncompressed_displaced(monkeypatch):
     """The residual bookkeeping alone (a lossless codec) changes nothing but float rounding of the
-    subtraction and addition (float64: 1e-12 of the scale is far above it, far below any error)."""
+    subtraction and addition (float64: 1e-12 of the scale is far above it, far below any error).
+    2 ranks: their strips' payloads are large enough to be coded (3 ranks' are not, here)."""
     config = dict(mode="displaced", warmup_steps=1, split_cfg=False)
-    plain = _images(3, distrifusion.ParallelConfig(**config))
-    monkeypatch.setattr("distrifusion.state.make_codec", lambda compress: BlockCodec("lossless", residual=True))
-    lossless = _images(3, distrifusion.ParallelConfig(**config, compress="residual-int8"))
+    plain = _images(2, distrifusion.ParallelConfig(**config))
+    coded = []
+
+    class CountingLossless(BlockCodec):
+        def encode(self, x, out):
+            coded.append(x.numel())
+            super().encode(x, out)
+
+    monkeypatch.setattr("distrifusion.state.make_codec", lambda compress: CountingLossless("lossless", residual=True))
+    lossless = _images(2, distrifusion.ParallelConfig(**config, compress="residual-int8"))
+    assert len(coded) > 10, "the residual path must have run"
     for a, b in zip(plain, lossless):
         assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_residual_codes_survive_float16_swings_and_non_finite_values():
+    """A float16 payload swinging from +40000 to -40000 (a change float16 cannot hold) stays finite on
+    the receivers, and a NaN that reaches a payload once is gone from their copy a step later (residual
+    codes add to the copy: a NaN there would otherwise stay for the rest of the image)."""
+    exchange = Exchange(LoopbackCommunicator(2, rank=0), 1 << 20, BlockCodec("int8", residual=True))
+    x = torch.full((8192,), 40000.0, dtype=torch.float16)
+    exchange.gather_now("kv", x.clone())
+    exchange.flush()
+    for value in [-40000.0, 40000.0, float("nan"), 1.0, 2.0]:
+        x = torch.full((8192,), value, dtype=torch.float16)
+        exchange.swap("kv", x.clone())
+        exchange.flush()
+        received = exchange.view("kv")[1]  # loopback: what the receivers hold of this rank's row
+        if value == value:  # finite steps: the copy is right (within int8's half step of the value)
+            assert torch.isfinite(received).all() and (received - value).abs().max() <= abs(value) / 254 + 1e-3
+        assert torch.equal(received, exchange._sent[0]) or not torch.isfinite(received).all()
+
+
+def test_int8_decodes_the_largest_float32_as_finite():
+    big = torch.finfo(torch.float32).max
+    y = _roundtrip(BlockCodec("int8"), torch.tensor([big, -big, 1.0]))
+    assert torch.isfinite(y).all() and y[0] > 0.99 * big
 
 
 def _transformer_images(family: str, config: distrifusion.ParallelConfig) -> list[torch.Tensor]:

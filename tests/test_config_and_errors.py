@@ -204,7 +204,13 @@ def _mismatch_job(runtime, what: str, base):
     config = distrifusion.ParallelConfig(compress=compress, timeout_s=30.0 + runtime.rank, split_cfg=False)
     distrifusion.parallelize(model, config, runtime=runtime)
     try:
-        denoise(model, "sd15", 4 * BLOCK, 2 * BLOCK, steps=2, seed=2 if (what == "inputs" and odd) else 1)
+        if what == "nan":  # the same latent on every rank, with a NaN in it
+            sample = torch.zeros(2, 4, 4 * BLOCK, 2 * BLOCK, dtype=torch.float64)
+            sample[0, 0, 0, 0] = float("nan")
+            with torch.no_grad():
+                model(sample, 10, encoder_hidden_states=torch.zeros(2, 7, 16, dtype=torch.float64))
+        else:
+            denoise(model, "sd15", 4 * BLOCK, 2 * BLOCK, steps=2, seed=2 if (what == "inputs" and odd) else 1)
     except ValueError as error:
         return str(error)
     return "ran"
@@ -216,9 +222,12 @@ def _mismatch_job(runtime, what: str, base):
         ("config", "different ParallelConfig settings"),
         ("inputs", "the model inputs differ between ranks"),
         ("nothing", "ran"),  # a different timeout alone is no mismatch
+        ("nan", "ran"),
     ],
 )
 def test_ranks_that_disagree_are_refused_before_any_layer_exchanges(what, message):
+    """Every rank checks, at an image's first step, that the others run the same config on the same
+    inputs (a NaN in the same place on every rank is the same input)."""
     from distrifusion.simulate import simulate_ranks
 
     results = simulate_ranks(2, partial(_mismatch_job, what=what, base=tiny_model("sd15")))

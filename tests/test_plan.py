@@ -161,8 +161,9 @@ def test_auto_runs_the_choice_it_reports_alike_on_every_rank():
 
 
 def test_auto_size_is_validated():
-    with pytest.raises(ValueError, match="auto_size"):
-        distrifusion.ParallelConfig(mode="auto", auto_size=(512,))
+    for bad in ((512,), 512, (True, True), {64: 0, 32: 1}, (512, 0)):
+        with pytest.raises(ValueError, match="auto_size"):
+            distrifusion.ParallelConfig(mode="auto", auto_size=bad)
     with pytest.raises(ValueError, match="mode"):
         distrifusion.ParallelConfig(mode="fastest")
 
@@ -195,6 +196,8 @@ def test_generate_mode_auto_plans_and_reports_its_choice(tmp_path):
         (["--arch", "sd_vae"], "denoisers"),
         (["--arch", "sd15", "--height", "100"], "100"),
         (["--repeats", "0"], "--repeats"),
+        (["--arch", "sd15", "--height", "0"], "--height"),
+        (["--arch", "sd15", "--width", "0"], "--width"),
     ],
 )
 def test_plan_command_refuses_bad_input(args, message):

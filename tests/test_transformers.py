@@ -193,6 +193,37 @@ def test_fused_qkv_projections_in_either_order_are_exact(family):
             assert _rel_error(out, reference) < TOL
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_lora_scale_in_joint_attention_kwargs_is_applied(family):
+    """diffusers reads the LoRA scale of `joint_attention_kwargs` only when it is passed by keyword:
+    the split call must pass it so (Flux: also with `guidance`, which FluxPipeline always passes)."""
+    from peft import LoraConfig
+
+    from distrifusion.simulate import simulate_ranks
+
+    model = tiny_transformer(family)
+    torch.manual_seed(3)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    model.to(torch.float64)
+    x = torch.randn(2, *image_shape(family, ROWS, COLS), dtype=torch.float64)
+    cond = dict(call_inputs(family, 2, ROWS, COLS), **({"guidance": None} if family == "flux" else {}))
+
+    def run(m, scale=0.5):
+        with torch.no_grad():
+            return call(m, family, x, 0.5, dict(cond, joint_attention_kwargs={"scale": scale}))
+
+    reference = run(copy.deepcopy(model))
+    assert _rel_error(run(copy.deepcopy(model), 1.0), reference) > 1e-3, "the scale must matter"
+
+    def rank(runtime):
+        replica = copy.deepcopy(model)
+        distrifusion.parallelize(replica, distrifusion.ParallelConfig(mode="sync", split_cfg=False), runtime=runtime)
+        return run(replica)
+
+    for out in simulate_ranks(2, rank):
+        assert _rel_error(out, reference) < TOL
+
+
 def test_unsupported_transformer_is_refused():
     from diffusers import DiTTransformer2DModel
 

@@ -400,6 +400,8 @@ def check_plan(args) -> list[str]:
         if is_vae(args.arch):
             raise UsageError("plan is for denoisers; a VAE is always split synchronously (bench --arch times it)")
         geo = bench_geometry(args.arch)
+    _positive("--height", args.height)
+    _positive("--width", args.width)
     args.height = args.height or (geo.default_px if args.model and geo else 1024 if cuda else 256)
     args.width = args.width or args.height
     args.dtype = args.dtype or ("float16" if cuda else "float32")

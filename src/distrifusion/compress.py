@@ -12,7 +12,8 @@ long as the error does not pile up from step to step. Two ways, each with four c
   decoded change to its own record of that copy (error feedback), so the next change carries
   this step's coding error too and the copies never drift further than one step's error.
   Activations change slowly from step to step, so the change is small and its coding error
-  smaller still.
+  smaller still. Changes are computed in float32 at least, and a copy that holds a NaN or inf
+  (a non-finite activation once sent) adds the next change to 0 there: it is gone a step later.
 
 The modes are listed in `config.COMPRESS_MODES`. Synchronous exchanges are never compressed (the
 synchronous mode and warm-up steps stay exact), nor are small payloads (GroupNorm statistics,
@@ -47,6 +48,26 @@ class BlockCodec:
     @property
     def _per_byte(self) -> int:
         return {"int4": 2, "int2": 4}.get(self.kind, 1)
+
+    def work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """What residuals are computed in: float32 at least (a float16 change from +40000 to -40000
+        overflows float16); the lossless test codec keeps the payload's own."""
+        return dtype if self.kind == "lossless" else torch.promote_types(dtype, torch.float32)
+
+    def change(self, row: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        """The change to send: `row` minus what the receivers hold (`copy`, see `add_residual`)."""
+        wide = self.work_dtype(row.dtype)
+        return row.to(wide) - _finite_or_zero(copy.to(wide))
+
+    def add_change(self, copy: torch.Tensor, code: torch.Tensor) -> None:
+        """`copy` += the change coded in `code`, computed alike by the sender (its record of what the
+        receivers hold) and by every receiver: in `work_dtype`, kept within the copy's dtype, and from 0
+        where the copy is not finite, so that a NaN or inf that once reached it (a non-finite
+        activation) is gone a step later instead of staying for the rest of the image."""
+        total = _finite_or_zero(copy.to(self.work_dtype(copy.dtype)))
+        total += self.decode(code, copy.numel(), total.dtype)
+        info = torch.finfo(copy.dtype)
+        copy.copy_(total.clamp_(info.min, info.max))
 
     def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Write the code of the 1-D `x` into the uint8 row `out`."""
@@ -85,7 +106,13 @@ class BlockCodec:
         else:
             code = code.view(torch.int8 if self.kind == "int8" else torch.float8_e4m3fn).float()
         values = code.unflatten(-1, (blocks, BLOCK)) * scale.unsqueeze(-1)
-        return values.flatten(-2)[..., :numel].to(dtype)
+        # 127 x (max / 127) may round past the largest finite value: keep within the narrower type's range.
+        info = min(torch.finfo(dtype), torch.finfo(values.dtype), key=lambda i: i.max)
+        return values.flatten(-2)[..., :numel].clamp(info.min, info.max).to(dtype)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def make_codec(compress: str | None) -> BlockCodec | None:

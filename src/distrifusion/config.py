@@ -85,7 +85,9 @@ class ParallelConfig:
         if self.mode not in (*MODES, "auto"):
             raise ValueError(f"ParallelConfig.mode must be one of {(*MODES, 'auto')}, got {self.mode!r}")
         if self.auto_size is not None and not (
-            len(self.auto_size) == 2 and all(isinstance(v, int) and v > 0 for v in self.auto_size)
+            isinstance(self.auto_size, (tuple, list))
+            and len(self.auto_size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.auto_size)
         ):
             raise ValueError(f"ParallelConfig.auto_size must be None or (height, width) pixels, got {self.auto_size!r}")
         if self.groupnorm not in GROUPNORM_MODES:

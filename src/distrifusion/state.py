@@ -312,9 +312,9 @@ class Exchange:
         the others hold, whose record then takes the same decoded change), gather the codes."""
         buffer, wire, me, codec = self.buffers[index], self._wire[index], self.comm.rank, self.codec
         sent = self._sent.get(index)
-        codec.encode(buffer[me] if sent is None else buffer[me] - sent, wire[me])
+        codec.encode(buffer[me] if sent is None else codec.change(buffer[me], sent), wire[me])
         if sent is not None:
-            sent += codec.decode(wire[me], buffer.shape[1], buffer.dtype)
+            codec.add_change(sent, wire[me])
         return _CompressedGather(self.comm.all_gather_inplace(wire, async_op=True), buffer, wire, me, codec)
 
     def _wait(self, index: int) -> torch.Tensor:
@@ -335,12 +335,12 @@ class _CompressedGather:
         self.pending.wait()
         numel, dtype = self.buffer.shape[1], self.buffer.dtype
         for rank in range(self.buffer.shape[0]):
-            if rank != self.me:
-                decoded = self.codec.decode(self.wire[rank], numel, dtype)
-                if self.codec.residual:
-                    self.buffer[rank] += decoded
-                else:
-                    self.buffer[rank].copy_(decoded)
+            if rank == self.me:
+                continue
+            if self.codec.residual:
+                self.codec.add_change(self.buffer[rank], self.wire[rank])
+            else:
+                self.buffer[rank].copy_(self.codec.decode(self.wire[rank], numel, dtype))
         return self.buffer
 
 
