@@ -196,6 +196,7 @@ def test_generate_mode_auto_plans_and_reports_its_choice(tmp_path):
         (["--arch", "sd_vae"], "denoisers"),
         (["--arch", "sd15", "--height", "100"], "100"),
         (["--repeats", "0"], "--repeats"),
+        (["--arch", "bogus"], "use one of sd15"),
         (["--arch", "sd15", "--height", "0"], "--height"),
         (["--arch", "sd15", "--width", "0"], "--width"),
     ],

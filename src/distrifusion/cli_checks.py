@@ -397,9 +397,9 @@ def check_plan(args) -> list[str]:
         geo = pipeline_geometry(args.model, None)
     else:
         args.arch = args.arch or ("sdxl" if cuda else "sd15")
+        geo = bench_geometry(args.arch)  # first: it names the known architectures
         if is_vae(args.arch):
             raise UsageError("plan is for denoisers; a VAE is always split synchronously (bench --arch times it)")
-        geo = bench_geometry(args.arch)
     _positive("--height", args.height)
     _positive("--width", args.width)
     args.height = args.height or (geo.default_px if args.model and geo else 1024 if cuda else 256)
