@@ -477,3 +477,29 @@ def test_graphs_are_recaptured_after_model_changes():
         for i, (out, ref) in enumerate(zip(outs, expected)):
             assert _close(out, ref), f"image {i}"
         assert new_captures[2] == 0 and all(n > 0 for n in new_captures[3:]), new_captures
+
+
+def _inference_mode_job(runtime, base, compress, first_inference: bool):
+    model = copy.deepcopy(base)
+    config = distrifusion.ParallelConfig(mode="displaced", warmup_steps=1, split_cfg=False, compress=compress)
+    distrifusion.parallelize(model, config, runtime=runtime)
+    images = []
+    for inference in (first_inference, not first_inference):
+        with torch.inference_mode(inference):
+            images.append(denoise(model, "sd15", 8 * BLOCK, 4 * BLOCK, steps=3))
+        distrifusion.reset(model)
+    return images
+
+
+@pytest.mark.parametrize("compress", [None, "residual-int8"])
+@pytest.mark.parametrize("first_inference", [True, False])
+def test_images_under_and_outside_inference_mode_share_the_buffers(compress, first_inference):
+    """Buffers kept across images (exchange, codes, fused K/V weights) are made as normal tensors even
+    when the first image ran under torch.inference_mode: a later image outside it writes into them."""
+    from functools import partial
+
+    from distrifusion.simulate import simulate_ranks
+
+    job = partial(_inference_mode_job, base=tiny_model("sd15"), compress=compress, first_inference=first_inference)
+    for first, second in simulate_ranks(2, job):
+        assert torch.equal(first, second)

@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProc
 from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embed
 from torch import nn
 
-from .state import ParallelState, tensor_version
+from .state import ParallelState, normal_tensors, tensor_version
 
 
 def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -179,8 +179,9 @@ class PatchAttnProcessor:
         version = (tensor_version(k.weight), tensor_version(v.weight), k.weight.data_ptr(), v.weight.data_ptr())
         cached = self.state.fused_kv.get(self.name)
         if cached is None or cached[0] is not k or cached[1] is not v or cached[4] != version:
-            bias = None if k.bias is None else torch.cat([k.bias, v.bias])
-            cached = self.state.fused_kv[self.name] = [k, v, torch.cat([k.weight, v.weight]), bias, version]
+            with normal_tensors():  # kept across images: refreshed in place, in any mode
+                bias = None if k.bias is None else torch.cat([k.bias, v.bias])
+                cached = self.state.fused_kv[self.name] = [k, v, torch.cat([k.weight, v.weight]), bias, version]
         return cached[2], cached[3]
 
     def _kv(self, attn: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ contributed (`exchange`). Everything that changes from step to step lives here, 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,16 @@ MAX_BRANCHES = 4
 """Guidance branches (see `ParallelState.enter_branch`) that keep their own context; beyond, the least
 recently used one is taken over (its next call is synchronous)."""
 _BRANCH_FIELDS = ("step", "plan", "exchange", "_exchanges", "_calls", "cross_kv")
+
+
+@contextlib.contextmanager
+def normal_tensors():
+    """New tensors made in here are normal ones even under torch.inference_mode (buffers kept across
+    images must take in-place writes in whatever mode a later image runs); grad mode unchanged
+    (leaving inference mode would turn it on)."""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield
 
 
 def tensor_version(t: torch.Tensor) -> int | None:
@@ -258,7 +269,8 @@ class Exchange:
         index = self._open.get(bucket)
         if alone or nbytes >= self.bucket_bytes:
             index = self._new_buffer(key, compressed)
-            self.buffers[index] = payload.new_empty(self.comm.size, payload.numel())
+            with normal_tensors():
+                self.buffers[index] = payload.new_empty(self.comm.size, payload.numel())
         elif index is None or (self._filled[index] * payload.element_size() + nbytes > self.bucket_bytes):
             index = self._open[bucket] = self._new_buffer(key, compressed)
         slot = _Slot(index, self._filled[index], payload.numel(), payload.shape, payload.dtype)
@@ -276,6 +288,11 @@ class Exchange:
         return len(self.buffers) - 1
 
     def _allocate(self) -> None:
+        with normal_tensors():
+            self._allocate_buffers()
+        self.fixed = True
+
+    def _allocate_buffers(self) -> None:
         for index, buffer in enumerate(self.buffers):
             if buffer is None:
                 dtype = next(s.dtype for s in self.slots.values() if s.buffer == index)
@@ -290,7 +307,6 @@ class Exchange:
             self._wire[index] = torch.empty(self.comm.size, size, dtype=torch.uint8, device=buffer.device)
             if self.codec.residual:  # the first step was synchronous: the others hold this row exactly
                 self._sent[index] = buffer[self.comm.rank].clone()
-        self.fixed = True
 
     def _check(self, key: str, slot: _Slot, payload: torch.Tensor) -> None:
         if payload.shape != slot.shape or payload.dtype != slot.dtype:
