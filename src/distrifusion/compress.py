@@ -55,7 +55,7 @@ class BlockCodec:
         return dtype if self.kind == "lossless" else torch.promote_types(dtype, torch.float32)
 
     def change(self, row: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
-        """The change to send: `row` minus what the receivers hold (`copy`, see `add_residual`)."""
+        """The change to send: `row` minus what the receivers hold (`copy`, see `add_change`)."""
         wide = self.work_dtype(row.dtype)
         return row.to(wide) - _finite_or_zero(copy.to(wide))
 

@@ -415,8 +415,10 @@ def _joint_projections(attn, original, added: bool) -> tuple:
     """(fused linear or None, to_q, to_k, to_v, norm_q, norm_k) of the image tokens or of the added
     (text) stream: what the model's own processor projects with. After `fuse_qkv_projections` that is
     the fused linear (Flux: `fused_projections`; SD3: its fused processor, which skips the q/k norms)."""
-    names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k") if added else ()
-    names = names or ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+    if added:
+        names = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+    else:
+        names = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
     to_q, to_k, to_v, norm_q, norm_k = (getattr(attn, name, None) for name in names)
     sd3_fused = isinstance(original, FusedJointAttnProcessor2_0)
     fused = None

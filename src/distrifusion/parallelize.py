@@ -136,10 +136,15 @@ class _WithOriginalProcessors:
         self.model, self.original = model, getattr(type(model), method)
 
     def __call__(self, *args, **kwargs):
-        for module in self.model.modules():
-            if isinstance(getattr(module, "processor", None), _PROCESSORS):
-                module.set_processor(module.processor.original)
+        _give_back_processors(self.model)
         return self.original(self.model, *args, **kwargs)
+
+
+def _give_back_processors(model: nn.Module) -> None:
+    """Put back, on every attention, the processor each of the engine's processors stands for."""
+    for module in model.modules():
+        if isinstance(getattr(module, "processor", None), _PROCESSORS):
+            module.set_processor(module.processor.original)
 
 
 def _under_compile() -> bool:
@@ -198,8 +203,7 @@ def _remove_model(model: nn.Module) -> bool:
         for name, value in list(module.__dict__.items()):
             if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
                 delattr(module, name)
-        if isinstance(getattr(module, "processor", None), _PROCESSORS):
-            module.set_processor(module.processor.original)
+    _give_back_processors(model)
     delattr(model, _STATE_ATTR)
     return True
 
@@ -224,6 +228,7 @@ def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     if state is None:
         raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
     state.reset()
+    state.refresh_fused_kv()
     if state.graphs is not None:
         # Graphs read the weights' memory: replaced or modified weights need new graphs (and the fused
         # key/value projections a refresh, which the first eager step does).

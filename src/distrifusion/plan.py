@@ -74,9 +74,8 @@ def measure_link(comm: Communicator, device: torch.device, sizes=PROBE_BYTES, re
         points.append(((comm.size - 1) * size, statistics.median(times)))
     latency, seconds_per_byte = _link_figures(points)
     skew = _measure_skew(comm, device, latency)
-    mine = torch.tensor([latency, seconds_per_byte, skew], dtype=torch.float64, device=device)
-    slowest = comm.all_gather(mine).wait().amax(0).tolist()
-    return Link(slowest[0], 1.0 / slowest[1], slowest[2])
+    latency, seconds_per_byte, skew = _slowest(comm, device, latency, seconds_per_byte, skew)
+    return Link(latency, 1.0 / seconds_per_byte, skew)
 
 
 def _measure_skew(comm: Communicator, device: torch.device, latency: float, rounds: int = 40) -> float:
@@ -168,11 +167,11 @@ def predict(row: dict, link: Link) -> float:
     return simulate_step(row.get("timeline", []), row["share_step_s"], link)
 
 
-def _slowest(runtime: Runtime, *values: float) -> list[float]:
-    """Each of `values`, the largest over the ranks: the slowest rank sets the step, and every rank must
-    plan from the same figures (a rank that sorted or chose from its own would run other collectives)."""
-    mine = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    return runtime.world.all_gather(mine).wait().amax(0).tolist()
+def _slowest(comm: Communicator, device: torch.device, *values: float) -> list[float]:
+    """Each of `values`, the largest over `comm`'s members: the slowest rank sets the step, and every rank
+    must plan from the same figures (a rank that sorted or chose from its own would run other collectives)."""
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    return comm.all_gather(mine).wait().amax(0).tolist()
 
 
 def share_profile(
@@ -225,7 +224,7 @@ def profile(
     for choice in candidates:
         with torch.no_grad():
             row = share_profile(model, inputs, choice, runtime.device, repeats, split_cfg)
-        (row["share_step_s"],) = _slowest(runtime, row["share_step_s"])
+        (row["share_step_s"],) = _slowest(runtime.world, runtime.device, row["share_step_s"])
         rows.append(dict(row, ranks=choice.ranks, choice=choice.name, mode=choice.mode, compress=choice.compress))
         free_cached_memory(runtime.device)
     return rows
@@ -246,7 +245,8 @@ def plan(
     link = measure_link(runtime.world, runtime.device)
     rows = profile(model, inputs, runtime, candidates, repeats, split_cfg)
     # Each rank replays its own exchange (strips differ: so do timelines): the slowest prediction counts.
-    for row, predicted in zip(rows, _slowest(runtime, *(predict(row, link) for row in rows))):
+    predictions = _slowest(runtime.world, runtime.device, *(predict(row, link) for row in rows))
+    for row, predicted in zip(rows, predictions):
         row["predicted_s"] = predicted
     rows.sort(key=lambda r: r["predicted_s"])
     return dict(link=dataclasses.asdict(link), rows=rows, best=choose(rows, runtime.world_size))
@@ -344,7 +344,7 @@ def measure(model, inputs: dict, runtime: Runtime, choice: Choice, repeats: int 
         state.reset()
     finally:
         remove(model)
-    return _slowest(runtime, seconds)[0]
+    return _slowest(runtime.world, runtime.device, seconds)[0]
 
 
 def format_plan(found: dict, measured: dict | None = None) -> str:

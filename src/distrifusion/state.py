@@ -287,12 +287,8 @@ class Exchange:
         self._filled.append(0)
         return len(self.buffers) - 1
 
+    @normal_tensors()
     def _allocate(self) -> None:
-        with normal_tensors():
-            self._allocate_buffers()
-        self.fixed = True
-
-    def _allocate_buffers(self) -> None:
         for index, buffer in enumerate(self.buffers):
             if buffer is None:
                 dtype = next(s.dtype for s in self.slots.values() if s.buffer == index)
@@ -307,6 +303,7 @@ class Exchange:
             self._wire[index] = torch.empty(self.comm.size, size, dtype=torch.uint8, device=buffer.device)
             if self.codec.residual:  # the first step was synchronous: the others hold this row exactly
                 self._sent[index] = buffer[self.comm.rank].clone()
+        self.fixed = True
 
     def _check(self, key: str, slot: _Slot, payload: torch.Tensor) -> None:
         if payload.shape != slot.shape or payload.dtype != slot.dtype:
@@ -420,7 +417,6 @@ class ParallelState:
     @torch.compiler.disable
     def reset(self) -> None:
         """Start a new image: step 0 (synchronous) in every branch; the context buffers are kept for reuse."""
-        self._refresh_fused_kv()
         for index in range(len(self._branches)):
             self._switch(index)
             self._reset_branch()
@@ -439,9 +435,10 @@ class ParallelState:
         self.cross_kv.clear()
 
     @torch.no_grad()
-    def _refresh_fused_kv(self) -> None:
-        # Weights changed through `.data` (peft's fuse_lora merges so) keep their address and version:
-        # re-read them once per image, in place (a CUDA graph reads these tensors).
+    def refresh_fused_kv(self) -> None:
+        """Re-read the fused key/value weights (`distrifusion.reset`, before each image): weights changed
+        through `.data` (peft's fuse_lora merges so) keep their address and version. In place: a CUDA
+        graph reads these tensors."""
         for k, v, weight, bias, _ in self.fused_kv.values():
             torch.cat([k.weight, v.weight], out=weight)
             if bias is not None:
