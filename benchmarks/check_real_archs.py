@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import distrifusion
-from distrifusion.bench import ARCHS, CONFIGS, build_model, model_inputs
-from distrifusion.simulate import simulate_ranks
+from distrifusion.measure.bench import ARCHS, CONFIGS, build_model, model_inputs
+from distrifusion.measure.simulate import simulate_ranks
 
 
 def shared_copy(model):

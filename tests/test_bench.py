@@ -62,7 +62,7 @@ def test_traffic_only_counts_what_a_real_run_sends(tmp_path):
     """The shape-only count (meta device) equals the bytes counted in a real loopback run."""
     import torch
 
-    from distrifusion.bench import bench_step, count_traffic
+    from distrifusion.measure.bench import bench_step, count_traffic
 
     arch = tmp_path / "tiny_sd15.json"
     arch.write_text(json.dumps({**CONFIGS["sd15"], "sample_size": 8}))

@@ -15,7 +15,7 @@ from helpers import TEXT_DIM, TEXT_LEN, tiny_model
 from transformer_helpers import call_inputs, image_shape, tiny_transformer
 
 import distrifusion
-from distrifusion.simulate import simulate_ranks
+from distrifusion.measure.simulate import simulate_ranks
 
 STEPS = 6
 CONFIG = dict(mode="displaced", warmup_steps=1, split_cfg=False)
@@ -124,7 +124,7 @@ def test_rebuilt_embeddings_and_repeated_timesteps_stay_one_branch():
 def _many_prompts_job(runtime) -> dict:
     """A prompt edited between steps (a callback changing prompt_embeds) continues its branch; more
     conditionings within one step than MAX_BRANCHES share the branches (a taken-over one starts again)."""
-    from distrifusion.state import MAX_BRANCHES
+    from distrifusion.engine.state import MAX_BRANCHES
 
     model = tiny_model("sd15")
     distrifusion.parallelize(model, distrifusion.ParallelConfig(**CONFIG), runtime=runtime)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from distrifusion import cli, cli_checks
+from distrifusion.app import cli, cli_checks
 
 
 def run_cli(*args, env=None, timeout=60):
@@ -109,7 +109,7 @@ def test_help_is_quick():
         proc, seconds = run_cli(*args)
         assert proc.returncode == 0 and "usage: distrifusion" in proc.stdout
         assert seconds < 3, seconds
-    probe = "import sys, distrifusion.cli; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    probe = "import sys, distrifusion.app.cli; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
 
 
@@ -176,8 +176,8 @@ def test_pipeline_sizes_are_checked_from_its_config_files(tmp_path):
 
 
 def test_strip_boundaries_follow_the_engine_split():
-    from distrifusion.state import Plan, split_rows
+    from distrifusion.engine.state import Partition, split_rows
 
-    plan = Plan(1, 20, 8, 1, 0, 0, split_rows(20, 4, 3), block=4)  # 20 rows in blocks of 4: 8, 8, 4
+    plan = Partition(1, 20, 8, 1, 0, 0, split_rows(20, 4, 3), block=4)  # 20 rows in blocks of 4: 8, 8, 4
     assert cli.strip_boundaries(160, plan) == [64, 128]  # 8 px per row
-    assert cli.strip_boundaries(160, Plan(2, 20, 8, 2, 0, 0, (20,), block=4)) == []  # CFG halves: no strips
+    assert cli.strip_boundaries(160, Partition(2, 20, 8, 2, 0, 0, (20,), block=4)) == []  # CFG halves: no strips

@@ -11,10 +11,10 @@ import torch
 from helpers import BLOCK, denoise, tiny_model
 
 import distrifusion
-from distrifusion.compress import BLOCK as CODEC_BLOCK
-from distrifusion.compress import BlockCodec
-from distrifusion.simulate import LoopbackCommunicator, simulate_ranks
-from distrifusion.state import Exchange
+from distrifusion.engine.compress import BLOCK as CODEC_BLOCK
+from distrifusion.engine.compress import BlockCodec
+from distrifusion.engine.exchange import Exchange
+from distrifusion.measure.simulate import LoopbackCommunicator, simulate_ranks
 
 HEIGHT, WIDTH = 5 * BLOCK, 3 * BLOCK
 
@@ -100,7 +100,9 @@ def test_residual_path_with_a_lossless_codec_is_uncompressed_displaced(monkeypat
             coded.append(x.numel())
             super().encode(x, out)
 
-    monkeypatch.setattr("distrifusion.state.make_codec", lambda compress: CountingLossless("lossless", residual=True))
+    monkeypatch.setattr(
+        "distrifusion.engine.state.make_codec", lambda compress: CountingLossless("lossless", residual=True)
+    )
     lossless = _images(2, distrifusion.ParallelConfig(**config, compress="residual-int8"))
     assert len(coded) > 10, "the residual path must have run"
     for a, b in zip(plain, lossless):
@@ -162,7 +164,7 @@ def test_lossless_codec_is_uncompressed_displaced_for_transformers(monkeypatch, 
             coded.append(x.numel())
             super().encode(x, out)
 
-    monkeypatch.setattr("distrifusion.state.make_codec", lambda compress: Lossless("lossless"))
+    monkeypatch.setattr("distrifusion.engine.state.make_codec", lambda compress: Lossless("lossless"))
     lossless = _transformer_images(family, distrifusion.ParallelConfig(**config, compress="int8"))
     assert coded  # the keys/values did go through the codec
     for a, b in zip(plain, lossless):

@@ -13,7 +13,7 @@ import torch
 from helpers import BLOCK, denoise, model_inputs, psnr, run_ranks, tiny_model
 
 import distrifusion
-from distrifusion.simulate import simulate_ranks
+from distrifusion.measure.simulate import simulate_ranks
 
 KINDS = ["sd15", "sd21", "sdxl", "unet2d"]
 HEIGHT, WIDTH = 5 * BLOCK, 3 * BLOCK  # 5 blocks: uneven for 2 (3+2), 3 (2+2+1) and 4 (2+1+1+1) strips

@@ -1,4 +1,4 @@
-"""The link-aware plan (distrifusion.plan): its link fit, its step model, the rows it measures, and
+"""The link-aware plan (distrifusion.measure.planner): its link fit, its step model, the rows it measures, and
 ParallelConfig(mode="auto") running exactly the choice it reports, alike on every rank."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from helpers import BLOCK, denoise, tiny_model
 from test_cli import run_cli
 
 import distrifusion
-from distrifusion.bench import model_inputs
-from distrifusion.config import COMPRESS_MODES
-from distrifusion.plan import Choice, Link, _link_figures, choices, choose, plan, simulate_step
-from distrifusion.simulate import simulate_ranks
+from distrifusion.engine.config import COMPRESS_MODES
+from distrifusion.measure.bench import model_inputs
+from distrifusion.measure.planner import Choice, Link, _link_figures, choices, choose, plan, simulate_step
+from distrifusion.measure.simulate import simulate_ranks
 
 
 def test_link_figures_from_the_probe():
@@ -120,7 +120,7 @@ def test_ranks_plan_from_the_same_predictions(monkeypatch):
         order = ["sync", "displaced", "displaced + int8"].index(row["choice"]) if row["ranks"] == 2 else 0
         return 1.0 + 0.5 * (order if threading.current_thread().name == "rank0" else 2 - order)
 
-    monkeypatch.setattr("distrifusion.plan.predict", rank_dependent)
+    monkeypatch.setattr("distrifusion.measure.planner.predict", rank_dependent)
     found = simulate_ranks(2, _plan_job)
     assert [r["choice"] for r in found[0]["rows"]] == [r["choice"] for r in found[1]["rows"]]
     assert [r["predicted_s"] for r in found[0]["rows"]] == [r["predicted_s"] for r in found[1]["rows"]]

@@ -271,7 +271,7 @@ class FakeGroup:
         self.hang = self.dead = self.deaf = False
 
     def check_alive(self) -> None:
-        from distrifusion.serve import GroupFailure
+        from distrifusion.app.serve import GroupFailure
 
         if self.dead:
             self.dead = False
@@ -282,7 +282,7 @@ class FakeGroup:
         return {}
 
     def run(self, job, deadline: float) -> None:
-        from distrifusion.serve import GroupFailure
+        from distrifusion.app.serve import GroupFailure
 
         while self.deaf:  # a job that outlives the drain: ends only when the group is killed
             if self.kills:
@@ -305,7 +305,7 @@ class FakeGroup:
 
 
 def test_dispatcher_times_out_a_hung_job_restarts_and_drains():
-    from distrifusion.serve import Dispatcher, Refused, Settings
+    from distrifusion.app.serve import Dispatcher, Refused, Settings
 
     group = FakeGroup()
     dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None, request_timeout_s=0.5), group)
@@ -325,7 +325,7 @@ def test_dispatcher_times_out_a_hung_job_restarts_and_drains():
 
 
 def test_dispatcher_replaces_a_group_that_died_while_idle():
-    from distrifusion.serve import Dispatcher, Settings
+    from distrifusion.app.serve import Dispatcher, Settings
 
     group = FakeGroup()
     dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None), group)
@@ -342,7 +342,7 @@ def test_dispatcher_replaces_a_group_that_died_while_idle():
 
 
 def test_a_queued_request_expires_at_its_deadline_and_a_drain_that_runs_out_fails_the_running_job():
-    from distrifusion.serve import Dispatcher, Settings
+    from distrifusion.app.serve import Dispatcher, Settings
 
     group = FakeGroup()
     dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None), group)
@@ -362,7 +362,7 @@ def test_a_job_whose_progress_never_stops_still_times_out():
     """The deadline holds while progress messages keep coming (quick steps on a GPU)."""
     from multiprocessing.connection import Pipe
 
-    from distrifusion.serve import GroupFailure, Job, WorkerGroup
+    from distrifusion.app.serve import GroupFailure, Job, WorkerGroup
 
     group = WorkerGroup([], 0)
     group.connection, rank0 = Pipe()

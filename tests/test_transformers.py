@@ -166,7 +166,7 @@ def test_fused_qkv_projections_in_either_order_are_exact(family):
     at the next call), and an unknown processor set after parallelize is refused at the next call."""
     from diffusers.models.attention_processor import AttnAddedKVProcessor
 
-    from distrifusion.simulate import simulate_ranks
+    from distrifusion.measure.simulate import simulate_ranks
 
     # SD3.5's image-only attention cannot run fused in diffusers (its fused processor needs text), and
     # that processor skips the q/k norms: so an SD3.5 without the dual attention, fused in one process.
@@ -198,7 +198,7 @@ def test_a_lora_scale_in_joint_attention_kwargs_is_applied(family):
     """diffusers reads the LoRA scale of `joint_attention_kwargs` only when it is passed by keyword:
     the split call must pass it so (Flux: also with `guidance`, which FluxPipeline always passes)."""
     LoraConfig = pytest.importorskip("peft").LoraConfig  # noqa: N806 (the lowest-versions run has no peft)
-    from distrifusion.simulate import simulate_ranks
+    from distrifusion.measure.simulate import simulate_ranks
 
     model = tiny_transformer(family)
     torch.manual_seed(3)
@@ -259,7 +259,7 @@ def test_remove_restores_the_model(family):
 
 def test_more_ranks_than_text_tokens():
     """Sharded text over 8 ranks with 7 text tokens: one rank holds none, and sync stays exact."""
-    from distrifusion.simulate import simulate_ranks
+    from distrifusion.measure.simulate import simulate_ranks
 
     model = tiny_transformer("flux")
     reference = denoise(model, "flux", 8, COLS, batch=1, steps=2)

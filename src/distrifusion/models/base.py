@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..layers import PatchAttnProcessor, PatchJointAttnProcessor
-from ..state import ParallelState, Plan
+from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor
+from ..engine.state import ParallelState, Partition
 
 PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
 
@@ -88,7 +88,7 @@ class ModelAdapter:
         """Text tokens that attend jointly with the image tokens (0 if none)."""
         return 0
 
-    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+    def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         """This rank's share of the call: its batch half, its strip, its text tokens."""
         raise NotImplementedError
 
@@ -98,23 +98,23 @@ class ModelAdapter:
         return torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
 
 
-def batch_slice(plan: Plan) -> slice:
+def batch_slice(partition: Partition) -> slice:
     """This rank's half of the batch (the whole batch without a CFG split)."""
-    return slice(plan.cfg_index * plan.local_batch, (plan.cfg_index + 1) * plan.local_batch)
+    return slice(partition.cfg_index * partition.local_batch, (partition.cfg_index + 1) * partition.local_batch)
 
 
-def strip_rows(plan: Plan) -> tuple[int, int]:
+def strip_rows(partition: Partition) -> tuple[int, int]:
     """First and last-plus-one row of this rank's strip."""
-    return plan.row_start, plan.row_start + plan.rows[plan.patch_rank]
+    return partition.row_start, partition.row_start + partition.rows[partition.patch_rank]
 
 
-def shard_text(local: dict, plan: Plan, text: str, ids: str | None = None) -> dict:
+def shard_text(local: dict, partition: Partition, text: str, ids: str | None = None) -> dict:
     """With sharded text tokens: cut the text input (batch, tokens, c) and its position ids
     (tokens, 3) to this rank's share; otherwise return `local` unchanged."""
-    if not plan.sharded_text:
+    if not partition.sharded_text:
         return local
-    start = sum(plan.text[: plan.patch_rank])
-    end = start + plan.text[plan.patch_rank]
+    start = sum(partition.text[: partition.patch_rank])
+    end = start + partition.text[partition.patch_rank]
     local[text] = slice_tokens(local[text], start, end)
     if ids is not None:
         local[ids] = slice_tokens(local[ids], start, end, dim=local[ids].dim() - 2)
@@ -130,14 +130,14 @@ def image_map_grid(sample: torch.Tensor) -> tuple[int, int, int]:
     return sample.shape[0], sample.shape[2], sample.shape[3]
 
 
-def slice_batch(value, plan: Plan):
+def slice_batch(value, partition: Partition):
     """`value` (a tensor, or dicts/lists of them) cut to this rank's batch half; other values unchanged."""
     if isinstance(value, dict):
-        return {k: slice_batch(v, plan) for k, v in value.items()}
+        return {k: slice_batch(v, partition) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(slice_batch(v, plan) for v in value)
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == plan.batch:
-        return value[batch_slice(plan)]
+        return type(value)(slice_batch(v, partition) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == partition.batch:
+        return value[batch_slice(partition)]
     return value
 
 

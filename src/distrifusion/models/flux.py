@@ -10,8 +10,8 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 from torch import nn
 
-from ..layers import PatchJointAttnProcessor
-from ..state import ParallelState, Plan
+from ..engine.layers import PatchJointAttnProcessor
+from ..engine.state import ParallelState, Partition
 from .base import (
     ModelAdapter,
     check_kwargs_dict,
@@ -63,17 +63,17 @@ class FluxAdapter(ModelAdapter):
     def text_tokens(self, inputs: dict) -> int:
         return inputs["encoder_hidden_states"].shape[1]
 
-    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+    def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         check_kwargs_dict("Flux", inputs, "joint_attention_kwargs")
         batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
         batched += ("controlnet_block_samples", "controlnet_single_block_samples")
-        local = {k: slice_batch(v, plan) if k in batched else v for k, v in inputs.items()}
-        start, end = (r * plan.width for r in strip_rows(plan))
+        local = {k: slice_batch(v, partition) if k in batched else v for k, v in inputs.items()}
+        start, end = (r * partition.width for r in strip_rows(partition))
         for name in ("hidden_states", "controlnet_block_samples", "controlnet_single_block_samples"):
             local[name] = slice_tokens(local.get(name), start, end)
         ids = local["img_ids"]
         local["img_ids"] = slice_tokens(ids, start, end, dim=ids.dim() - 2)
-        return shard_text(local, plan, "encoder_hidden_states", "txt_ids")
+        return shard_text(local, partition, "encoder_hidden_states", "txt_ids")
 
 
 def token_grid(ids: torch.Tensor, tokens: int) -> tuple[int, int]:

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .cli_checks import BENCH_ARCHS
-from .comm import Communicator, PendingGather
-from .config import ParallelConfig
-from .graphs import CudaGraphs
-from .parallelize import parallelize, remove, reset
+from ..engine.comm import Communicator, PendingGather
+from ..engine.config import ParallelConfig
+from ..engine.graphs import CudaGraphs
+from ..parallel.parallelize import parallelize, remove, reset
+from .archs import ARCHS, CONFIGS
 from .simulate import loopback_runtime
 
-CONFIGS = Path(__file__).parent / "data" / "configs"
-ARCHS = BENCH_ARCHS  # the config file of each named architecture, in data/configs
 # Nominal one-direction bandwidths, bytes per second.
 LINKS = {
     "NVLink 4 (H100)": 450e9,
@@ -152,7 +150,7 @@ def bench_vae(
 
     `share_only` skips the whole decode (for sizes one device cannot hold) and the warm-up call: the
     rows' ratios to the whole decode are then None, and `full_min_mb` says what it needs at least."""
-    from .models import find_denoiser
+    from ..models import find_denoiser
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -506,10 +504,10 @@ def _first_steps_traffic(model, inputs: dict, counter: dict, mode: str) -> dict:
     counter.clear()
     model(**inputs)
     step = dict(counter) if mode != "sync" else sync
-    plan = model._distrifusion_state.plan
+    partition = model._distrifusion_state.partition
     return dict(
-        cfg_groups=plan.cfg_groups,
-        largest_strip_rows=max(plan.rows),
+        cfg_groups=partition.cfg_groups,
+        largest_strip_rows=max(partition.rows),
         sync_step_bytes=sync.get("bytes", 0),
         step_bytes=step.get("bytes", 0),
         # What a step waits for, and what runs behind it: distrifusion.plan's link model needs both.
@@ -616,7 +614,7 @@ def bench_images(
     """Whole-image latency (every denoising step of one image, with the pipeline's batch: CFG for
     UNets, SD3 and PixArt) in this process or under torchrun. The update between steps is a plain
     Euler step on the model output: its cost is negligible next to the model's, whatever the scheduler."""
-    from .models import find_denoiser
+    from ..models import find_denoiser
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config = ParallelConfig(mode=mode, cuda_graphs=graphs, text_tokens=text_tokens, compress=compress)

@@ -17,7 +17,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProc
 from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embed
 from torch import nn
 
-from .state import ParallelState, normal_tensors, tensor_version
+from .exchange import normal_tensors, tensor_version
+from .state import ParallelState
 
 
 def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -59,7 +60,7 @@ class PatchConv2d:
         state, conv = self.state, self.conv
         if not state.split or state.naive:
             return type(conv).forward(conv, x)  # zero padding at strip edges is exactly "naive"
-        rank, n = state.plan.patch_rank, state.plan.patch_size
+        rank, n = state.partition.patch_rank, state.partition.patch_size
         rows = x.shape[2]
         if rows < max(self.above, self.below):
             raise ValueError(
@@ -117,7 +118,7 @@ class PatchGroupNorm:
                 mean, var = _combine(state.context(self.name, local))
             else:  # corrected_async: previous global moments plus the change of the local ones
                 others, old_local = state.context_and_own_previous(self.name, local)
-                rank = state.plan.patch_rank
+                rank = state.partition.patch_rank
                 old_mean, old_var = _combine(torch.cat([others[:rank], old_local[None], others[rank + 1 :]]))
                 new_mean = old_mean + (mean - old_local[..., 0])
                 second = old_var + old_mean**2 + (var + mean**2) - (old_local[..., 1] + old_local[..., 0] ** 2)
@@ -339,12 +340,12 @@ class PatchJointAttnProcessor:
         if attention_mask is not None or kwargs:
             extra = ["attention_mask"] * (attention_mask is not None) + sorted(kwargs)
             raise ValueError(f"distrifusion: attention {self.name!r} got {extra}, which cannot be split into strips")
-        plan = state.plan
+        partition = state.partition
         added = encoder_hidden_states is not None
         if added:
             image, text = hidden_states, encoder_hidden_states
         elif self.text_in_hidden:
-            n_text = plan.text[plan.patch_rank]
+            n_text = partition.text[partition.patch_rank]
             cut = n_text if self.text_first else hidden_states.shape[1] - n_text
             first, second = hidden_states[:, :cut], hidden_states[:, cut:]
             text, image = (first, second) if self.text_first else (second, first)
@@ -364,7 +365,7 @@ class PatchJointAttnProcessor:
             query, kv = q_img, kv_img
         else:
             sharded = state.config.text_tokens == "sharded" and not state.naive
-            n_keys = sum(plan.text) if sharded else n_text
+            n_keys = sum(partition.text) if sharded else n_text
             # [text keys, image keys]. The image part is copied in *now*: it may be a view of an exchange
             # buffer, which the text's exchange call below sends off (in a displaced step the others'
             # fresh rows then land in it while this step still needs their previous ones).
@@ -372,7 +373,7 @@ class PatchJointAttnProcessor:
             kv[:, n_keys:] = kv_img
             q_txt, kv_txt = _qkv(attn, text, *_joint_projections(attn, self.original, added), text_rotary)
             if sharded:
-                kv_txt = gather_tokens(state, self.name + ".text", kv_txt, list(plan.text))
+                kv_txt = gather_tokens(state, self.name + ".text", kv_txt, list(partition.text))
             kv[:, :n_keys] = kv_txt
             query = torch.cat([q_txt, q_img] if self.text_first else [q_img, q_txt], 1)
         key, value = kv.unflatten(-1, (attn.heads, -1)).transpose(1, 2).chunk(2, -1)  # (batch, heads, tokens, d)
@@ -457,9 +458,9 @@ class StripPatchEmbed:
             x = embed.norm(x)
         if embed.pos_embed is None:
             return x
-        plan, patch = state.plan, embed.patch_size
-        positions = full_positions(embed, plan.height, plan.width, x.device)
-        start = plan.row_start // patch * (plan.width // patch)
+        partition, patch = state.partition, embed.patch_size
+        positions = full_positions(embed, partition.height, partition.width, x.device)
+        start = partition.row_start // patch * (partition.width // patch)
         return (x + positions[:, start : start + x.shape[1]]).to(x.dtype)
 
 
@@ -536,7 +537,7 @@ class PatchFreeU:
     def _filter(self, x: torch.Tensor, scale: float, index: int) -> torch.Tensor:
         state = self.state
         sizes = state.sizes(x.shape[2])
-        top, height, width = sum(sizes[: state.plan.patch_rank]), sum(sizes), x.shape[3]
+        top, height, width = sum(sizes[: state.partition.patch_rank]), sum(sizes), x.shape[3]
         real = torch.float64 if x.dtype == torch.float64 else torch.float32  # diffusers filters in float32
         complex_ = torch.complex128 if real == torch.float64 else torch.complex64
         rows = _fourier_basis(_box(height, self.THRESHOLD), torch.arange(top, top + x.shape[2]), height, x.device)

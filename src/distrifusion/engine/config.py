@@ -21,7 +21,7 @@ class ParallelConfig:
     """"displaced" (DistriFusion: other strips' context from the previous step, exchanged
     asynchronously), "sync" (exact patch parallelism, fresh context every step, blocking),
     "naive" (strips never interact; the baseline that shows seams), or "auto": `parallelize`
-    measures the link and each choice's share (`distrifusion.plan`) and runs the most faithful of
+    measures the link and each choice's share (`distrifusion.measure.planner`) and runs the most faithful of
     sync, displaced and displaced with each compression predicted within 10% of the fastest (its
     mode and compression replace these fields; the rest of this config is kept)."""
 
@@ -61,7 +61,7 @@ class ParallelConfig:
     False leaves the VAE whole on every rank."""
 
     compress: str | None = None
-    """Displaced steps' exchange in fewer bytes (see `distrifusion.compress`): None (as computed),
+    """Displaced steps' exchange in fewer bytes (see `distrifusion.engine.compress`): None (as computed),
     "int8", "fp8", "int4" or "int2" (8, 4 or 2 bits per value, a scale per block of 256), or
     "residual-" + one of them (the change since what the others hold, in that code, with error
     feedback).

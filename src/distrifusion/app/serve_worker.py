@@ -19,7 +19,7 @@ import time
 from datetime import timedelta
 from functools import partial
 
-from .parallelize import _denoiser
+from ..parallel.parallelize import denoiser_of
 
 IDLE_TIMEOUT = timedelta(days=365)
 """How long ranks 1..N-1 may wait for the next job."""
@@ -40,7 +40,7 @@ def run_job(pipe, job: dict, embedded: bool, on_step) -> tuple[list, dict]:
     """The images of one job (PIL) and its timings; `on_step(step)` after every denoising step."""
     import torch
 
-    denoiser = _denoiser(pipe)
+    denoiser = denoiser_of(pipe)
     state = denoiser._distrifusion_state
     mode = job["mode"]
     if mode == "auto":  # the server's --mode auto: what parallelize planned at start-up
@@ -87,7 +87,7 @@ def worker_loop(pipe, embedded: bool, connection) -> None:
     """Run jobs until the front sends None. `connection` is rank 0's (None on the other ranks)."""
     import torch.distributed as dist
 
-    state = _denoiser(pipe)._distrifusion_state
+    state = denoiser_of(pipe)._distrifusion_state
     world = state.runtime.world_size
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if world > 1 else None
     rank = dist.get_rank() if world > 1 else 0

@@ -25,8 +25,8 @@ import weakref
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from .models import ModelAdapter
-from .state import ParallelState
+from ..engine.state import ParallelState
+from ..models import ModelAdapter
 
 
 class Ownership:

@@ -8,16 +8,17 @@ import inspect
 import logging
 import warnings
 import zlib
+from collections.abc import Callable
 from functools import partial
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from .comm import Runtime, init_runtime
-from .config import ParallelConfig
-from .graphs import CudaGraphs, ReplayWatchdog
-from .layers import (
+from ..engine.comm import Runtime, init_runtime
+from ..engine.config import ParallelConfig
+from ..engine.graphs import CudaGraphs, ReplayWatchdog
+from ..engine.layers import (
     PatchAttnProcessor,
     PatchConv2d,
     PatchFreeU,
@@ -27,9 +28,9 @@ from .layers import (
     StripPatchEmbed,
     pad_to,
 )
-from .models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
+from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
+from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
 from .ownership import Ownership
-from .state import ParallelState, Plan, identity, split_rows, tensor_version
 
 log = logging.getLogger("distrifusion")
 
@@ -38,7 +39,17 @@ _LAYERS = (PatchConv2d, PatchGroupNorm, PatchFreeU, StripPatchEmbed, PatchZeroPa
 _PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
 
 
-def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime: Runtime | None = None):
+ResolveAuto = Callable[[object, nn.Module, ParallelConfig, Runtime], tuple[ParallelConfig, dict]]
+"""(pipeline or model, denoiser, config, runtime) -> (the concrete config, the plan it came from)."""
+
+
+def parallelize(
+    pipe_or_model,
+    config: ParallelConfig | None = None,
+    *,
+    runtime: Runtime | None = None,
+    resolve_auto: ResolveAuto | None = None,
+):
     """Make `pipe_or_model` compute only this rank's strip of every denoising step.
 
     Accepts a diffusers pipeline whose `.unet` or `.transformer` is a supported model, or the bare
@@ -51,6 +62,9 @@ def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime:
     The model keeps its call signature: every rank passes the full inputs (same seed on every
     rank) and receives the full output. A bare model counts its calls as denoising steps; call
     `reset` before each new image. A pipeline restarts its count at every call.
+
+    `ParallelConfig(mode="auto")` needs `resolve_auto`, which the public `distrifusion.parallelize`
+    gives (the planner, `distrifusion.measure.planner.resolve_auto`): the engine never imports the tools.
     """
     config = config or ParallelConfig()
     if not isinstance(config, ParallelConfig):
@@ -71,12 +85,12 @@ def parallelize(pipe_or_model, config: ParallelConfig | None = None, *, runtime:
     pipe_or_model.to(runtime.device)
     found = None
     if config.mode == "auto":
-        from .plan import describe_choice, pixels_per_latent, resolve_auto
-
-        scale = None if model is pipe_or_model else pixels_per_latent(pipe_or_model)
-        config, found = resolve_auto(model, config, runtime, scale)
-        if runtime.rank == 0:
-            log.info(describe_choice(found))
+        if resolve_auto is None:
+            raise ValueError(
+                "distrifusion: ParallelConfig(mode='auto') is planned by distrifusion.parallelize (it measures the "
+                "link and each choice); this lower-level call needs a concrete mode"
+            )
+        config, found = resolve_auto(pipe_or_model, model, config, runtime)
     parallelize_model(model, config, runtime, adapter).auto_plan = found
     if vae is not None:
         parallelize_model(vae, config, runtime, VAEAdapter())
@@ -182,7 +196,7 @@ def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
 def remove(pipe_or_model) -> None:
     """Undo `parallelize`: restore the original forwards and attention processors (of the
     pipeline's VAE too)."""
-    model = _denoiser(pipe_or_model)
+    model = denoiser_of(pipe_or_model)
     vae = getattr(pipe_or_model, "vae", None) if model is not pipe_or_model else None
     if isinstance(vae, nn.Module):
         _remove_model(vae)
@@ -208,7 +222,8 @@ def _remove_model(model: nn.Module) -> bool:
     return True
 
 
-def _denoiser(pipe_or_model) -> nn.Module:
+def denoiser_of(pipe_or_model) -> nn.Module:
+    """A pipeline's denoising model (its `.unet` or `.transformer`), or `pipe_or_model` itself."""
     for attr in DENOISER_ATTRS:
         if isinstance(getattr(pipe_or_model, attr, None), nn.Module):
             return getattr(pipe_or_model, attr)
@@ -223,7 +238,7 @@ def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     changed (see `distrifusion.ownership`: LoRAs loaded, processors set, FreeU's factors); other
     changes that alter the computation without touching a weight or a module need `drop_graphs=True`.
     """
-    model = _denoiser(pipe_or_model)
+    model = denoiser_of(pipe_or_model)
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
@@ -257,7 +272,7 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
             out = cls.__call__(self, *args, **kwargs)
             # The last step's exchanges are still in flight: finish them now, not at the next image,
             # so that no collective outlives the image (a process may exit right after it).
-            getattr(_denoiser(self), _STATE_ATTR).reset()
+            getattr(denoiser_of(self), _STATE_ATTR).reset()
             return out
 
         _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_distrifusion_base": cls})
@@ -304,32 +319,32 @@ class _ParallelForward:
             return self.output(full, kind)
         if adapter.runs_whole(self.model, inputs):  # every rank computes the whole call, unsplit
             state.reset()
-            state.plan = state.exchange = None
+            state.partition = state.exchange = None
             return self.original(self.model, *args, **kwargs)
         inputs = self.split(inputs)
         if state.graphs is None:
             full, kind = self.run_split(inputs)
         else:
             phase = "sync" if state.sync_step else "displaced"
-            full, kind = state.graphs((phase, state.plan, state.branch), self.run_split, inputs)
+            full, kind = state.graphs((phase, state.partition, state.branch), self.run_split, inputs)
         state.step += 1
         return self.output(full, kind)
 
     @torch.compiler.disable
     def split(self, inputs: dict) -> dict:
-        """Bring a changed model under the engine again, plan the call, begin its step (at the first,
+        """Bring a changed model under the engine again, partition the call, begin its step (at the first,
         every rank agrees to go on) and return this rank's share of the inputs."""
         state, adapter = self.state, self.adapter
         problem = self.refresh()
         conditioning = {name: inputs.get(name) for name in adapter.conditioning_args}
         state.enter_branch(identity(conditioning), conditioning, inputs.get("timestep"))
-        plan = self.plan(inputs)
-        state.begin_step(plan)
+        partition = self.partition(inputs)
+        state.begin_step(partition)
         if state.step == 0:
             self.agree(inputs[adapter.sample_arg], inputs.get("timestep"), problem)
         elif problem is not None:
             raise problem
-        return adapter.local_inputs(inputs, plan)
+        return adapter.local_inputs(inputs, partition)
 
     def run_local(self, inputs: dict) -> tuple[torch.Tensor, type]:
         """The original forward on this rank's inputs: (output sample, output type)."""
@@ -356,7 +371,7 @@ class _ParallelForward:
         """This rank's strip of one step and the gathered full output: the work a graph captures."""
         local, kind = self.run_local(inputs)
         self.state.end_step()
-        full = self.gather(local, self.state.plan)
+        full = self.gather(local, self.state.partition)
         if self.state.graphs is not None:
             self.state.exchange.settle()  # a graph must not leave collectives in flight
         return full, kind
@@ -367,7 +382,7 @@ class _ParallelForward:
             return sample
         return (sample,) if kind is tuple else kind(sample=sample)
 
-    def plan(self, inputs: dict) -> Plan:
+    def partition(self, inputs: dict) -> Partition:
         """Validate the call's shape (identically on every rank, before any collective) and split it."""
         runtime, config, adapter = self.state.runtime, self.state.config, self.adapter
         batch, height, width = adapter.grid(inputs)
@@ -402,7 +417,7 @@ class _ParallelForward:
             tokens = adapter.text_tokens(inputs)
             sharded = config.text_tokens == "sharded" and patch_size > 1
             text = split_rows(tokens, 1, patch_size) if sharded else (tokens,) * patch_size
-        return Plan(
+        return Partition(
             batch,
             height,
             width,
@@ -468,12 +483,12 @@ class _ParallelForward:
             )
 
     @torch.compiler.disable
-    def gather(self, local: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def gather(self, local: torch.Tensor, partition: Partition) -> torch.Tensor:
         """All-gather every rank's output strip into the full output on every rank."""
         dim = self.adapter.output_dim
         sizes = self.state.sizes(local.shape[dim])
         parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(sizes))).wait()
-        groups = [parts[g * plan.patch_size : (g + 1) * plan.patch_size] for g in range(plan.cfg_groups)]
+        groups = [parts[g * partition.patch_size : (g + 1) * partition.patch_size] for g in range(partition.cfg_groups)]
         return torch.cat(
             [torch.cat([strip.narrow(dim, 0, n) for strip, n in zip(group, sizes)], dim) for group in groups], 0
         )

@@ -19,8 +19,8 @@ from diffusers import (
 )
 from safetensors.torch import load_file
 
-EMBEDDED = Path(__file__).parent / "data" / "textures"
-EMBEDDED_DIT = Path(__file__).parent / "data" / "textures_dit"
+EMBEDDED = Path(__file__).parent.parent / "data" / "textures"
+EMBEDDED_DIT = Path(__file__).parent.parent / "data" / "textures_dit"
 
 
 class TexturePipeline(DiffusionPipeline):

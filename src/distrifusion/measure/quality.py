@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from PIL import Image
 
-from .config import ParallelConfig
-from .parallelize import parallelize, remove
-from .pipelines import TexturePipeline
+from ..engine.config import ParallelConfig
+from ..parallel.parallelize import parallelize, remove
 from .simulate import simulate_ranks
 
 
@@ -94,14 +94,14 @@ def ssim(image: np.ndarray, reference: np.ndarray) -> float:
     return float(structural_similarity(image, reference, channel_axis=2, data_range=1.0))
 
 
-def _sample(pipe: TexturePipeline, label: int, size: tuple[int, int], steps: int, seed: int) -> np.ndarray:
+def _sample(pipe: DiffusionPipeline, label: int, size: tuple[int, int], steps: int, seed: int) -> np.ndarray:
     generator = torch.Generator().manual_seed(seed)
     out = pipe(label, height=size[0], width=size[1], num_inference_steps=steps, generator=generator, output_type="np")
     return out.images[0]
 
 
 def run_quality(
-    pipe: TexturePipeline,
+    pipe: DiffusionPipeline,
     height: int,
     width: int,
     steps: int,

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from .comm import Communicator, PendingGather, Runtime, _Done, gather_through_inplace
+from ..engine.comm import Communicator, PendingGather, Runtime, _Done, gather_through_inplace
 
 T = TypeVar("T")
 

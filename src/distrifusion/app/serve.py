@@ -48,7 +48,7 @@ CONTROL_ENV = "DISTRIFUSION_SERVE_CONTROL"
 KEY_ENV = "DISTRIFUSION_SERVE_KEY"
 API_KEY_ENV = "DISTRIFUSION_API_KEY"
 MAX_BODY = 64 * 1024
-WEB_PAGE = Path(__file__).parent / "data" / "web" / "index.html"
+WEB_PAGE = Path(__file__).parent.parent / "data" / "web" / "index.html"
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 

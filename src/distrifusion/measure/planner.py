@@ -26,15 +26,18 @@ and measured eagerly (no CUDA graphs).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
+from ..engine.comm import Communicator, Runtime
+from ..engine.config import COMPRESS_MODES, ParallelConfig
 from .bench import _first_steps_traffic, _sync, counting_loopback_runtime, free_cached_memory, model_inputs, time_calls
-from .comm import Communicator, Runtime
-from .config import COMPRESS_MODES, ParallelConfig
+
+log = logging.getLogger("distrifusion")
 
 PROBE_BYTES = (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 8 << 20)
 """Per-rank payloads of the link probe: the small ones give the latency, the large ones the bandwidth."""
@@ -180,7 +183,7 @@ def share_profile(
     """One rank's share of `choice` on this device (loopback collectives): its work per step (median of
     `repeats` steady-state steps), its bytes per step (received; blocking and asynchronous) and the
     timeline of one step's exchange. `model` must not be parallelised (it is, then removed again)."""
-    from .parallelize import parallelize, remove
+    from ..parallel.parallelize import parallelize, remove
 
     if choice.ranks == 1:  # the whole step on one device: nothing to exchange
         work = time_calls(lambda: model(**inputs), device, repeats)
@@ -281,12 +284,12 @@ def choose(rows: list[dict], ranks: int) -> dict:
     return min(close, key=lambda r: FIDELITY.index(r["choice"]))
 
 
-def resolve_auto(
-    model, config: ParallelConfig, runtime: Runtime, scale: int | None = None
-) -> tuple[ParallelConfig, dict]:
-    """`ParallelConfig(mode="auto")` made concrete: plan at `config.auto_size` (pixels; None: the model's
-    own sample size; `scale` pixels per latent cell, as `bench.model_inputs`) and return the config with
-    the best choice's mode and compression, and the plan."""
+def resolve_auto(pipe_or_model, model, config: ParallelConfig, runtime: Runtime) -> tuple[ParallelConfig, dict]:
+    """`ParallelConfig(mode="auto")` made concrete for `model` (the denoiser of `pipe_or_model`): plan at
+    `config.auto_size` (pixels; None: the model's own sample size, in the pipeline's pixels per latent
+    cell) and return the config with the best choice's mode and compression, and the plan. Rank 0 logs
+    the choice. `distrifusion.parallelize` calls it (the engine's `parallelize` never imports the planner)."""
+    scale = None if model is pipe_or_model else pixels_per_latent(pipe_or_model)
     if runtime.world_size == 1:
         return dataclasses.replace(config, mode="sync"), {}
     height, width = config.auto_size or _default_size(model, scale)
@@ -295,6 +298,8 @@ def resolve_auto(
     candidates = [c for c in choices(runtime.world_size) if c.ranks == runtime.world_size and c.name in FIDELITY]
     found = plan(model, inputs, runtime, candidates, split_cfg=config.split_cfg)
     best = found["best"]
+    if runtime.rank == 0:
+        log.info(describe_choice(found))
     return dataclasses.replace(config, mode=best["mode"], compress=best["compress"]), found
 
 
@@ -332,7 +337,7 @@ def _default_size(model, scale: int | None) -> tuple[int, int]:
 def measure(model, inputs: dict, runtime: Runtime, choice: Choice, repeats: int = 3, **config) -> float:
     """The real step time of a choice that uses all the ranks (the slowest rank's median displaced or
     sync step, after a synchronous first step): what a prediction is checked against."""
-    from .parallelize import parallelize, remove
+    from ..parallel.parallelize import parallelize, remove
 
     cfg = ParallelConfig(mode=choice.mode, compress=choice.compress, warmup_steps=0, cuda_graphs=False, **config)
     parallelize(model, cfg, runtime=runtime)

@@ -23,12 +23,12 @@ import time
 import traceback
 from pathlib import Path
 
-from .cli_checks import BENCH_ARCHS, EMBEDDED, Geometry, UsageError, check, is_vae
+from ..engine.config import COMPRESS_MODES, GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, ParallelConfig
+from ..measure.archs import ARCHS
+from .cli_checks import EMBEDDED, Geometry, UsageError, check, is_vae
 from .cli_checks import check_image_size as check_image_size  # re-exported: tests call cli.check_image_size
 from .cli_checks import pipeline_geometry as pipeline_geometry  # and cli.pipeline_geometry
-from .config import COMPRESS_MODES, GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, ParallelConfig
 from .launcher import RUN_DIR, Interrupted, as_rank, as_torchrun_worker, launch, raise_interrupted
-from .timing import TimedCommunicator, time_phase
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument(
         "--arch",
         default=None,
-        help=f"{' | '.join(BENCH_ARCHS)} | PATH.json (random weights; a JSON's _class_name picks the diffusers "
+        help=f"{' | '.join(ARCHS)} | PATH.json (random weights; a JSON's _class_name picks the diffusers "
         "model class). Default: sdxl on CUDA, sd15 on a CPU (an SDXL UNet takes ~10 GB and a minute to build there)",
     )
     every.add_argument(
@@ -307,13 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predicts the step time of sync, displaced and displaced + each compression on all the ranks, "
         "and displaced on fewer: each choice's share of a step and its exchange (when each collective is issued, "
         "its bytes, where the step waits for it) are measured, then replayed against the measured link (latency, "
-        "bandwidth, ranks' skew); see distrifusion.plan. ParallelConfig(mode='auto') and --mode auto (generate, "
-        "serve) run the most faithful choice predicted within 10% of the fastest. Launch it as generate: "
+        "bandwidth, ranks' skew); see distrifusion.measure.planner. ParallelConfig(mode='auto') and --mode auto "
+        "(generate, serve) run the most faithful choice predicted within 10% of the fastest. Launch it as generate: "
         "--nproc N here, or under torchrun.",
     )
     pln.add_argument("--nproc", type=int, default=2, help="ranks to plan for (under torchrun: its world size)")
     pln.add_argument(
-        "--arch", default=None, help=f"{' | '.join(BENCH_ARCHS)} | PATH.json, random weights (default: sdxl on "
+        "--arch", default=None, help=f"{' | '.join(ARCHS)} | PATH.json, random weights (default: sdxl on "
         "CUDA, sd15 on a CPU)",
     )  # fmt: skip
     pln.add_argument("--model", default=None, help="plan a pipeline's denoiser instead: embedded, a folder, a hub id")
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _exit_code(e, args.running)
         silent = None
         if code == 1 and "torch.distributed" in sys.modules:
-            from .comm import roll_call
+            from ..engine.comm import roll_call
 
             silent = roll_call(min(5.0, getattr(args, "timeout", None) or 300.0))
         report_error(e, code, args.verbose, silent)
@@ -518,7 +518,7 @@ def generate(args: argparse.Namespace) -> int:
 
     import distrifusion
 
-    from .bench import peak_memory_mb
+    from ..measure.bench import peak_memory_mb
 
     if not args.verbose:  # loading bars; the denoising bar (rank 0's) stays
         import diffusers.utils.logging
@@ -531,7 +531,8 @@ def generate(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
     times: dict[str, float] = {}
-    from .parallelize import _denoiser
+    from ..measure.timing import TimedCommunicator, time_phase
+    from ..parallel.parallelize import denoiser_of
     from .pipelines import load_pipeline
 
     pipe = load_pipeline(args.model, dtype)
@@ -551,7 +552,7 @@ def generate(args: argparse.Namespace) -> int:
         run = lambda: pipe(  # noqa: E731
             prompt=prompt, height=height, width=width, num_inference_steps=args.steps, generator=generator, **extra
         )
-    denoiser = _denoiser(pipe)
+    denoiser = denoiser_of(pipe)
     state = denoiser._distrifusion_state
     runtime = state.runtime
     clock = [0.0]
@@ -636,13 +637,13 @@ def strips_path(out: str) -> Path:
     return path.with_name(f"{path.stem}.strips{path.suffix}")
 
 
-def strip_boundaries(image_height: int, plan) -> list[int]:
-    """Pixel rows where a strip of the engine's split (`Plan.rows`, in the model's rows) begins, but the first."""
-    if plan is None or plan.patch_size < 2:
+def strip_boundaries(image_height: int, partition) -> list[int]:
+    """Pixel rows where a strip of the engine's split (`Partition.rows`, in the model's rows) begins, but the first."""
+    if partition is None or partition.patch_size < 2:
         return []
-    px = image_height // plan.height
+    px = image_height // partition.height
     starts, row = [], 0
-    for rows in plan.rows[:-1]:
+    for rows in partition.rows[:-1]:
         row += rows
         starts.append(row * px)
     return starts
@@ -652,15 +653,15 @@ def _save_strips(image, path: Path, state, world: int) -> str | None:
     """A copy of the image with a thin red line where each strip begins; a note when there are none."""
     from PIL import ImageDraw
 
-    plan = state.plan if world > 1 else None
+    partition = state.partition if world > 1 else None
     copy = image.convert("RGB")
     draw = ImageDraw.Draw(copy)
-    for y in strip_boundaries(copy.height, plan):
+    for y in strip_boundaries(copy.height, partition):
         draw.line([(0, y), (copy.width - 1, y)], fill=(255, 0, 0), width=1)
     _save(copy, path)
     if world == 1:
         return f"--show-strips: 1 rank, one strip; wrote {path} without lines"
-    if plan is not None and plan.patch_size == 1:
+    if partition is not None and partition.patch_size == 1:
         return (
             f"--show-strips: each of the {world} ranks computes one CFG branch of the whole image, no strips "
             f"(use 4 ranks or --no-split-cfg to see patches); wrote {path} without lines"
@@ -671,8 +672,8 @@ def _save_strips(image, path: Path, state, world: int) -> str | None:
 def quality(args: argparse.Namespace) -> int:
     import torch
 
+    from ..measure.quality import compression_methods, run_quality, write_report
     from .pipelines import EMBEDDED, EMBEDDED_DIT, load_texture_dit_pipeline, load_texture_pipeline
-    from .quality import compression_methods, run_quality, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -693,7 +694,15 @@ def quality(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import bench_images, bench_step, bench_vae, build_model, count_traffic, format_row, format_table
+    from ..measure.bench import (
+        bench_images,
+        bench_step,
+        bench_vae,
+        build_model,
+        count_traffic,
+        format_row,
+        format_table,
+    )
 
     cuda = torch.cuda.is_available()
     args.arch = args.arch or ("sdxl" if cuda else "sd15")
@@ -826,20 +835,20 @@ if __name__ == "__main__":
 def plan(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import build_model, model_inputs
-    from .comm import init_runtime
-    from .plan import Choice, choices, format_plan, measure, pixels_per_latent
-    from .plan import plan as make_plan
+    from ..engine.comm import init_runtime
+    from ..measure.bench import build_model, model_inputs
+    from ..measure.planner import Choice, choices, format_plan, measure, pixels_per_latent
+    from ..measure.planner import plan as make_plan
 
     runtime = init_runtime(args.timeout or 300.0)
     dtype = _dtype(args.dtype)
     scale = None
     if args.model:
-        from .parallelize import _denoiser
+        from ..parallel.parallelize import denoiser_of
         from .pipelines import load_pipeline
 
         pipe = load_pipeline(args.model, dtype)
-        model = _denoiser(pipe).to(runtime.device)
+        model = denoiser_of(pipe).to(runtime.device)
         scale = pixels_per_latent(pipe)
     else:
         model = build_model(args.arch, dtype, runtime.device)

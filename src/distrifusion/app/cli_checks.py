@@ -13,20 +13,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ParallelConfig
+from ..engine.config import ParallelConfig
+from ..measure.archs import ARCHS, arch_config_path
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 EMBEDDED = {"embedded": DATA / "textures", "embedded-dit": DATA / "textures_dit"}
-BENCH_ARCHS = {  # bench.ARCHS; here, because this module must not import torch
-    "sd15": "sd15_unet.json",
-    "sd21": "sd21_unet.json",
-    "sdxl": "sdxl_unet.json",
-    "flux_dev": "flux_dev_transformer.json",
-    "sd3_medium": "sd3_medium_transformer.json",
-    "pixart_alpha": "pixart_alpha_transformer.json",
-    "sd_vae": "sd_vae.json",
-    "sdxl_vae": "sdxl_vae.json",
-}
 
 
 class UsageError(ValueError):
@@ -137,14 +128,14 @@ def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | No
 def bench_geometry(arch: str | None) -> Geometry:
     """A bench architecture: a denoiser config; bench feeds it latents of size // 8."""
     arch = arch or "sd15"  # sdxl on CUDA: the same block
-    if arch in BENCH_ARCHS:
-        path = DATA / "configs" / BENCH_ARCHS[arch]
+    if arch in ARCHS:
+        path = arch_config_path(arch)
     elif arch.endswith(".json"):
         path = Path(arch)
         if not path.is_file():
             raise UsageError(f"--arch {arch}: no such file")
     else:
-        raise UsageError(f"unknown architecture {arch!r}; use one of {', '.join(BENCH_ARCHS)} or a config .json path")
+        raise UsageError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)} or a config .json path")
     config = _read_json(path)
     cls = config.get("_class_name", "UNet2DConditionModel")
     if cls == "AutoencoderKL":  # a decode: any whole number of latent rows
@@ -161,7 +152,7 @@ def bench_geometry(arch: str | None) -> Geometry:
 
 
 def is_vae(arch: str) -> bool:
-    path = DATA / "configs" / BENCH_ARCHS[arch] if arch in BENCH_ARCHS else Path(arch)
+    path = arch_config_path(arch)
     return _read_json(path).get("_class_name") == "AutoencoderKL"
 
 
