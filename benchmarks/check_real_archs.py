@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 import distrifusion
-from distrifusion.measure.bench import ARCHS, CONFIGS, build_model, model_inputs
+from distrifusion.measure.archs import ARCHS, CONFIGS
 from distrifusion.measure.simulate import simulate_ranks
+from distrifusion.measure.workload import build_model, model_inputs
 
 
 def shared_copy(model):

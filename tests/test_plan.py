@@ -14,9 +14,9 @@ from test_cli import run_cli
 
 import distrifusion
 from distrifusion.engine.config import COMPRESS_MODES
-from distrifusion.measure.bench import model_inputs
 from distrifusion.measure.planner import Choice, Link, _link_figures, choices, choose, plan, simulate_step
 from distrifusion.measure.simulate import simulate_ranks
+from distrifusion.measure.workload import model_inputs
 
 
 def test_link_figures_from_the_probe():

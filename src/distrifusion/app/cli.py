@@ -518,7 +518,7 @@ def generate(args: argparse.Namespace) -> int:
 
     import distrifusion
 
-    from ..measure.bench import peak_memory_mb
+    from ..measure.timing import peak_memory_mb
 
     if not args.verbose:  # loading bars; the denoising bar (rank 0's) stays
         import diffusers.utils.logging
@@ -698,11 +698,11 @@ def bench(args: argparse.Namespace) -> int:
         bench_images,
         bench_step,
         bench_vae,
-        build_model,
         count_traffic,
         format_row,
         format_table,
     )
+    from ..measure.workload import build_model
 
     cuda = torch.cuda.is_available()
     args.arch = args.arch or ("sdxl" if cuda else "sd15")
@@ -836,9 +836,9 @@ def plan(args: argparse.Namespace) -> int:
     import torch
 
     from ..engine.comm import init_runtime
-    from ..measure.bench import build_model, model_inputs
     from ..measure.planner import Choice, choices, format_plan, measure, pixels_per_latent
     from ..measure.planner import plan as make_plan
+    from ..measure.workload import build_model, model_inputs
 
     runtime = init_runtime(args.timeout or 300.0)
     dtype = _dtype(args.dtype)

@@ -35,7 +35,9 @@ import torch
 
 from ..engine.comm import Communicator, Runtime
 from ..engine.config import COMPRESS_MODES, ParallelConfig
-from .bench import _first_steps_traffic, _sync, counting_loopback_runtime, free_cached_memory, model_inputs, time_calls
+from .timing import free_cached_memory, sync_device, time_calls
+from .traffic import counting_loopback_runtime, first_steps_traffic
+from .workload import model_inputs
 
 log = logging.getLogger("distrifusion")
 
@@ -68,10 +70,10 @@ def measure_link(comm: Communicator, device: torch.device, sizes=PROBE_BYTES, re
         buffer = torch.zeros(comm.size, size, dtype=torch.uint8, device=device)
         times = []
         for i in range(repeats + 1):  # the first one sets the connection up: untimed
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             comm.all_gather_inplace(buffer).wait()
-            _sync(device)
+            sync_device(device)
             if i:
                 times.append(time.perf_counter() - start)
         points.append(((comm.size - 1) * size, statistics.median(times)))
@@ -90,10 +92,10 @@ def _measure_skew(comm: Communicator, device: torch.device, latency: float, roun
     for i in range(rounds + 5):
         for _ in range(8):
             x = torch.tanh(x @ x * 0.01)
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         comm.all_gather_inplace(buffer).wait()
-        _sync(device)
+        sync_device(device)
         if i >= 5:  # the first rounds start together from the probe above
             waits.append(time.perf_counter() - start)
     return max(statistics.fmean(waits) - latency, 0.0)
@@ -202,12 +204,12 @@ def share_profile(
         model(**inputs)
 
     try:
-        row = _first_steps_traffic(model, inputs, log, choice.mode)  # step 0 (synchronous), then one more
+        row = first_steps_traffic(model, inputs, log, choice.mode)  # step 0 (synchronous), then one more
         work = time_calls(step, device, repeats, warmup=1)
         log.update(recording=True, events=[], t0=time.perf_counter())
-        _sync(device)
+        sync_device(device)
         step()
-        _sync(device)
+        sync_device(device)
         recorded = time.perf_counter() - log["t0"]
         log["recording"] = False
     finally:

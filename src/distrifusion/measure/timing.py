@@ -1,9 +1,15 @@
-"""Host-side timers for `distrifusion generate`'s report: seconds spent waiting in collectives, and
-seconds per pipeline phase (text encoding, VAE decoding)."""
+"""Timers and memory gauges: the median of timed calls (synchronised on CUDA), peak memory, and the
+host-side timers of `distrifusion generate`'s report (seconds waiting in collectives, per pipeline phase)."""
 
 from __future__ import annotations
 
+import gc
+import resource
+import statistics
 import time
+from pathlib import Path
+
+import torch
 
 
 class TimedCommunicator:
@@ -52,3 +58,71 @@ def time_phase(obj, attr: str, times: dict, phase: str) -> None:
             times[phase] = times.get(phase, 0.0) + time.perf_counter() - start
 
     setattr(obj, attr, timed)
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + repeats):
+        sync_device(device)
+        start = time.perf_counter()
+        fn()
+        sync_device(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Hand freed graph pools and cached blocks back between measurements (3840² needs the room)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement (CUDA allocator; on Linux also this process's VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the resident-set high-water mark (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # the high-water mark of this process image (ru_maxrss would carry the launcher's over exec)
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Memory in use now: the CUDA allocator's, or this process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def return_freed_memory() -> None:
+    """Make glibc map every allocation over 128 KiB on its own and unmap it when freed, so that this
+    process's resident set (what VmHWM measures on a CPU) follows the tensors alive, measurement
+    after measurement, instead of keeping the previous one's freed memory."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
