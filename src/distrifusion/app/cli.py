@@ -122,10 +122,11 @@ and imports) takes under a minute; 145 s measured on our 2 cores shared with a t
 CUDA the default is sdxl at 1024 px with 3 repeats."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="distrifusion", description=__doc__.split("\n\n")[0])
-    _add_verbose(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _add_dtype(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float16 on CUDA, float32 on CPU")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate one image, its rows split over the ranks")
     gen.add_argument(
         "--model",
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CFG scale for text pipelines (default: the pipeline's); the embedded models have no CFG",
     )
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    _add_dtype(gen)
     gen.add_argument("--out", default="image.png", help="output image path (written by rank 0)")
     gen.add_argument(
         "--show-strips",
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel_args(gen)
     _add_verbose(gen)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser(
         "serve",
         help="serve images over HTTP from one long-lived process group (API, web page, health, metrics)",
@@ -188,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-restarts", type=int, default=3, help="restarts of a failed worker group in a row before giving up"
     )
     srv.add_argument("--default-size", type=int, default=None, help="side in px when a request gives no size")
-    srv.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    _add_dtype(srv)
     _add_parallel_args(srv)
     _add_verbose(srv)
 
+
+def _add_quality(sub: argparse._SubParsersAction) -> None:
     qual = sub.add_parser("quality", help="PSNR/SSIM of each parallel method against the one-process image")
     qual.add_argument(
         "--model",
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--out-dir", default="quality", help="where quality.md/json and comparison PNGs go")
     _add_verbose(qual)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
         help="step times of the full model and of one rank's share; traffic; latency",
@@ -241,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="square image sizes in pixels (default: 1024 on CUDA, 256 on a CPU); --nproc uses the first",
     )
-    every.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    _add_dtype(every)
     every.add_argument("--mode", choices=MODES, default="displaced")
     every.add_argument(
         "--text-tokens",
@@ -301,15 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     _add_verbose(bench)
 
+
+PLAN_DESCRIPTION = (
+    "Predicts the step time of sync, displaced and displaced + each compression on all the ranks, "
+    "and displaced on fewer: each choice's share of a step and its exchange (when each collective is issued, "
+    "its bytes, where the step waits for it) are measured, then replayed against the measured link (latency, "
+    "bandwidth, ranks' skew); see distrifusion.measure.planner. ParallelConfig(mode='auto') and --mode auto "
+    "(generate, serve) run the most faithful choice predicted within 10% of the fastest. Launch it as generate: "
+    "--nproc N here, or under torchrun."
+)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
     pln = sub.add_parser(
         "plan",
         help="measure the link and each choice's share of a step; predict and rank the step times",
-        description="Predicts the step time of sync, displaced and displaced + each compression on all the ranks, "
-        "and displaced on fewer: each choice's share of a step and its exchange (when each collective is issued, "
-        "its bytes, where the step waits for it) are measured, then replayed against the measured link (latency, "
-        "bandwidth, ranks' skew); see distrifusion.measure.planner. ParallelConfig(mode='auto') and --mode auto "
-        "(generate, serve) run the most faithful choice predicted within 10% of the fastest. Launch it as generate: "
-        "--nproc N here, or under torchrun.",
+        description=PLAN_DESCRIPTION,
     )
     pln.add_argument("--nproc", type=int, default=2, help="ranks to plan for (under torchrun: its world size)")
     pln.add_argument(
@@ -319,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--model", default=None, help="plan a pipeline's denoiser instead: embedded, a folder, a hub id")
     pln.add_argument("--height", type=int, default=None, help="pixels (default: 1024 on CUDA, 256 on a CPU)")
     pln.add_argument("--width", type=int, default=None, help="pixels (default: as height's)")
-    pln.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float16 on CUDA, float32 on CPU")
+    _add_dtype(pln)
     pln.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median)")
     pln.add_argument(
         "--measure", action="store_true",
@@ -328,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="collective timeout")
     pln.add_argument("--json", default=None, help="write the plan (and measurements) to this JSON file")
     _add_verbose(pln)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `distrifusion` parser: one sub-parser per command, each built by its own `_add_<command>`."""
+    parser = _Parser(prog="distrifusion", description=__doc__.split("\n\n")[0])
+    _add_verbose(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add_command in (_add_generate, _add_serve, _add_quality, _add_bench, _add_plan):
+        add_command(sub)
     return parser
 
 
