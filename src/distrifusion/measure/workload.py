@@ -1,9 +1,12 @@
 """Random-weight models of published architectures and the inputs of one denoising call at a size,
-as each family's text-to-image pipeline makes them: what `bench` and the planner run."""
+as each family's text-to-image pipeline makes them: what `bench` and the planner run; and a tokenizer
+written in memory, for random-weight text pipelines (the tests' tiny ones, benchmarks' full-size ones)."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +28,34 @@ def build_model(arch: str, dtype: torch.dtype, device: torch.device):
     torch.manual_seed(0)
     with torch.device(device):
         return cls.from_config(config).to(dtype).eval()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable symbols byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in cs]
+
+
+def byte_tokenizer(max_length: int):
+    """A CLIP tokenizer with no merges: every byte is a token (word-final bytes get `</w>`), texts padded
+    or cut to `max_length` tokens. Written from a minimal byte-level vocabulary: no download."""
+    from transformers import CLIPTokenizer
+
+    symbols = _bytes_to_unicode()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({t: i for i, t in enumerate(tokens)}, f)
+        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=max_length)
 
 
 def model_inputs(model, height: int, width: int, batch: int | None = None, scale: int | None = None) -> dict:
