@@ -70,17 +70,23 @@ def measure_link(comm: Communicator, device: torch.device, sizes=PROBE_BYTES, re
         buffer = torch.zeros(comm.size, size, dtype=torch.uint8, device=device)
         times = []
         for i in range(repeats + 1):  # the first one sets the connection up: untimed
-            sync_device(device)
-            start = time.perf_counter()
-            comm.all_gather_inplace(buffer).wait()
-            sync_device(device)
+            seconds = _timed_all_gather(comm, buffer, device)
             if i:
-                times.append(time.perf_counter() - start)
+                times.append(seconds)
         points.append(((comm.size - 1) * size, statistics.median(times)))
     latency, seconds_per_byte = _link_figures(points)
     skew = _measure_skew(comm, device, latency)
     latency, seconds_per_byte, skew = _slowest(comm, device, latency, seconds_per_byte, skew)
     return Link(latency, 1.0 / seconds_per_byte, skew)
+
+
+def _timed_all_gather(comm: Communicator, buffer: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one blocking in-place all-gather of `buffer`, the device synchronised on both sides."""
+    sync_device(device)
+    start = time.perf_counter()
+    comm.all_gather_inplace(buffer).wait()
+    sync_device(device)
+    return time.perf_counter() - start
 
 
 def _measure_skew(comm: Communicator, device: torch.device, latency: float, rounds: int = 40) -> float:
@@ -92,12 +98,9 @@ def _measure_skew(comm: Communicator, device: torch.device, latency: float, roun
     for i in range(rounds + 5):
         for _ in range(8):
             x = torch.tanh(x @ x * 0.01)
-        sync_device(device)
-        start = time.perf_counter()
-        comm.all_gather_inplace(buffer).wait()
-        sync_device(device)
+        seconds = _timed_all_gather(comm, buffer, device)
         if i >= 5:  # the first rounds start together from the probe above
-            waits.append(time.perf_counter() - start)
+            waits.append(seconds)
     return max(statistics.fmean(waits) - latency, 0.0)
 
 
