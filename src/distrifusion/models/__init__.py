@@ -1,4 +1,5 @@
-"""One adapter per model family. Adding a model family is adding one module here.
+"""One adapter per model family. Adding a model family is adding one module here (what it provides
+and the tests it adds: docs/ARCHITECTURE.md, "To add a model family").
 
 | family | adapter | model classes |
 |---|---|---|

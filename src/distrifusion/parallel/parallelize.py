@@ -1,5 +1,6 @@
 """`parallelize`: turn an ordinary single-device diffusers model or pipeline into one rank's part
-of a patch-parallel model, in a few documented steps (see `parallelize_model`)."""
+of a patch-parallel model, in a few documented steps (see `parallelize_model`). The life of one call
+(split → exchange → gather) is told in docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 
