@@ -28,7 +28,7 @@ from ..engine.layers import (
     StripPatchEmbed,
     pad_to,
 )
-from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
+from ..engine.state import ParallelState, Partition, first_time, identity, split_rows, tensor_version
 from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
 from .ownership import Ownership
 
@@ -242,6 +242,12 @@ def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
+    _new_image(model, state, drop_graphs)
+
+
+def _new_image(model: nn.Module, state: ParallelState, drop_graphs: bool = False) -> None:
+    """`reset`'s work: by a pipeline call, by the user, or when the calls themselves show that a new image
+    began (`ParallelState.begins_image`)."""
     state.reset()
     state.refresh_fused_kv()
     if state.graphs is not None:
@@ -337,7 +343,13 @@ class _ParallelForward:
         state, adapter = self.state, self.adapter
         problem = self.refresh()
         conditioning = {name: inputs.get(name) for name in adapter.conditioning_args}
-        state.enter_branch(identity(conditioning), conditioning, inputs.get("timestep"))
+        key, timestep = identity(conditioning), inputs.get("timestep")
+        state.enter_branch(key, conditioning, timestep)
+        t = first_time(timestep)
+        if state.begins_image(t):  # whichever pipeline object calls: its own count starts again
+            _new_image(self.model, state)
+            state.enter_branch(key, conditioning, timestep)
+        state.note_time(t)
         partition = self.partition(inputs)
         state.begin_step(partition)
         if state.step == 0:
