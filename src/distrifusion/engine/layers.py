@@ -18,6 +18,7 @@ from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embe
 from torch import nn
 
 from .exchange import normal_tensors, tensor_version
+from .hooks import plain_parameters
 from .state import ParallelState
 
 
@@ -29,6 +30,17 @@ def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def refuse_packed_weights(module: nn.Module, what: str, why: str) -> None:
+    """A layer that computes with its module's weights itself (beneath the module's hooks, which have cast or
+    onloaded them by then) needs ordinary tensors: refuse a quantised tensor subclass by name."""
+    if not plain_parameters(module):
+        kinds = sorted({type(p).__name__ for p in module._parameters.values() if p is not None})
+        raise TypeError(
+            f"distrifusion: {what} holds {', '.join(kinds)} weights (quantised?), and {why}: not supported; "
+            "leave such layers unquantised (e.g. quantise linear layers only)"
+        )
 
 
 class PatchConv2d:
@@ -54,6 +66,7 @@ class PatchConv2d:
                 f"distrifusion: conv {name!r} (kernel {kernel}, stride {stride}, padding {pad}) "
                 "does not map strips to strips"
             )
+        refuse_packed_weights(conv, f"conv {name!r}", "its halo rows are convolved with its weight")
         self.conv, self.name, self.state = conv, name, state
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +110,7 @@ class PatchGroupNorm:
     """
 
     def __init__(self, norm: nn.GroupNorm, name: str, state: ParallelState) -> None:
+        refuse_packed_weights(norm, f"GroupNorm {name!r}", "its affine weights are applied to the merged statistics")
         self.norm, self.name, self.state = norm, name, state
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +189,9 @@ class PatchAttnProcessor:
         plain linears (e.g. LoRA-wrapped); rebuilt when either is replaced or modified, and re-read
         at every new image (`ParallelState.reset`)."""
         k, v = attn.to_k, attn.to_v
-        if not (type(k) is nn.Linear and type(v) is nn.Linear):
+        # Through the modules when a hook, a quantised weight or a storage dtype stands between them and their
+        # weights (layerwise casting, offloading, torchao/bitsandbytes/GGUF): as the model computes.
+        if not (self.state.direct_weights and type(k) is nn.Linear and type(v) is nn.Linear):
             return None
         version = (tensor_version(k.weight), tensor_version(v.weight), k.weight.data_ptr(), v.weight.data_ptr())
         cached = self.state.fused_kv.get(self.name)

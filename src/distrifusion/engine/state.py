@@ -156,6 +156,9 @@ class ParallelState:
         """(address, version) of every weight when the graphs were last checked (see `reset`)."""
         self.cross_kv: dict[str, tuple] = {}
         """Cross-attention keys/values per layer, computed once per image (see PatchAttnProcessor)."""
+        self.direct_weights = True
+        """Whether layers may compute with the model's weights themselves (`distrifusion.engine.hooks.weights_direct`),
+        as the fused key/value projection does; else they call the modules."""
         self.fused_kv: dict[str, list] = {}
         """Per attention: [to_k, to_v, their weights side by side, biases, version] (see PatchAttnProcessor)."""
         self.auto_plan: dict | None = None

@@ -18,6 +18,7 @@ from torch import nn
 from ..engine.comm import Runtime, init_runtime
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
+from ..engine.hooks import inner_forward, set_inner_forward
 from ..engine.layers import (
     PatchAttnProcessor,
     PatchConv2d,
@@ -134,7 +135,11 @@ def parallelize_model(
     state.ownership = Ownership(model, adapter, state)
     state.ownership.install()
     for method, entry in adapter.entries(model):
-        setattr(model, method, _ParallelForward(model, state, entry, method))
+        split = _ParallelForward(model, state, entry, method)
+        if method == "forward":  # beneath diffusers' hooks on the model (a cache's, offloading's), as they wrap forward
+            set_inner_forward(model, split)
+        else:
+            setattr(model, method, split)
     if hasattr(type(model), "set_default_attn_processor"):
         model.set_default_attn_processor = _WithOriginalProcessors(model, "set_default_attn_processor")
     return state
@@ -213,9 +218,12 @@ def _remove_model(model: nn.Module) -> bool:
         return False
     state.release()
     state.ownership.close()
+    ours = (*_LAYERS, _ParallelForward, _WithOriginalProcessors)
     for module in model.modules():
+        if isinstance(inner_forward(module), ours):
+            set_inner_forward(module, None)
         for name, value in list(module.__dict__.items()):
-            if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
+            if isinstance(value, ours):
                 delattr(module, name)
     _give_back_processors(model)
     delattr(model, _STATE_ATTR)
@@ -350,6 +358,8 @@ class _ParallelForward:
             _new_image(self.model, state)
             state.enter_branch(key, conditioning, timestep)
         state.note_time(t)
+        if state.step == 0 and problem is None:  # each image: hooks enabled since the last one
+            problem = state.ownership.check_hooks()
         partition = self.partition(inputs)
         state.begin_step(partition)
         if state.step == 0:
