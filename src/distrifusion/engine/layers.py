@@ -36,7 +36,7 @@ def refuse_packed_weights(module: nn.Module, what: str, why: str) -> None:
     """A layer that computes with its module's weights itself (beneath the module's hooks, which have cast or
     onloaded them by then) needs ordinary tensors: refuse a quantised tensor subclass by name."""
     if not plain_parameters(module):
-        kinds = sorted({type(p).__name__ for p in module._parameters.values() if p is not None})
+        kinds = sorted({type(p).__name__ for p in module._parameters.values() if type(p) is not nn.Parameter})
         raise TypeError(
             f"distrifusion: {what} holds {', '.join(kinds)} weights (quantised?), and {why}: not supported; "
             "leave such layers unquantised (e.g. quantise linear layers only)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .compress import make_codec
 from .config import ParallelConfig
@@ -237,8 +238,15 @@ class ParallelState:
     def refresh_fused_kv(self) -> None:
         """Re-read the fused key/value weights (`distrifusion.reset`, before each image): weights changed
         through `.data` (peft's fuse_lora merges so) keep their address and version. In place: a CUDA
-        graph reads these tensors."""
-        for k, v, weight, bias, _ in self.fused_kv.values():
+        graph reads these tensors. A pair whose weights can no longer be read directly (quantised, cast to a
+        storage dtype or moved by a hook since) is dropped: its attention calls the modules."""
+        for name, (k, v, weight, bias, _) in list(self.fused_kv.items()):
+            if not all(
+                type(w) is nn.Parameter and (w.dtype, w.device) == (weight.dtype, weight.device)
+                for w in (k.weight, v.weight)
+            ):
+                del self.fused_kv[name]
+                continue
             torch.cat([k.weight, v.weight], out=weight)
             if bias is not None:
                 torch.cat([k.bias, v.bias], out=bias)
