@@ -9,7 +9,7 @@ post-forward around the module's own computation. Three consequences for the eng
   a hook that casts or onloads the weights has done so when the layer reads them.
 - Where it computes with a module's weights itself instead of calling the module (attention's fused
   key/value projection), it does so only when nothing stands between the weights and their use: no hook
-  anywhere in the model, plain floating parameters (not a quantised tensor subclass, not float8 storage,
+  (diffusers' or accelerate's) anywhere in the model, plain floating parameters (not a quantised tensor subclass, not float8 storage,
   not on the meta device) — `weights_direct`. Otherwise it calls the modules, as the model would.
 - A hook that decides from the data a rank sees (whether to skip the remaining blocks, from this rank's
   strip) would decide differently on different ranks: their collectives would then not match (an error
@@ -92,11 +92,11 @@ def plain_parameters(module: nn.Module) -> bool:
 
 def weights_direct(model: nn.Module) -> bool:
     """Whether the engine may read the model's weights itself, bypassing the modules that hold them: no
-    diffusers or accelerate hook and no torch forward hook on any module (a hook may cast weights from a
-    storage dtype, onload them, or change what the module computes), and plain floating parameters of at
-    least 16 bits everywhere (not quantised, not float8)."""
+    diffusers or accelerate hook on any module (one may cast weights from a storage dtype or onload them),
+    and plain floating parameters of at least 16 bits everywhere (not quantised, not float8). Plain torch
+    forward hooks (timers, progress) are taken to leave the weights alone."""
     for module in model.modules():
-        if hook_names(module) or hasattr(module, "_hf_hook") or module._forward_pre_hooks or module._forward_hooks:
+        if hook_names(module) or hasattr(module, "_hf_hook"):
             return False
         weights = [p for p in module._parameters.values() if p is not None]
         if not plain_parameters(module) or any(not p.is_floating_point() or p.element_size() < 2 for p in weights):
