@@ -231,8 +231,10 @@ def test_auto_plans_a_bare_flux_transformer_at_the_family_size(monkeypatch):
     shapes = []
     _recording_plan(monkeypatch, shapes, real=False)
 
+    models = [tiny_transformer("flux") for _ in range(2)]  # built before the rank threads
+
     def rank(runtime):
-        model = tiny_transformer("flux")
+        model = models[runtime.rank]
         distrifusion.parallelize(model, distrifusion.ParallelConfig(mode="auto"), runtime=runtime)
         return model._distrifusion_state.config.mode
 
@@ -248,8 +250,10 @@ def test_auto_plans_a_flux_pipeline_at_its_default_size(monkeypatch):
     shapes = []
     _recording_plan(monkeypatch, shapes, real=True)
 
+    pipes = [tiny_flux_pipeline() for _ in range(2)]  # built before the rank threads (global RNG, module hooks)
+
     def rank(runtime):
-        pipe = tiny_flux_pipeline()
+        pipe = pipes[runtime.rank]
         pipe.default_sample_size = 12
         distrifusion.parallelize(pipe, distrifusion.ParallelConfig(mode="auto", warmup_steps=1), runtime=runtime)
         image = pipe(

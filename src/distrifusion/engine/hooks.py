@@ -8,9 +8,10 @@ post-forward around the module's own computation. Three consequences for the eng
   module's own computation, so they go *beneath* the hooks (`set_inner_forward`), whichever came first:
   a hook that casts or onloads the weights has done so when the layer reads them.
 - Where it computes with a module's weights itself instead of calling the module (attention's fused
-  key/value projection), it does so only when nothing stands between the weights and their use: no hook
-  (diffusers' or accelerate's) anywhere in the model, plain floating parameters (not a quantised tensor subclass, not float8 storage,
-  not on the meta device) — `weights_direct`. Otherwise it calls the modules, as the model would.
+  key/value projection), it does so only when nothing stands between the weights and their use: no
+  hook (diffusers' or accelerate's) anywhere in the model, plain floating parameters (not a quantised
+  tensor subclass, not float8 storage, not on the meta device) — `weights_direct`. Otherwise it calls
+  the modules, as the model would.
 - A hook that decides from the data a rank sees (whether to skip the remaining blocks, from this rank's
   strip) would decide differently on different ranks: their collectives would then not match (an error
   in gloo, a hang in NCCL), and an image would be silently wrong if they happened to. Such hooks are

@@ -61,8 +61,10 @@ def parallelize(
     runs alone and its results are unchanged.
 
     The model keeps its call signature: every rank passes the full inputs (same seed on every
-    rank) and receives the full output. A bare model counts its calls as denoising steps; call
-    `reset` before each new image. A pipeline restarts its count at every call.
+    rank) and receives the full output. A bare model counts its calls as denoising steps; the pipeline
+    given here restarts its count at every call, and any other caller (a pipeline made from its components,
+    a bare-model loop) starts a new image when the timestep rises again (`ParallelState.begins_image`);
+    `reset` before a new image is always right.
 
     `ParallelConfig(mode="auto")` needs `resolve_auto`, which the public `distrifusion.parallelize`
     gives (the planner, `distrifusion.measure.planner.resolve_auto`): the engine never imports the tools.
