@@ -125,3 +125,34 @@ def denoise(
             v = v[:1] + 3.0 * (v[1:] - v[:1]) if batch == 2 else v
             x = x + (s_next - s) * v
     return x
+
+
+def tiny_flux_pipeline():
+    """A FluxPipeline around `tiny_transformer("flux")` and the tiny two-level VAE (2 px per latent cell, so 4 px
+    per token), without text encoders: calls pass `prompt_embeds` and `pooled_prompt_embeds` (`flux_prompt`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from pipeline_helpers import tiny_vae
+
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.1)  # Flux's VAE shifts its latents
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.to(torch.float64).eval(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_transformer("flux"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_prompt(seed: int = 3) -> dict:
+    """A prompt's embeddings as FluxPipeline takes them in place of its text encoders."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        prompt_embeds=torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g, dtype=torch.float64),
+        pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g, dtype=torch.float64),
+    )

@@ -26,7 +26,9 @@ class ParallelConfig:
     mode and compression replace these fields; the rest of this config is kept)."""
 
     auto_size: tuple[int, int] | None = None
-    """mode="auto" only: the (height, width) in pixels to plan for; None: the model's own sample size."""
+    """mode="auto" only: the (height, width) in pixels to plan for; None: what the pipeline makes by default
+    (its default sample size times its VAE's factor), for a bare model its config's sample size (Flux, which
+    has none: 1024 x 1024, as FluxPipeline)."""
 
     warmup_steps: int = 4
     """Synchronous steps after the first one in "displaced" mode (the first step is always

@@ -18,6 +18,7 @@ from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embe
 from torch import nn
 
 from .exchange import normal_tensors, tensor_version
+from .hooks import plain_parameters
 from .state import ParallelState
 
 
@@ -29,6 +30,17 @@ def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def refuse_packed_weights(module: nn.Module, what: str, why: str) -> None:
+    """A layer that computes with its module's weights itself (beneath the module's hooks, which have cast or
+    onloaded them by then) needs ordinary tensors: refuse a quantised tensor subclass by name."""
+    if not plain_parameters(module):
+        kinds = sorted({type(p).__name__ for p in module._parameters.values() if type(p) is not nn.Parameter})
+        raise TypeError(
+            f"distrifusion: {what} holds {', '.join(kinds)} weights (quantised?), and {why}: not supported; "
+            "leave such layers unquantised (e.g. quantise linear layers only)"
+        )
 
 
 class PatchConv2d:
@@ -54,6 +66,7 @@ class PatchConv2d:
                 f"distrifusion: conv {name!r} (kernel {kernel}, stride {stride}, padding {pad}) "
                 "does not map strips to strips"
             )
+        refuse_packed_weights(conv, f"conv {name!r}", "its halo rows are convolved with its weight")
         self.conv, self.name, self.state = conv, name, state
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +110,7 @@ class PatchGroupNorm:
     """
 
     def __init__(self, norm: nn.GroupNorm, name: str, state: ParallelState) -> None:
+        refuse_packed_weights(norm, f"GroupNorm {name!r}", "its affine weights are applied to the merged statistics")
         self.norm, self.name, self.state = norm, name, state
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +189,9 @@ class PatchAttnProcessor:
         plain linears (e.g. LoRA-wrapped); rebuilt when either is replaced or modified, and re-read
         at every new image (`ParallelState.reset`)."""
         k, v = attn.to_k, attn.to_v
-        if not (type(k) is nn.Linear and type(v) is nn.Linear):
+        # Through the modules when a hook, a quantised weight or a storage dtype stands between them and their
+        # weights (layerwise casting, offloading, torchao/bitsandbytes/GGUF): as the model computes.
+        if not (self.state.direct_weights and type(k) is nn.Linear and type(v) is nn.Linear):
             return None
         version = (tensor_version(k.weight), tensor_version(v.weight), k.weight.data_ptr(), v.weight.data_ptr())
         cached = self.state.fused_kv.get(self.name)
@@ -312,8 +328,9 @@ class PatchJointAttnProcessor:
     The queries are this rank's tokens; the keys/values are every strip's image tokens (this
     strip's fresh, the others' fresh in a synchronous step and a step old in a displaced one)
     plus the text tokens: all of them on every rank, or, with sharded text, this rank's fresh
-    and the others' exchanged like image tokens. Softmax attention does not depend on the order
-    of the keys, so only the queries keep the model's own order of text and image tokens.
+    and the others' exchanged like image tokens. Queries and keys keep the model's own order of
+    text and image tokens (softmax attention does not depend on the order of the keys, but its
+    rounding does: in that order a synchronous step is bit-identical to one process).
 
     One processor serves every joint-attention family; the adapter says the text's place:
     `text_first` (Flux: [text, image]; SD3: [image, text]) and `text_in_hidden` (Flux's
@@ -365,16 +382,21 @@ class PatchJointAttnProcessor:
             query, kv = q_img, kv_img
         else:
             sharded = state.config.text_tokens == "sharded" and not state.naive
-            n_keys = sum(partition.text) if sharded else n_text
-            # [text keys, image keys]. The image part is copied in *now*: it may be a view of an exchange
-            # buffer, which the text's exchange call below sends off (in a displaced step the others'
-            # fresh rows then land in it while this step still needs their previous ones).
-            kv = kv_img.new_empty(kv_img.shape[0], n_keys + kv_img.shape[1], kv_img.shape[2])
-            kv[:, n_keys:] = kv_img
+            n_keys, n_img = (sum(partition.text) if sharded else n_text), kv_img.shape[1]
+            # Keys in the model's own order ([text, image] or [image, text]): the order of a softmax's terms
+            # changes its rounding, and synchronous steps must compute what one process does. The image part
+            # is copied in *now*: it may be a view of an exchange buffer, which the text's exchange call below
+            # sends off (in a displaced step the others' fresh rows then land in it while this step still
+            # needs their previous ones).
+            kv = kv_img.new_empty(kv_img.shape[0], n_keys + n_img, kv_img.shape[2])
+            at_text, at_image = (
+                (slice(0, n_keys), slice(n_keys, None)) if self.text_first else (slice(n_img, None), slice(0, n_img))
+            )
+            kv[:, at_image] = kv_img
             q_txt, kv_txt = _qkv(attn, text, *_joint_projections(attn, self.original, added), text_rotary)
             if sharded:
                 kv_txt = gather_tokens(state, self.name + ".text", kv_txt, list(partition.text))
-            kv[:, :n_keys] = kv_txt
+            kv[:, at_text] = kv_txt
             query = torch.cat([q_txt, q_img] if self.text_first else [q_img, q_txt], 1)
         key, value = kv.unflatten(-1, (attn.heads, -1)).transpose(1, 2).chunk(2, -1)  # (batch, heads, tokens, d)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value)

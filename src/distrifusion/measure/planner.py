@@ -297,7 +297,7 @@ def resolve_auto(pipe_or_model, model, config: ParallelConfig, runtime: Runtime)
     scale = None if model is pipe_or_model else pixels_per_latent(pipe_or_model)
     if runtime.world_size == 1:
         return dataclasses.replace(config, mode="sync"), {}
-    height, width = config.auto_size or _default_size(model, scale)
+    height, width = config.auto_size or default_size(pipe_or_model, model, scale)
     inputs = model_inputs(model, height, width, scale=scale)
     # Only what "auto" may run: all the ranks, the choices in FIDELITY (the rest would only cost time).
     candidates = [c for c in choices(runtime.world_size) if c.ranks == runtime.world_size and c.name in FIDELITY]
@@ -328,15 +328,29 @@ def pixels_per_latent(pipe) -> int:
     return getattr(pipe, "vae_scale_factor", 8) if getattr(pipe, "vae", None) else 1
 
 
-def _default_size(model, scale: int | None) -> tuple[int, int]:
-    """The pixel size a model was made for: sample_size latent cells of `scale` pixels (None: 1 for a
-    pixel-space UNet2DModel, else 8)."""
+def default_size(pipe_or_model, model, scale: int | None) -> tuple[int, int]:
+    """The (height, width) in pixels that "auto" plans at without `auto_size`: what the pipeline makes by
+    default (its `default_sample_size`, else its denoiser's `sample_size`, in latent cells of `scale`
+    pixels); for a bare model its config's `sample_size` (latent cells of 8 pixels; 1 for a pixel-space
+    UNet2DModel), else what the family's pipelines make (`ModelAdapter.default_size`). A ValueError asking
+    for `auto_size` when none of them says."""
     from diffusers import UNet2DModel
 
-    size = model.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    size *= scale or (1 if isinstance(model, UNet2DModel) else 8)
-    return size, size
+    from ..models import find_denoiser
+
+    cells = getattr(pipe_or_model, "default_sample_size", None) if model is not pipe_or_model else None
+    cells = cells or getattr(model.config, "sample_size", None)
+    if cells is None:
+        size = find_denoiser(model)[1].default_size
+        if size is None:
+            raise ValueError(
+                f"distrifusion: ParallelConfig(mode='auto') needs a size to plan at and {type(model).__name__} "
+                "has no sample_size; give ParallelConfig(auto_size=(height, width)) in pixels"
+            )
+        return size
+    rows, cols = (cells, cells) if isinstance(cells, int) else tuple(cells)
+    scale = scale or (1 if isinstance(model, UNet2DModel) else 8)
+    return rows * scale, cols * scale
 
 
 def measure(model, inputs: dict, runtime: Runtime, choice: Choice, repeats: int = 3, **config) -> float:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..engine.hooks import inner_forward, refuse_hooks, set_inner_forward
 from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor
 from ..engine.state import ParallelState, Partition
 
@@ -39,15 +40,20 @@ class ModelAdapter:
     always_sync: bool = False
     """Whether every call is synchronous whatever the config's mode (a VAE: one call per image,
     no previous step to borrow from)."""
+    default_size: tuple[int, int] | None = None
+    """(height, width) in pixels that the family's pipelines make by default, for `mode="auto"` on a bare
+    model whose config has no `sample_size` (None: such a model needs `ParallelConfig.auto_size`)."""
     halo_convs: bool = False
     """Whether the adapter gives every conv taller than one row its halo rows (UNets, VAEs); else
     only convs whose windows do not overlap (a transformer's patch embedding) are accepted."""
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse the model, before anything runs, if a layer cannot be split into strips: the
-        family's own rules (`check`) and, for every family, the layers that read across rows."""
+        family's own rules (`check`) and, for every family, the layers that read across rows and the hooks
+        whose decisions depend on a rank's strip (`distrifusion.engine.hooks`)."""
         for name, module in model.named_modules():
             refuse_row_crossing(name, module, self.halo_convs)
+        refuse_hooks(model)
         self.check(model)
 
     def entries(self, model: nn.Module) -> list[tuple[str, ModelAdapter]]:
@@ -168,10 +174,11 @@ def check_kwargs_dict(family: str, inputs: dict, name: str) -> None:
 
 
 def install_forward(module: nn.Module, layer: type, name: str, state: ParallelState) -> None:
-    """Make `layer(module, name, state)` the module's forward, unless this state's already is."""
-    current = module.__dict__.get("forward")
+    """Make `layer(module, name, state)` the module's forward (beneath its diffusers hooks, if any), unless
+    this state's already is."""
+    current = inner_forward(module)
     if not (isinstance(current, layer) and current.state is state):
-        module.forward = layer(module, name, state)
+        set_inner_forward(module, layer(module, name, state))
 
 
 def install_processor(attn: nn.Module, state: ParallelState, make: Callable) -> None:

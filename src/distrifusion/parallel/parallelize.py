@@ -19,6 +19,7 @@ from torch import nn
 from ..engine.comm import Runtime, init_runtime
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
+from ..engine.hooks import inner_forward, set_inner_forward
 from ..engine.layers import (
     PatchAttnProcessor,
     PatchConv2d,
@@ -29,7 +30,7 @@ from ..engine.layers import (
     StripPatchEmbed,
     pad_to,
 )
-from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
+from ..engine.state import ParallelState, Partition, first_time, identity, split_rows, tensor_version
 from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
 from .ownership import Ownership
 
@@ -61,8 +62,10 @@ def parallelize(
     runs alone and its results are unchanged.
 
     The model keeps its call signature: every rank passes the full inputs (same seed on every
-    rank) and receives the full output. A bare model counts its calls as denoising steps; call
-    `reset` before each new image. A pipeline restarts its count at every call.
+    rank) and receives the full output. A bare model counts its calls as denoising steps; the pipeline
+    given here restarts its count at every call, and any other caller (a pipeline made from its components,
+    a bare-model loop) starts a new image when the timestep rises again (`ParallelState.begins_image`);
+    `reset` before a new image is always right.
 
     `ParallelConfig(mode="auto")` needs `resolve_auto`, which the public `distrifusion.parallelize`
     gives (the planner, `distrifusion.measure.planner.resolve_auto`): the engine never imports the tools.
@@ -135,7 +138,11 @@ def parallelize_model(
     state.ownership = Ownership(model, adapter, state)
     state.ownership.install()
     for method, entry in adapter.entries(model):
-        setattr(model, method, _ParallelForward(model, state, entry, method))
+        split = _ParallelForward(model, state, entry, method)
+        if method == "forward":  # beneath diffusers' hooks on the model (a cache's, offloading's), as they wrap forward
+            set_inner_forward(model, split)
+        else:
+            setattr(model, method, split)
     if hasattr(type(model), "set_default_attn_processor"):
         model.set_default_attn_processor = _WithOriginalProcessors(model, "set_default_attn_processor")
     return state
@@ -214,9 +221,12 @@ def _remove_model(model: nn.Module) -> bool:
         return False
     state.release()
     state.ownership.close()
+    ours = (*_LAYERS, _ParallelForward, _WithOriginalProcessors)
     for module in model.modules():
+        if isinstance(inner_forward(module), ours):
+            set_inner_forward(module, None)
         for name, value in list(module.__dict__.items()):
-            if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
+            if isinstance(value, ours):
                 delattr(module, name)
     _give_back_processors(model)
     delattr(model, _STATE_ATTR)
@@ -243,6 +253,12 @@ def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
+    _new_image(model, state, drop_graphs)
+
+
+def _new_image(model: nn.Module, state: ParallelState, drop_graphs: bool = False) -> None:
+    """`reset`'s work: by a pipeline call, by the user, or when the calls themselves show that a new image
+    began (`ParallelState.begins_image`)."""
     state.reset()
     state.refresh_fused_kv()
     if state.graphs is not None:
@@ -338,7 +354,15 @@ class _ParallelForward:
         state, adapter = self.state, self.adapter
         problem = self.refresh()
         conditioning = {name: inputs.get(name) for name in adapter.conditioning_args}
-        state.enter_branch(identity(conditioning), conditioning, inputs.get("timestep"))
+        key, timestep = identity(conditioning), inputs.get("timestep")
+        state.enter_branch(key, conditioning, timestep)
+        t = first_time(timestep)
+        if state.begins_image(t):  # whichever pipeline object calls: its own count starts again
+            _new_image(self.model, state)
+            state.enter_branch(key, conditioning, timestep)
+        state.note_time(t)
+        if state.step == 0 and problem is None:  # each image: hooks enabled since the last one
+            problem = state.ownership.check_hooks()
         partition = self.partition(inputs)
         state.begin_step(partition)
         if state.step == 0:
