@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from ..engine.comm import Runtime, init_runtime
+from ..engine.caches import stateful_caches, unbind_caches
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
 from ..engine.hooks import inner_forward, set_inner_forward
@@ -221,6 +222,7 @@ def _remove_model(model: nn.Module) -> bool:
         return False
     state.release()
     state.ownership.close()
+    unbind_caches(model)
     ours = (*_LAYERS, _ParallelForward, _WithOriginalProcessors)
     for module in model.modules():
         if isinstance(inner_forward(module), ours):
@@ -332,6 +334,8 @@ class _ParallelForward:
             # A number would be baked into the graph: make it the tensor the model itself would make of it.
             inputs["timestep"] = adapter.timestep_tensor(self.model, inputs["timestep"])
         if state.runtime.world_size == 1:
+            if state.step == 0:  # a step cache decides in Python at each call: no graph may replay one call's choice
+                state.graphs.eager = stateful_caches(self.model)
             full, kind = state.graphs("solo", self.run_local, inputs)
             return self.output(full, kind)
         if adapter.runs_whole(self.model, inputs):  # every rank computes the whole call, unsplit
