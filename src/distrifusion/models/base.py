@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor
+from ..engine.config import ParallelConfig
+from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor
 from ..engine.state import ParallelState, Partition
 
-PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
+PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
 
 
 class ModelAdapter:
@@ -29,6 +30,8 @@ class ModelAdapter:
     """The dimension of the output along which strips are stacked (2: rows of a map, 1: tokens)."""
     row_unit: str = "rows"
     """What the split's rows are, for error messages (rows of the model's input, or token rows)."""
+    split_axis: str = "image height"
+    """The extent that is split into strips, for error messages ("image height"; a video's frames)."""
     joint_text: bool = False
     """Whether image and text tokens attend jointly (so text tokens can be sharded among ranks)."""
     conditioning_args: tuple[str, ...] = ()
@@ -42,6 +45,10 @@ class ModelAdapter:
     halo_convs: bool = False
     """Whether the adapter gives every conv taller than one row its halo rows (UNets, VAEs); else
     only convs whose windows do not overlap (a transformer's patch embedding) are accepted."""
+
+    def configured(self, model: nn.Module, config: ParallelConfig) -> ModelAdapter:
+        """The adapter for this model and config (a video family: split in rows or in frames, `video_split`)."""
+        return self
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse the model, before anything runs, if a layer cannot be split into strips: the
