@@ -62,6 +62,11 @@ class ModelAdapter:
         (a denoiser: its forward; a VAE: its encode and decode)."""
         return [("forward", self)]
 
+    def check_pipeline_call(self, pipe, arguments: dict) -> None:
+        """Refuse a pipeline call (its arguments, defaults filled in) that the pipeline would take but
+        silently change into another (Wan: a frame count that is not 1 + 4k): raised on every rank alike,
+        before any work."""
+
     def runs_whole(self, model: nn.Module, inputs: dict) -> bool:
         """Whether this call must run unsplit on every rank (e.g. a VAE with diffusers' tiling on,
         whose tiles would otherwise see strips)."""

@@ -63,6 +63,17 @@ class WanAdapter(ModelAdapter):
     def configured(self, model: nn.Module, config: ParallelConfig) -> WanAdapter:
         return WanAdapter(config.video_split, tuple(model.config.patch_size))
 
+    def check_pipeline_call(self, pipe, arguments: dict) -> None:
+        """The Wan pipelines round a frame count that is not 1 + 4k (the VAE's time compression) with a
+        warning; a parallel run refuses it instead, on every rank, naming the nearest counts."""
+        frames, factor = arguments.get("num_frames"), getattr(pipe, "vae_scale_factor_temporal", None)
+        if isinstance(frames, int) and isinstance(factor, int) and factor > 1 and (frames < 1 or (frames - 1) % factor):
+            below = max(1, (frames - 1) // factor * factor + 1)
+            raise ValueError(
+                f"distrifusion: num_frames={frames}: a Wan video has 1 + {factor}k frames (its VAE compresses time "
+                f"{factor}x); use {below} or {below + factor}"
+            )
+
     def switches(self, model: nn.Module) -> tuple:
         """Whether a diffusers cache is on (`enable_cache` adds no module: checked before every call)."""
         return (getattr(model, "is_cache_enabled", False),)

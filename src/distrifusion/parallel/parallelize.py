@@ -220,9 +220,9 @@ def _remove_model(model: nn.Module) -> bool:
     state.ownership.close()
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
-            # The engine's layers, and an adapter's own (any forward that holds this state).
+            # The engine's layers, and an adapter's own (a forward that holds this state).
             if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)) or (
-                getattr(value, "state", None) is state
+                name == "forward" and getattr(value, "state", None) is state
             ):
                 delattr(module, name)
     _give_back_processors(model)
@@ -283,6 +283,7 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
     if cls not in _PIPELINE_CLASSES:
 
         def __call__(self, *args, **kwargs):
+            _check_call(self, cls, args, kwargs)
             reset(self)
             out = cls.__call__(self, *args, **kwargs)
             # The last step's exchanges are still in flight: finish them now, not at the next image,
@@ -298,6 +299,17 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
 
 
 _PIPELINE_CLASSES: dict[type, type] = {}
+
+
+def _check_call(pipe, cls: type, args: tuple, kwargs: dict) -> None:
+    """The adapters' refusals of a pipeline call (`ModelAdapter.check_pipeline_call`), before any work."""
+    try:
+        bound = inspect.signature(cls.__call__).bind(pipe, *args, **kwargs)
+    except TypeError:
+        return  # the pipeline's own call raises its own error
+    bound.apply_defaults()
+    for _, adapter in find_denoisers(pipe):
+        adapter.check_pipeline_call(pipe, bound.arguments)
 
 
 class _ParallelForward:
