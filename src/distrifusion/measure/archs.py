@@ -17,6 +17,10 @@ ARCHS = {
     "flux_dev": "flux_dev_transformer.json",
     "sd3_medium": "sd3_medium_transformer.json",
     "pixart_alpha": "pixart_alpha_transformer.json",
+    "wan21_t2v_14b": "wan21_t2v_14b_transformer.json",
+    "wan21_t2v_1_3b": "wan21_t2v_1_3b_transformer.json",
+    "wan21_i2v_14b": "wan21_i2v_14b_transformer.json",
+    "wan22_ti2v_5b": "wan22_ti2v_5b_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
 }
