@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument(
         "--frames", type=int, default=None, help="video archs (Wan): frames of the video, 1 + 4k (default: 81)"
     )
+    _add_video_args(every)
     every.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float16 on CUDA, float32 on CPU")
     every.add_argument("--mode", choices=MODES, default="displaced")
     every.add_argument(
@@ -823,10 +824,18 @@ def bench(args: argparse.Namespace) -> int:
         return 0
     if args.traffic_only:
         traffic = count_traffic(
-            args.arch, args.sizes, dtype, args.simulate, args.mode, args.text_tokens, args.compress, args.frames
+            args.arch,
+            args.sizes,
+            dtype,
+            args.simulate,
+            args.mode,
+            args.text_tokens,
+            args.compress,
+            args.frames,
+            args.video_split,
         )
         for row in traffic:
-            frames = f" x {row['frames']} frames" if row.get("frames") else ""
+            frames = f" x {row['frames']} frames ({row['video_split']} strips)" if row.get("frames") else ""
             print(
                 f"{row['arch']} {row['height']}x{row['width']}{frames} {row['dtype']}, {row['ranks']} ranks "
                 f"({row['cfg_groups']} CFG groups, {row['text_tokens']} text): received per rank "
@@ -856,6 +865,7 @@ def bench(args: argparse.Namespace) -> int:
                 compiled=args.compile,
                 compress=args.compress,
                 frames=args.frames,
+                video_split=args.video_split,
             ):
                 print(format_row(row), flush=True)
                 rows.append(row)

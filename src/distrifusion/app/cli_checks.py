@@ -460,8 +460,8 @@ def check_bench(args) -> list[str]:
     for i, (height, width) in enumerate(sizes):
         for n in sorted({*args.simulate, args.nproc if i == 0 else 1}, reverse=True):
             what = f" (--sizes {height}x{width})"
-            if geo.time_factor:  # bench splits a video in rows (ParallelConfig's default)
-                check_video(geo, args.frames, height, width, n, "rows", what=what)
+            if geo.time_factor:
+                check_video(geo, args.frames, height, width, n, args.video_split, what=what)
             else:
                 check_image_size(geo, height, width, n, what=what)
     if args.share_only and not (args.arch and is_vae(args.arch) and any(n > 1 for n in args.simulate)):

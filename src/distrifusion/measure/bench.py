@@ -127,6 +127,7 @@ def bench_step(
     compiled: bool = False,
     compress: str | None = None,
     frames: int | None = None,
+    video_split: str = "rows",
 ) -> list[dict]:
     """Full-step times for one size, then one rank's share of each N in `simulate` (N > 1): one
     row per N (or one row without a share), with traffic per step and peak memory. With `compress`
@@ -144,7 +145,7 @@ def bench_step(
         arch=arch,
         height=height,
         width=width,
-        **({"frames": frames} if frames else {}),
+        **({"frames": frames, "video_split": video_split} if frames else {}),
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
         card=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
@@ -181,7 +182,17 @@ def bench_step(
             share = dict(
                 row,
                 **_bench_share(
-                    model, inputs, ranks, repeats, mode, device, graphs, text_tokens, compiled, compress=compress
+                    model,
+                    inputs,
+                    ranks,
+                    repeats,
+                    mode,
+                    device,
+                    graphs,
+                    text_tokens,
+                    compiled,
+                    compress=compress,
+                    video_split=video_split,
                 ),
             )
             share["compute_speedup"] = row["full_step_s"] / share["share_step_s"]
@@ -205,13 +216,20 @@ def _bench_share(
     compiled=False,
     compress=None,
     split_cfg=True,
+    video_split="rows",
 ) -> dict:
     """One rank's share of `ranks`: this process plays the largest strip with loopback collectives
     (a displaced step with `compress` encodes its row and decodes the others', as a real rank does)."""
     counter = {"bytes": 0}
     runtime = counting_loopback_runtime(ranks, device, counter)
     config = ParallelConfig(
-        mode=mode, warmup_steps=0, split_cfg=split_cfg, cuda_graphs=graphs, text_tokens=text_tokens, compress=compress
+        mode=mode,
+        warmup_steps=0,
+        split_cfg=split_cfg,
+        cuda_graphs=graphs,
+        text_tokens=text_tokens,
+        compress=compress,
+        video_split=video_split,
     )
     parallelize(model, config, runtime=runtime)
     state = model._distrifusion_state

@@ -84,6 +84,7 @@ def count_traffic(
     text_tokens=None,
     compress: str | None = None,
     frames: int | None = None,
+    video_split: str = "rows",
 ):
     """Bytes each rank receives per synchronous and per displaced step, for every size (square, or
     (height, width)) and N (and a video model's `frames`), and
@@ -108,6 +109,7 @@ def count_traffic(
                 cuda_graphs=False,
                 text_tokens=text_tokens or "sharded",
                 compress=compress,
+                video_split=video_split,
             )
             parallelize(model, config, runtime=counting_loopback_runtime(n, device, counter))
             with torch.no_grad():
@@ -118,7 +120,7 @@ def count_traffic(
             ulysses = ulysses_bytes(calls, n // groups, groups, torch.finfo(dtype).bits // 8)
             rows.append(
                 dict(arch=arch, height=height, width=width, dtype=dtype_name, mode=mode, ranks=n, **traffic)
-                | ({"frames": frames} if frames else {})
+                | ({"frames": frames, "video_split": video_split} if frames else {})
                 | dict(text_tokens=config.text_tokens, compress=compress, ulysses_step_bytes=ulysses)
             )
     return rows
