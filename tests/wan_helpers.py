@@ -58,9 +58,11 @@ def video_inputs(model, batch: int = 1, seed: int = 1, frames=FRAMES, rows=ROWS,
     """A noisy video latent and the conditioning of one call (prompt tokens; I2V's image tokens)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
+    # Wan 2.1 I2V takes the last 512 tokens of its context as the text, the ones before as the image's.
+    text = TEXT_TOKENS if cfg.image_dim is not None else 7
     inputs = dict(
         hidden_states=torch.randn(batch, cfg.in_channels, frames, rows, cols, generator=g, dtype=dtype),
-        encoder_hidden_states=torch.randn(batch, 7, cfg.text_dim, generator=g, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, text, cfg.text_dim, generator=g, dtype=dtype),
     )
     if cfg.image_dim is not None:
         inputs["encoder_hidden_states_image"] = torch.randn(batch, 5, cfg.image_dim, generator=g, dtype=dtype)
