@@ -415,6 +415,38 @@ class PatchJointAttnProcessor:
         return out_img, out_txt
 
 
+class PatchTokenAttnProcessor:
+    """Self-attention of a strip's tokens over every strip's keys/values, for attention classes that
+    compute their queries, keys and values their own way (Wan: a norm across heads, its own rotary
+    layout): the adapter gives `project(attn, hidden_states, *args) -> (query, key, value)`, each
+    (batch, tokens, heads, head_dim) exactly as the model's processor computes them (norms and
+    rotations applied), and `finish(attn, out) -> output`, the processor's output projection.
+
+    Keys/values are exchanged after their norm and rotation, so each carries its own position and
+    their order among the keys does not matter; this strip's are fresh, the others' fresh in a
+    synchronous step and a step old in a displaced one (`gather_tokens`). Calls with
+    `encoder_hidden_states` (cross-attention, local to a strip) and unsplit calls run the original.
+    """
+
+    def __init__(self, attn: nn.Module, name: str, state: ParallelState, original, *, project, finish) -> None:
+        self.name, self.state, self.original = name, state, original
+        self.project, self.finish = project, finish
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        state = self.state
+        if not state.split or encoder_hidden_states is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if attention_mask is not None:
+            raise ValueError(f"distrifusion: a self-attention mask in {self.name!r} cannot be split into strips")
+        query, key, value = self.project(attn, hidden_states, *args, **kwargs)
+        kv = torch.cat([key, value], -1).flatten(2)  # (batch, tokens, heads * 2 * head_dim)
+        if not state.naive:
+            kv = gather_tokens(state, self.name, kv, state.sizes(hidden_states.shape[1]))
+        key, value = kv.unflatten(-1, (query.shape[2], -1)).transpose(1, 2).chunk(2, -1)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value)
+        return self.finish(attn, out.transpose(1, 2).flatten(2).type_as(query))
+
+
 def _qkv(attn, x, fused, to_q, to_k, to_v, norm_q, norm_k, rotary):
     """Queries (batch, tokens, heads, head_dim) and keys/values side by side per head, flattened
     (batch, tokens, heads * 2 * head_dim), projected (by `fused` when given), normalised and rotated

@@ -126,6 +126,8 @@ def bench_step(
     text_tokens: str = "sharded",
     compiled: bool = False,
     compress: str | None = None,
+    frames: int | None = None,
+    video_split: str = "rows",
 ) -> list[dict]:
     """Full-step times for one size, then one rank's share of each N in `simulate` (N > 1): one
     row per N (or one row without a share), with traffic per step and peak memory. With `compress`
@@ -137,12 +139,13 @@ def bench_step(
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model or build_model(arch, dtype, device)
-    inputs = model_inputs(model, height, width)
+    inputs = model_inputs(model, height, width, frames=frames)
     step = lambda: model(**inputs)  # noqa: E731
     row = dict(
         arch=arch,
         height=height,
         width=width,
+        **({"frames": frames, "video_split": video_split} if frames else {}),
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
         card=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
@@ -179,7 +182,17 @@ def bench_step(
             share = dict(
                 row,
                 **_bench_share(
-                    model, inputs, ranks, repeats, mode, device, graphs, text_tokens, compiled, compress=compress
+                    model,
+                    inputs,
+                    ranks,
+                    repeats,
+                    mode,
+                    device,
+                    graphs,
+                    text_tokens,
+                    compiled,
+                    compress=compress,
+                    video_split=video_split,
                 ),
             )
             share["compute_speedup"] = row["full_step_s"] / share["share_step_s"]
@@ -203,13 +216,20 @@ def _bench_share(
     compiled=False,
     compress=None,
     split_cfg=True,
+    video_split="rows",
 ) -> dict:
     """One rank's share of `ranks`: this process plays the largest strip with loopback collectives
     (a displaced step with `compress` encodes its row and decodes the others', as a real rank does)."""
     counter = {"bytes": 0}
     runtime = counting_loopback_runtime(ranks, device, counter)
     config = ParallelConfig(
-        mode=mode, warmup_steps=0, split_cfg=split_cfg, cuda_graphs=graphs, text_tokens=text_tokens, compress=compress
+        mode=mode,
+        warmup_steps=0,
+        split_cfg=split_cfg,
+        cuda_graphs=graphs,
+        text_tokens=text_tokens,
+        compress=compress,
+        video_split=video_split,
     )
     parallelize(model, config, runtime=runtime)
     state = model._distrifusion_state
@@ -230,8 +250,10 @@ def _bench_share(
 
 
 def format_row(row: dict) -> str:
+    frames = f" x {row['frames']} frames" if row.get("frames") else ""
     text = (
-        f"{row['arch']} {row['height']}x{row['width']} {row['dtype']} on {row['card']}, {row['threads']} threads: "
+        f"{row['arch']} {row['height']}x{row['width']}{frames} {row['dtype']} on {row['card']}, "
+        f"{row['threads']} threads: "
         f"diffusers eager {row['diffusers_eager_s'] * 1e3:.0f} ms, "
         + (f"diffusers CUDA graph {row['diffusers_graph_s'] * 1e3:.0f} ms, " if row["diffusers_graph_s"] else "")
         + f"ours (1 rank{', graphs' if row['graphs'] else ''}{', compiled' if row.get('compiled') else ''}) "
@@ -286,6 +308,7 @@ def bench_images(
     graphs: bool | None = None,
     text_tokens: str = "sharded",
     compress: str | None = None,
+    frames: int | None = None,
 ) -> dict:
     """Whole-image latency (every denoising step of one image, with the pipeline's batch: CFG for
     UNets, SD3 and PixArt) in this process or under torchrun. The update between steps is a plain
@@ -297,7 +320,7 @@ def bench_images(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(arch, dtype, device)
     parallelize(model, config)  # one process: the original model (as a CUDA graph where graphs are on)
-    inputs = model_inputs(model, height, width)
+    inputs = model_inputs(model, height, width, frames=frames)
     key = find_denoiser(model)[1].sample_arg
     reset_peak_memory(device)
 

@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..engine.config import ParallelConfig
 from ..engine.hooks import inner_forward, refuse_hooks, set_inner_forward
-from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor
+from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor
 from ..engine.state import ParallelState, Partition
 
-PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
+PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
 
 
 class ModelAdapter:
@@ -30,6 +31,8 @@ class ModelAdapter:
     """The dimension of the output along which strips are stacked (2: rows of a map, 1: tokens)."""
     row_unit: str = "rows"
     """What the split's rows are, for error messages (rows of the model's input, or token rows)."""
+    split_axis: str = "image height"
+    """The extent that is split into strips, for error messages ("image height"; a video's frames)."""
     joint_text: bool = False
     """Whether image and text tokens attend jointly (so text tokens can be sharded among ranks)."""
     conditioning_args: tuple[str, ...] = ()
@@ -47,6 +50,10 @@ class ModelAdapter:
     """Whether the adapter gives every conv taller than one row its halo rows (UNets, VAEs); else
     only convs whose windows do not overlap (a transformer's patch embedding) are accepted."""
 
+    def configured(self, model: nn.Module, config: ParallelConfig) -> ModelAdapter:
+        """The adapter for this model and config (a video family: split in rows or in frames, `video_split`)."""
+        return self
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse the model, before anything runs, if a layer cannot be split into strips: the
         family's own rules (`check`) and, for every family, the layers that read across rows and the hooks
@@ -60,6 +67,11 @@ class ModelAdapter:
         """The model's methods that each run one split call, with the adapter that splits it
         (a denoiser: its forward; a VAE: its encode and decode)."""
         return [("forward", self)]
+
+    def check_pipeline_call(self, pipe, arguments: dict) -> None:
+        """Refuse a pipeline call (its arguments, defaults filled in) that the pipeline would take but
+        silently change into another (Wan: a frame count that is not 1 + 4k): raised on every rank alike,
+        before any work."""
 
     def runs_whole(self, model: nn.Module, inputs: dict) -> bool:
         """Whether this call must run unsplit on every rank (e.g. a VAE with diffusers' tiling on,

@@ -26,19 +26,20 @@ from ..engine.layers import (
     PatchFreeU,
     PatchGroupNorm,
     PatchJointAttnProcessor,
+    PatchTokenAttnProcessor,
     PatchZeroPadDownsample,
     StripPatchEmbed,
     pad_to,
 )
 from ..engine.state import ParallelState, Partition, first_time, identity, split_rows, tensor_version
-from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
+from ..models import ModelAdapter, VAEAdapter, denoiser_modules, find_denoiser, find_denoisers
 from .ownership import Ownership
 
 log = logging.getLogger("distrifusion")
 
 _STATE_ATTR = "_distrifusion_state"
 _LAYERS = (PatchConv2d, PatchGroupNorm, PatchFreeU, StripPatchEmbed, PatchZeroPadDownsample)
-_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
+_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
 
 
 ResolveAuto = Callable[[object, nn.Module, ParallelConfig, Runtime], tuple[ParallelConfig, dict]]
@@ -73,10 +74,12 @@ def parallelize(
     config = config or ParallelConfig()
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"config must be a distrifusion.ParallelConfig, got {type(config).__name__}")
-    model, adapter = find_denoiser(pipe_or_model)
-    if hasattr(model, _STATE_ATTR):
-        raise ValueError("this model is already parallelised; call distrifusion.remove() first")
-    adapter.check_model(model)
+    denoisers = find_denoisers(pipe_or_model)  # a pipeline's experts too (Wan 2.2's transformer_2)
+    for model, adapter in denoisers:
+        if hasattr(model, _STATE_ATTR):
+            raise ValueError("this model is already parallelised; call distrifusion.remove() first")
+        adapter.configured(model, config).check_model(model)
+    model, adapter = denoisers[0]
     if not adapter.uses_groupnorm and config.groupnorm != ParallelConfig.groupnorm:
         warnings.warn(
             f"distrifusion: ParallelConfig.groupnorm has no effect on {type(model).__name__} (no GroupNorm)",
@@ -96,6 +99,8 @@ def parallelize(
             )
         config, found = resolve_auto(pipe_or_model, model, config, runtime)
     parallelize_model(model, config, runtime, adapter).auto_plan = found
+    for expert, expert_adapter in denoisers[1:]:  # each its own state: its own steps and stale context
+        parallelize_model(expert, config, runtime, expert_adapter)
     if vae is not None:
         parallelize_model(vae, config, runtime, VAEAdapter())
     if model is not pipe_or_model:
@@ -125,7 +130,7 @@ def parallelize_model(
     Everything else (1x1 convs, linears, per-token norms, activations, skips, embeddings) is
     already local to a strip.
     """
-    adapter = adapter or find_denoiser(model)[1]
+    adapter = (adapter or find_denoiser(model)[1]).configured(model, config)
     if adapter.always_sync:
         # "force" is about the denoiser's CFG batch; a VAE call's batch is the images, often one.
         config = dataclasses.replace(config, mode="sync", cuda_graphs=False, split_cfg=bool(config.split_cfg))
@@ -204,11 +209,11 @@ def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
 def remove(pipe_or_model) -> None:
     """Undo `parallelize`: restore the original forwards and attention processors (of the
     pipeline's VAE too)."""
-    model = denoiser_of(pipe_or_model)
-    vae = getattr(pipe_or_model, "vae", None) if model is not pipe_or_model else None
+    models = denoisers_of(pipe_or_model)
+    vae = getattr(pipe_or_model, "vae", None) if models[0] is not pipe_or_model else None
     if isinstance(vae, nn.Module):
         _remove_model(vae)
-    if not _remove_model(model):
+    if not [_remove_model(model) for model in models][0]:
         return
     base = getattr(type(pipe_or_model), "_distrifusion_base", None)
     if base is not None:
@@ -221,12 +226,16 @@ def _remove_model(model: nn.Module) -> bool:
         return False
     state.release()
     state.ownership.close()
-    ours = (*_LAYERS, _ParallelForward, _WithOriginalProcessors)
+
+    def ours(value, name: str = "forward") -> bool:  # the engine's layers, and an adapter's own forwards
+        engine = isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors))
+        return engine or (name == "forward" and getattr(value, "state", None) is state)
+
     for module in model.modules():
-        if isinstance(inner_forward(module), ours):
+        if ours(inner_forward(module)):
             set_inner_forward(module, None)
         for name, value in list(module.__dict__.items()):
-            if isinstance(value, ours):
+            if ours(value, name):
                 delattr(module, name)
     _give_back_processors(model)
     delattr(model, _STATE_ATTR)
@@ -234,11 +243,14 @@ def _remove_model(model: nn.Module) -> bool:
 
 
 def denoiser_of(pipe_or_model) -> nn.Module:
-    """A pipeline's denoising model (its `.unet` or `.transformer`), or `pipe_or_model` itself."""
-    for attr in DENOISER_ATTRS:
-        if isinstance(getattr(pipe_or_model, attr, None), nn.Module):
-            return getattr(pipe_or_model, attr)
-    return pipe_or_model
+    """A pipeline's (first) denoising model (its `.unet` or `.transformer`), or `pipe_or_model` itself."""
+    return denoisers_of(pipe_or_model)[0]
+
+
+def denoisers_of(pipe_or_model) -> list[nn.Module]:
+    """A pipeline's denoising models (`.unet`, `.transformer`, and Wan 2.2's second expert `.transformer_2`),
+    or `[pipe_or_model]` itself."""
+    return denoiser_modules(pipe_or_model)
 
 
 def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
@@ -249,7 +261,11 @@ def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     changed (see `distrifusion.ownership`: LoRAs loaded, processors set, FreeU's factors); other
     changes that alter the computation without touching a weight or a module need `drop_graphs=True`.
     """
-    model = denoiser_of(pipe_or_model)
+    for model in denoisers_of(pipe_or_model):
+        _reset_model(model, drop_graphs)
+
+
+def _reset_model(model: nn.Module, drop_graphs: bool) -> None:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
@@ -285,11 +301,13 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
     if cls not in _PIPELINE_CLASSES:
 
         def __call__(self, *args, **kwargs):
+            _check_call(self, cls, args, kwargs)
             reset(self)
             out = cls.__call__(self, *args, **kwargs)
             # The last step's exchanges are still in flight: finish them now, not at the next image,
             # so that no collective outlives the image (a process may exit right after it).
-            getattr(denoiser_of(self), _STATE_ATTR).reset()
+            for model in denoisers_of(self):
+                getattr(model, _STATE_ATTR).reset()
             return out
 
         _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_distrifusion_base": cls})
@@ -299,6 +317,17 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
 
 
 _PIPELINE_CLASSES: dict[type, type] = {}
+
+
+def _check_call(pipe, cls: type, args: tuple, kwargs: dict) -> None:
+    """The adapters' refusals of a pipeline call (`ModelAdapter.check_pipeline_call`), before any work."""
+    try:
+        bound = inspect.signature(cls.__call__).bind(pipe, *args, **kwargs)
+    except TypeError:
+        return  # the pipeline's own call raises its own error
+    bound.apply_defaults()
+    for _, adapter in find_denoisers(pipe):
+        adapter.check_pipeline_call(pipe, bound.arguments)
 
 
 class _ParallelForward:
@@ -426,16 +455,16 @@ class _ParallelForward:
             )
             self.noticed_no_split = True
         patch_size = world // cfg_groups
-        block, unit = self.block, adapter.row_unit
+        block, unit, axis = self.block, adapter.row_unit, adapter.split_axis
         if height % block:
             raise ValueError(
-                f"distrifusion: image height of {height} {unit} must be a multiple of the model's block of "
-                f"{block} {unit}"
+                f"distrifusion: {axis} of {height} {unit} must be a multiple of the model's block of {block} {unit}"
             )
         if height < patch_size * block:
             raise ValueError(
-                f"distrifusion: image height of {height} {unit} is too small to split over {patch_size} ranks; the "
-                f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger height or fewer ranks."
+                f"distrifusion: {axis} of {height} {unit} is too small to split over {patch_size} ranks; the "
+                f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger {axis.split()[-1]} or "
+                "fewer ranks."
             )
         text, sharded = (), False
         if adapter.joint_text:
