@@ -296,6 +296,7 @@ def _wait(pid: int, limit_s: float) -> tuple[int | None, bool]:
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
+            _kill_group(pid)  # what it left running (a rank, a compile worker) goes with it
             return os.waitstatus_to_exitcode(status), False
         if time.monotonic() >= deadline:
             _kill_group(pid)
@@ -357,7 +358,8 @@ def run_step(step: Step, small: bool, work: Path, limit_s: float, inject: str | 
     else:
         code, timed_out = _subprocess(step.command(ctx), step.env, log_path, limit_s)
     status = "timed out" if timed_out else "ok" if code == 0 else "failed"
-    record = dict(step=step.name, status=status, rc=code, seconds=round(time.time() - start, 2), limit_s=limit_s)
+    record = dict(step=step.name, status=status, rc=code, seconds=round(time.time() - start, 2))
+    record["limit_s"] = round(limit_s, 1)
     record["cpu_s"] = round(_children_cpu() - cpu, 2)  # of its processes, once reaped (a killed one: up to then)
     record.update(what=step.what, started=start, ended=time.time(), **({"injected": inject} if inject else {}))
     if ctx.rows_path.exists():

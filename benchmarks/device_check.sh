@@ -73,7 +73,7 @@ cd "$(dirname "$0")/.."
 export DEVICE_CHECK_T0=${DEVICE_CHECK_T0:-$(date +%s.%N)}
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ -z "${DEVICE_CHECK_SMALL:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then  # the device has no diffusers
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >>"$OUT/device_check.log" 2>&1 || echo "device_check: installing .whl/ failed (see device_check.log)"
   export PYTHONPATH=/tmp/site
