@@ -7,6 +7,7 @@ process by float reduction order only (~1e-16 measured); tolerance 1e-9 of the o
 """
 
 import copy
+import os
 from functools import partial
 
 import pytest
@@ -20,7 +21,7 @@ import distrifusion
 ROWS, COLS = 5, 3
 STEPS = 5
 TOL = 1e-9
-WORLDS = [2, 3, 4]
+WORLDS = [int(n) for n in os.environ.get("DISTRIFUSION_TEST_WORLDS", "2 3 4").split()]  # device_check.sh: 4
 TEXT_MODES = {"flux": ["replicated", "sharded"], "sd3": ["replicated", "sharded"], "pixart": ["replicated"]}
 EXACT_CASES = [
     (family, mode, split, text)
@@ -247,8 +248,9 @@ def test_remove_restores_the_model(family):
     model = tiny_transformer(family)
     before = copy.deepcopy(model)
     processors = {k: type(v) for k, v in model.attn_processors.items()}
-    distrifusion.parallelize(model)
+    distrifusion.parallelize(model)  # on a GPU: moved to cuda:0, where its inputs go too
     distrifusion.remove(model)
+    before.to(next(model.parameters()).device)
     assert {k: type(v) for k, v in model.attn_processors.items()} == processors
     assert all("forward" not in m.__dict__ for m in model.modules())
     torch.manual_seed(0)

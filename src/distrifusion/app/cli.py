@@ -511,11 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         _close_process_group()
         return code
     except (KeyboardInterrupt, Interrupted) as e:
+        _release_graphs()
         signum = getattr(e, "signum", signal.SIGINT)
         if _rank() == 0:
             print(f"distrifusion: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except Exception as e:  # noqa: BLE001 - every failure ends as one line and an exit code
+        _release_graphs()
         code = _exit_code(e, args.running)
         silent = None
         if code == 1 and "torch.distributed" in sys.modules:
@@ -528,7 +530,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _close_process_group() -> None:
     """A rank that exits with collectives in flight or gloo threads running can abort in C++ teardown
-    ("terminate called without an active exception"): meet the others, then close the group."""
+    ("terminate called without an active exception"): meet the others, then close the group, after
+    destroying every CUDA graph (NCCL >= 2.26 waits in the group's destruction for the graphs that hold
+    its collectives; ours live in reference cycles that only the garbage collector would end)."""
+    _release_graphs()
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
@@ -536,6 +541,14 @@ def _close_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _release_graphs() -> None:
+    """Destroy every CUDA graph of this process (no collective: also on the way out after a failure)."""
+    if "distrifusion.engine.graphs" in sys.modules:
+        from ..engine.graphs import release_all_graphs
+
+        release_all_graphs()
 
 
 # -- the commands --------------------------------------------------------------------------------
@@ -594,7 +607,7 @@ def generate(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
     times: dict[str, float] = {}
-    from ..measure.timing import TimedCommunicator, time_phase
+    from ..measure.timing import DeviceSpan, TimedCommunicator, time_phase
     from ..parallel.parallelize import denoiser_of, denoisers_of
     from .pipelines import load_pipeline
 
@@ -610,10 +623,11 @@ def generate(args: argparse.Namespace) -> int:
         )
     else:
         pipe = distrifusion.parallelize(pipe, config)
+        device = denoiser_of(pipe)._distrifusion_state.runtime.device  # phases synchronised on CUDA
         if hasattr(pipe, "encode_prompt"):
-            time_phase(pipe, "encode_prompt", times, "text encoding")
+            time_phase(pipe, "encode_prompt", times, "text encoding", device)
         if getattr(pipe, "vae", None) is not None:
-            time_phase(pipe.vae, "decode", times, "VAE decoding")
+            time_phase(pipe.vae, "decode", times, "VAE decoding", device)
         if args.guidance_scale is not None:
             extra["guidance_scale"] = args.guidance_scale
         prompt = args.prompt or "a photograph of a lighthouse at dusk"
@@ -629,17 +643,18 @@ def generate(args: argparse.Namespace) -> int:
         runtime.world = TimedCommunicator(runtime.world, clock)
         runtime.patch_groups = {k: TimedCommunicator(c, clock) for k, c in runtime.patch_groups.items()}
     marks: dict[str, float] = {}
-    calls = [0]
+    # From the first denoiser call's start to the last one's end, however many calls a step makes (true
+    # CFG calls it twice): on CUDA as the device ran them (events, read after the image), not as launched.
+    span = DeviceSpan(runtime.device)
 
     def before(module, inputs):
-        if "first" not in marks:
-            marks["first"], marks["waited_before"] = time.perf_counter(), clock[0]
+        if span.first is None:
+            marks["waited_before"] = clock[0]
+            span.start()
 
     def after(module, inputs, output):
-        calls[0] += 1
-        if runtime.device.type == "cuda" and calls[0] == args.steps:
-            torch.cuda.synchronize(runtime.device)
-        marks["last"], marks["waited"] = time.perf_counter(), clock[0]  # the denoising's waits (not a split VAE's)
+        span.stop()
+        marks["waited"] = clock[0]  # the denoising's waits (not a split VAE's)
 
     hooks = []
     for model in denoisers_of(pipe):  # Wan 2.2 A14B: both experts' steps
@@ -652,7 +667,8 @@ def generate(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     for hook in hooks:
         hook.remove()
-    denoising = marks.get("last", start + seconds) - marks.get("first", start)
+    denoising = span.seconds()
+    denoising = seconds if denoising is None else denoising
     waited = marks.get("waited", clock[0]) - marks.get("waited_before", 0.0)
     mine = dict(denoising=denoising, wait=waited, peak_mb=peak_memory_mb(runtime.device))
     everyone = [mine]
@@ -832,7 +848,7 @@ def bench(args: argparse.Namespace) -> int:
                     f"{row['ranks']} rank(s): {row['decode_s'] * 1e3:.0f} ms"
                     + ("" if share_only else f" ({row['time_vs_full']:.3f} of the whole decode)")
                     + f", activation memory {row['activation_mb']:.0f} MB"
-                    + ("" if share_only else f" ({row['memory_vs_full']:.3f})")
+                    + ("" if row["memory_vs_full"] is None else f" ({row['memory_vs_full']:.3f})")
                     + f", received {row['received_bytes'] / 1e6:.1f} MB"
                     + (
                         f"; whole decode not run (it needs at least {row['full_min_mb'] / 1024:.1f} GiB: "

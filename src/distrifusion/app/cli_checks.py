@@ -473,6 +473,16 @@ def check_bench(args) -> list[str]:
             notes.append("--steps applies to --nproc's whole images only; the other timings are of single steps")
         if args.traffic_only and (args.repeats or args.nproc > 1 or args.graphs != ["auto"]):
             notes.append("--traffic-only times nothing: --repeats, --graphs and --nproc are ignored")
+    if args.compile:  # a compiled model cannot also run as distrifusion's CUDA graphs (see bench_step)
+        if "on" in args.graphs:
+            raise UsageError(
+                "--compile times torch.compile(model) without distrifusion's CUDA graphs (the two do not compose); "
+                "use --graphs off or auto"
+            )
+        if "auto" in args.graphs:
+            args.graphs = list(dict.fromkeys("off" if g == "auto" else g for g in args.graphs))
+            if _cuda_likely() and "LOCAL_RANK" not in os.environ:
+                notes.append("--compile: our runs are timed without distrifusion's CUDA graphs (--graphs off)")
     return notes + _cores_note(args.nproc if not args.traffic_only else 1)
 
 

@@ -571,6 +571,7 @@ class PatchFreeU:
     def __init__(self, block: nn.Module, name: str, state: ParallelState) -> None:
         self.block, self.name, self.state = block, name, state
         self.signature = inspect.signature(type(block).forward)
+        self._bases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, *args, **kwargs):
         block, forward = self.block, type(self.block).forward
@@ -594,9 +595,7 @@ class PatchFreeU:
         top, height, width = sum(sizes[: state.partition.patch_rank]), sum(sizes), x.shape[3]
         real = torch.float64 if x.dtype == torch.float64 else torch.float32  # diffusers filters in float32
         complex_ = torch.complex128 if real == torch.float64 else torch.complex64
-        rows = _fourier_basis(_box(height, self.THRESHOLD), torch.arange(top, top + x.shape[2]), height, x.device)
-        cols = _fourier_basis(_box(width, self.THRESHOLD), torch.arange(width), width, x.device)
-        rows, cols = rows.to(complex_), cols.to(complex_)
+        rows, cols = self._basis(top, x.shape[2], height, width, x.device, complex_)
         partial_spectrum = torch.einsum("bchw,kh,lw->bckl", x.to(complex_), rows, cols)
         if state.naive:
             spectrum = partial_spectrum
@@ -606,16 +605,39 @@ class PatchFreeU:
         lowpass = torch.einsum("bckl,kh,lw->bchw", spectrum, rows.conj(), cols.conj()).real / (height * width)
         return (x.to(real) + (scale - 1) * lowpass).to(x.dtype)
 
+    def _basis(self, top: int, rows: int, height: int, width: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Fourier bases of this strip's rows and of the columns, on `device`. Made once per strip
+        shape by kernels on the device (no copy from the host: inside a CUDA graph's capture a copy from
+        pageable memory fails) and kept, so the captured step reads the tensors an eager step made.
+        Nothing is kept from inside a capture: a tensor made there holds its values only in replays."""
+        key = (top, rows, height, width, str(device), dtype)
+        bases = self._bases.get(key)
+        if bases is None:
+            bases = (
+                _fourier_basis(_box(height, self.THRESHOLD, device), top, rows, height).to(dtype),
+                _fourier_basis(_box(width, self.THRESHOLD, device), 0, width, width).to(dtype),
+            )
+            if not _capturing(device):
+                self._bases[key] = bases
+        return bases
 
-def _box(size: int, threshold: int) -> torch.Tensor:
+
+def _capturing(device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _box(size: int, threshold: int, device=None) -> torch.Tensor:
     """The frequencies that FreeU's mask scales along a dimension of `size`: shifted indices
-    [size//2 - t, size//2 + t) (Python slice semantics, as diffusers indexes its mask)."""
-    shifted = torch.fft.fftshift(torch.fft.fftfreq(size) * size).round().long()
+    [size//2 - t, size//2 + t), sliced as diffusers slices its mask (a tensor slice: a negative start
+    counts from the end)."""
+    shifted = torch.fft.fftshift(torch.fft.fftfreq(size, device=device) * size).round().long()
     centre = size // 2
-    return shifted[list(range(size))[centre - threshold : centre + threshold]]
+    return shifted[centre - threshold : centre + threshold]
 
 
-def _fourier_basis(freqs: torch.Tensor, positions: torch.Tensor, size: int, device) -> torch.Tensor:
-    """exp(-2 pi i f p / size) for every frequency f (rows) and position p (columns), in float64."""
-    angle = -2 * torch.pi * freqs[:, None].double() * positions[None, :].double() / size
-    return torch.polar(torch.ones_like(angle), angle).to(device)
+def _fourier_basis(freqs: torch.Tensor, start: int, count: int, size: int) -> torch.Tensor:
+    """exp(-2 pi i f p / size) for every frequency f (rows) and position p in [start, start + count)
+    (columns), in float64, on the device of `freqs`."""
+    positions = torch.arange(start, start + count, device=freqs.device, dtype=torch.float64)
+    angle = -2 * torch.pi * freqs[:, None].double() * positions[None, :] / size
+    return torch.polar(torch.ones_like(angle), angle)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import warnings
 import zlib
 from collections.abc import Callable
@@ -136,7 +137,7 @@ def parallelize_model(
         config = dataclasses.replace(config, mode="sync", cuda_graphs=False, split_cfg=bool(config.split_cfg))
     state = ParallelState(config, runtime, keep_buffers=not adapter.always_sync)
     if use_cuda_graphs(config, runtime):
-        watchdog = ReplayWatchdog(config.timeout_s, runtime.rank) if runtime.world_size > 1 else None
+        watchdog = ReplayWatchdog(config.timeout_s, runtime.rank, runtime.device) if runtime.world_size > 1 else None
         agree = partial(_everywhere, runtime)
         state.graphs = CudaGraphs(runtime.device, agree=agree, abort=state.abort_step, watchdog=watchdog)
     setattr(model, _STATE_ATTR, state)
@@ -194,7 +195,14 @@ def _everywhere(runtime: Runtime, ok: bool) -> bool:
 
 
 def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
-    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives."""
+    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives.
+
+    With several ranks, also NCCL's graph mixing (`NCCL_GRAPH_MIXING_SUPPORT`, on by default): between
+    two replays a rank issues eager collectives on the same communicators (the step-0 agreement, an eager
+    step's gathers), which NCCL supports only with mixing on. One graph holds collectives of two
+    communicators under CFG split (the halves' exchange, the world's output gather); NCCL's hangs with
+    mixing on were seen when one thread launches the graphs of several ranks, which never happens here
+    (one rank per process), so mixing stays on and nothing is set for NCCL."""
     comms = [runtime.world, *runtime.patch_groups.values()]
     possible = runtime.device.type == "cuda" and all(getattr(c, "capturable", False) for c in comms)
     if config.cuda_graphs and not possible:
@@ -203,6 +211,16 @@ def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
             f"(nccl, or one rank); this rank runs on {runtime.device} with "
             f"{', '.join(sorted({type(c).__name__ for c in comms}))}. Use cuda_graphs=None or False."
         )
+    if possible and runtime.world_size > 1 and os.environ.get("NCCL_GRAPH_MIXING_SUPPORT", "1").strip() == "0":
+        if config.cuda_graphs:
+            raise ValueError(
+                "distrifusion: cuda_graphs=True with several ranks needs NCCL's graph mixing (eager collectives "
+                "run between replays on the same communicators), and NCCL_GRAPH_MIXING_SUPPORT=0 turns it off. "
+                "Unset it, or use cuda_graphs=None or False."
+            )
+        if runtime.rank == 0:
+            log.warning("distrifusion: NCCL_GRAPH_MIXING_SUPPORT=0: steps run eagerly (CUDA graphs need it on)")
+        possible = False
     return possible if config.cuda_graphs is None else config.cuda_graphs
 
 
@@ -279,10 +297,11 @@ def _new_image(model: nn.Module, state: ParallelState, drop_graphs: bool = False
     state.refresh_fused_kv()
     if state.graphs is not None:
         # Graphs read the weights' memory: replaced or modified weights need new graphs (and the fused
-        # key/value projections a refresh, which the first eager step does).
+        # key/value projections a refresh, which the first eager step does). This rank's finding; the
+        # graphs go on every rank at once, at the next call's step-0 agreement (`_ParallelForward.agree`).
         weights = tuple((p.data_ptr(), tensor_version(p)) for p in model.parameters()) + _adapter_settings(model)
         if weights != state.graph_weights or drop_graphs:
-            state.graphs.clear()
+            state.graphs.stale = True
             state.graph_weights = weights
 
 
@@ -361,6 +380,9 @@ class _ParallelForward:
             # A number would be baked into the graph: make it the tensor the model itself would make of it.
             inputs["timestep"] = adapter.timestep_tensor(self.model, inputs["timestep"])
         if state.runtime.world_size == 1:
+            if state.graphs.stale:  # no other rank to agree with
+                state.graphs.clear()
+                state.graphs.stale = False
             full, kind = state.graphs("solo", self.run_local, inputs)
             return self.output(full, kind)
         if adapter.runs_whole(self.model, inputs):  # every rank computes the whole call, unsplit
@@ -492,6 +514,8 @@ class _ParallelForward:
         if ownership.intact():
             return None
         self.state.release()
+        if self.state.graphs is not None:
+            self.state.graphs.stale = True  # dropped here; the step-0 agreement drops the other ranks' too
         try:
             ownership.install()
         except (TypeError, ValueError) as refusal:
@@ -501,15 +525,21 @@ class _ParallelForward:
     def agree(self, sample: torch.Tensor, timestep, problem: Exception | None) -> None:
         """Before an image's first collective of its layers, every rank learns whether each rank
         accepts the call: no refusal of a changed model, as many patch-parallel layers, the same
-        inputs (e.g. latents drawn with a shared seed). Then all raise, or none."""
+        inputs (e.g. latents drawn with a shared seed), steps as CUDA graphs on all or none. Then all
+        raise, or none. And whether any rank's graphs went stale: then every rank drops its graphs, so
+        that all capture (and launch their collectives captured or eager) alike, as NCCL requires."""
+        graphs = self.state.graphs
         if sample.device.type == "meta":  # a shape-only run (bench counting traffic) has no values to compare
             if problem is not None:
                 raise problem
             return
         t = torch.as_tensor(0 if timestep is None else timestep, device=sample.device).double().sum()
         layers = float(self.state.ownership.layers)
+        graphed = [float(graphs is not None), float(graphs is not None and graphs.stale)]
         flags = torch.tensor(
-            [float(problem is None), layers, _fingerprint(self.state.config)], dtype=torch.float64, device=sample.device
+            [float(problem is None), layers, _fingerprint(self.state.config), *graphed],
+            dtype=torch.float64,
+            device=sample.device,
         )
         summary = torch.cat([torch.stack([sample.double().sum(), sample.double().abs().sum(), t]), flags])
         gathered = self.state.runtime.world.all_gather(summary).wait()
@@ -529,6 +559,14 @@ class _ParallelForward:
                 "distrifusion: the ranks run with different ParallelConfig settings (mode, compress, warm-up, ...); "
                 "give every rank the same config"
             )
+        if gathered[:, 6].amin() != gathered[:, 6].amax():
+            raise ValueError(
+                "distrifusion: some ranks run steps as CUDA graphs and others eagerly (cuda_graphs, the backend or "
+                "NCCL_GRAPH_MIXING_SUPPORT differ); set them alike on every rank"
+            )
+        if graphs is not None and gathered[:, 7].amax() > 0:
+            graphs.clear()
+            graphs.stale = False
         sums = gathered[:, :3]
         if not ((sums == sums[0]) | (sums.isnan() & sums[0].isnan())).all():  # NaN inputs are alike too
             raise ValueError(
