@@ -18,7 +18,6 @@ from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embe
 from torch import nn
 
 from .exchange import normal_tensors, tensor_version
-from .hooks import plain_parameters
 from .state import ParallelState
 
 
@@ -35,8 +34,10 @@ def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 def refuse_packed_weights(module: nn.Module, what: str, why: str) -> None:
     """A layer that computes with its module's weights itself (beneath the module's hooks, which have cast or
     onloaded them by then) needs ordinary tensors: refuse a quantised tensor subclass by name."""
-    if not plain_parameters(module):
-        kinds = sorted({type(p).__name__ for p in module._parameters.values() if type(p) is not nn.Parameter})
+    # Meta parameters are plain here: traffic counting and memory plans build these layers on the meta device.
+    params = [p for p in module._parameters.values() if p is not None]
+    kinds = sorted({type(p).__name__ for p in params if type(p) is not nn.Parameter})
+    if kinds:
         raise TypeError(
             f"distrifusion: {what} holds {', '.join(kinds)} weights (quantised?), and {why}: not supported; "
             "leave such layers unquantised (e.g. quantise linear layers only)"
