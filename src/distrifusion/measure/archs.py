@@ -17,10 +17,13 @@ ARCHS = {
     "flux_dev": "flux_dev_transformer.json",
     "sd3_medium": "sd3_medium_transformer.json",
     "pixart_alpha": "pixart_alpha_transformer.json",
+    "qwen_image": "qwen_image_transformer.json",
+    "flux2_dev": "flux2_dev_transformer.json",
+    "flux2_klein": "flux2_klein_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
 }
-"""Each named architecture's config file in `CONFIGS`."""
+"""Each named architecture's config file in `CONFIGS` (where each came from: `CONFIGS / "README.md"`)."""
 
 
 def arch_config_path(arch: str) -> Path:

@@ -6,6 +6,8 @@
 | Flux.1 | `flux.FluxAdapter` | FluxTransformer2DModel |
 | SD3 / SD3.5 | `sd3.SD3Adapter` | SD3Transformer2DModel |
 | PixArt-α/Σ | `pixart.PixArtAdapter` | PixArtTransformer2DModel |
+| Flux.2 | `flux2.Flux2Adapter` | Flux2Transformer2DModel |
+| Qwen-Image | `qwenimage.QwenImageAdapter` | QwenImageTransformer2DModel |
 | VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
 """
 
@@ -15,14 +17,24 @@ from torch import nn
 
 from .base import ModelAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .vae import VAEAdapter
 
 __all__ = ["ADAPTERS", "ModelAdapter", "VAEAdapter", "find_denoiser", "supported_names"]
 
-ADAPTERS: tuple[ModelAdapter, ...] = (UNetAdapter(), FluxAdapter(), SD3Adapter(), PixArtAdapter(), VAEAdapter())
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    UNetAdapter(),
+    FluxAdapter(),
+    SD3Adapter(),
+    PixArtAdapter(),
+    Flux2Adapter(),
+    QwenImageAdapter(),
+    VAEAdapter(),
+)
 DENOISER_ATTRS = ("unet", "transformer")
 """Where a pipeline keeps its denoising model."""
 
@@ -42,6 +54,11 @@ def find_denoiser(pipe_or_model) -> tuple[nn.Module, ModelAdapter]:
     for adapter in ADAPTERS:
         if isinstance(model, adapter.models):
             return model, adapter
+        why = next(
+            (why for cls in type(model).__mro__ for name, why in adapter.refused.items() if cls.__name__ == name), None
+        )
+        if why:
+            raise TypeError(f"distrifusion does not support {type(model).__name__}: {why}")
     inside = f" with a {type(model).__name__}" if model is not pipe_or_model else ""
     raise TypeError(
         f"distrifusion supports {supported_names()} and pipelines whose .unet or .transformer is one of them; "

@@ -215,7 +215,10 @@ def _remove_model(model: nn.Module) -> bool:
     state.ownership.close()
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
-            if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
+            # The engine's layers, and an adapter's own (installed as a module's forward, bound to this state).
+            if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)) or (
+                name == "forward" and getattr(value, "state", None) is state
+            ):
                 delattr(module, name)
     _give_back_processors(model)
     delattr(model, _STATE_ATTR)
@@ -412,11 +415,14 @@ class _ParallelForward:
                 f"distrifusion: image height of {height} {unit} is too small to split over {patch_size} ranks; the "
                 f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger height or fewer ranks."
             )
-        text, sharded = (), False
+        text, sharded, extra = (), False, ()
         if adapter.joint_text:
             tokens = adapter.text_tokens(inputs)
             sharded = config.text_tokens == "sharded" and patch_size > 1
             text = split_rows(tokens, 1, patch_size) if sharded else (tokens,) * patch_size
+            references = adapter.extra_tokens(inputs, height, width)
+            if references:  # context like the text: sharded or replicated alike
+                extra = split_rows(references, 1, patch_size) if sharded else (references,) * patch_size
         return Partition(
             batch,
             height,
@@ -428,6 +434,7 @@ class _ParallelForward:
             text,
             sharded,
             block,
+            extra,
         )
 
     def refresh(self) -> Exception | None:
@@ -484,11 +491,29 @@ class _ParallelForward:
 
     @torch.compiler.disable
     def gather(self, local: torch.Tensor, partition: Partition) -> torch.Tensor:
-        """All-gather every rank's output strip into the full output on every rank."""
-        dim = self.adapter.output_dim
-        sizes = self.state.sizes(local.shape[dim])
-        parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(sizes))).wait()
+        """All-gather every rank's output strip into the full output on every rank.
+
+        With reference tokens (`Partition.extra`) the output has their rows after the image's: each rank
+        sends its strip's rows and its share of the reference rows, and the full output is every strip
+        then every share (computed on this rank whether the reference tokens are sharded or replicated)."""
+        dim, rank = self.adapter.output_dim, partition.patch_rank
+        references = partition.extra[rank] if partition.extra else 0
+        strip = local.shape[dim] - references
+        sizes, shares = self.state.sizes(strip), partition.reference_shares
+        if references:
+            first = strip + (0 if partition.sharded_text else sum(shares[:rank]))
+            local = torch.cat([local.narrow(dim, 0, strip), local.narrow(dim, first, shares[rank])], dim)
+        lengths = [n + m for n, m in zip(sizes, shares)]
+        parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(lengths))).wait()
         groups = [parts[g * partition.patch_size : (g + 1) * partition.patch_size] for g in range(partition.cfg_groups)]
         return torch.cat(
-            [torch.cat([strip.narrow(dim, 0, n) for strip, n in zip(group, sizes)], dim) for group in groups], 0
+            [
+                torch.cat(
+                    [part.narrow(dim, 0, n) for part, n in zip(group, sizes)]
+                    + [part.narrow(dim, n, m) for part, n, m in zip(group, sizes, shares) if m],
+                    dim,
+                )
+                for group in groups
+            ],
+            0,
         )

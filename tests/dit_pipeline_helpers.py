@@ -1,0 +1,141 @@
+"""Tiny random-weight pipelines of the newer image transformers (no downloads): Qwen-Image and
+Qwen-Image-Edit, Flux.2 (dev-like, with distilled guidance) and Flux.2 klein (CFG by a second call),
+Flux.1 Kontext; the calls the tests make, in float32.
+
+Text encoders: Kontext's CLIP and T5 are built tiny in memory, with the byte-level tokenizer of
+`pipeline_helpers` in both places. Qwen-Image's Qwen2.5-VL, Flux.2's Mistral-3 and klein's Qwen3 encoders
+are not built: the pipelines take their prompt embeddings (and Qwen-Image's text mask) prepared, the way
+their `prompt_embeds` arguments allow, so everything after the text encoder runs as in use (latents,
+reference-image encoding, the scheduler, guidance, the VAE's decode).
+
+Qwen-Image-Edit resizes its condition image to about 1024 x 1024 pixels (`calculate_dimensions`), which
+would make 4096 reference tokens: `edit_pipeline` makes that module function return 48 x 64 instead (in
+whichever process builds the pipeline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    FluxKontextPipeline,
+    QwenImageEditPipeline,
+    QwenImagePipeline,
+)
+from pipeline_helpers import _text_config, tiny_tokenizer, tiny_vae
+from transformer_helpers import POOLED_DIM, TEXT_DIM, tiny_transformer
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+DTYPE = torch.float32
+STEPS = 4
+HEIGHT, WIDTH = 80, 64  # Qwen-Image and Flux.2: 5 x 4 tokens of 16 px (uneven strips over 2 and 3 ranks)
+KONTEXT_SIZE = (20, 16)  # the tiny Kontext VAE halves once: 5 x 4 tokens of 4 px
+PIPELINES = ["qwen", "qwen_edit", "flux2", "flux2_ref", "klein", "kontext"]
+
+
+def _prompts(batch: int, seed: int = 0) -> dict:
+    """Prompt embeddings of `batch` prompts and of negative ones, with Qwen-Image's masks: the first prompt
+    has 4 of 7 tokens (padding, as a batch of prompts of different lengths has), the second negative 3 of 5."""
+    g = torch.Generator().manual_seed(seed)
+    mask, negative_mask = torch.ones(batch, 7, dtype=torch.long), torch.ones(batch, 5, dtype=torch.long)
+    mask[0, 4:] = 0
+    negative_mask[-1, 3:] = 0
+    return dict(
+        prompt_embeds=torch.randn(batch, 7, TEXT_DIM, generator=g, dtype=DTYPE),
+        prompt_embeds_mask=mask,
+        negative_prompt_embeds=torch.randn(batch, 5, TEXT_DIM, generator=g, dtype=DTYPE),
+        negative_prompt_embeds_mask=negative_mask,
+    )
+
+
+def condition_image(height: int = 64, width: int = 48) -> PIL.Image.Image:
+    pixels = np.random.RandomState(0).rand(height, width, 3) * 255
+    return PIL.Image.fromarray(pixels.astype(np.uint8))
+
+
+def _qwen_vae() -> AutoencoderKLQwenImage:
+    torch.manual_seed(1)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    return vae.to(DTYPE).eval()
+
+
+def _flux2_vae() -> AutoencoderKLFlux2:
+    torch.manual_seed(1)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32
+    )
+    return vae.to(DTYPE).eval()
+
+
+def build(name: str):
+    """A tiny pipeline (a new one each call: every rank and the reference get their own)."""
+    if name in ("qwen", "qwen_edit"):
+        transformer = tiny_transformer("qwen", dtype=DTYPE)
+        if name == "qwen":
+            pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), _qwen_vae(), None, None, transformer)
+        else:
+            import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+
+            edit.calculate_dimensions = lambda area, ratio: (48, 64, None)  # width, height: see the docstring
+            pipe = QwenImageEditPipeline(FlowMatchEulerDiscreteScheduler(), _qwen_vae(), None, None, None, transformer)
+    elif name in ("flux2", "flux2_ref"):
+        transformer = tiny_transformer("flux2", dtype=DTYPE, guidance_embeds=True)  # FLUX.2-dev: distilled guidance
+        pipe = Flux2Pipeline(FlowMatchEulerDiscreteScheduler(), _flux2_vae(), None, None, transformer)
+    elif name == "klein":
+        transformer = tiny_transformer("flux2", dtype=DTYPE)  # klein base: CFG by a second call
+        pipe = Flux2KleinPipeline(FlowMatchEulerDiscreteScheduler(), _flux2_vae(), None, None, transformer)
+    elif name == "kontext":
+        tokenizer = tiny_tokenizer()
+        torch.manual_seed(2)
+        clip = CLIPTextModel(_text_config(tokenizer, POOLED_DIM)).to(DTYPE).eval()  # pooled: CLIP's width
+        t5 = T5EncoderModel(
+            T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+        )
+        transformer = tiny_transformer("flux", dtype=DTYPE)
+        torch.manual_seed(1)
+        config = {k: v for k, v in tiny_vae().config.items() if not k.startswith("_")}
+        vae = AutoencoderKL(**{**config, "shift_factor": 0.1}).to(DTYPE).eval()  # Flux's VAEs shift their latents
+        scheduler = FlowMatchEulerDiscreteScheduler()
+        pipe = FluxKontextPipeline(scheduler, vae, clip, tokenizer, t5.to(DTYPE).eval(), tokenizer, transformer)
+    else:
+        raise ValueError(name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, name: str) -> torch.Tensor:
+    """The decoded image(s), (batch, 3, height, width) in [0, 1], of a fixed seed."""
+    kwargs = dict(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1), output_type="pt")
+    if name in ("qwen", "qwen_edit"):  # two prompts (one padded) and true CFG with negative prompts
+        kwargs.update(_prompts(2), true_cfg_scale=4.0, height=HEIGHT, width=WIDTH)
+        if name == "qwen_edit":
+            kwargs["image"] = condition_image()
+    elif name in ("flux2", "flux2_ref", "klein"):
+        prompts = _prompts(1)
+        kwargs.update(prompt_embeds=prompts["prompt_embeds"], height=HEIGHT, width=WIDTH, guidance_scale=3.0)
+        if name != "flux2":
+            kwargs["image"] = [condition_image(64, 64)]  # Flux.2's smallest reference
+        if name == "klein":
+            kwargs["negative_prompt_embeds"] = prompts["negative_prompt_embeds"]
+    else:  # Kontext: the text through its tiny encoders, a reference image, true CFG
+        height, width = KONTEXT_SIZE
+        kwargs.update(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=2.0, max_sequence_length=12)
+        kwargs.update(image=condition_image(24, 16), height=height, width=width, max_area=height * width)
+        kwargs["_auto_resize"] = False  # the reference as it is, not resized to about 1024 x 1024
+    with torch.no_grad():
+        return pipe(**kwargs).images
