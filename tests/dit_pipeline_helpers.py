@@ -23,6 +23,7 @@ from diffusers import (
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinKVPipeline,
     Flux2KleinPipeline,
     Flux2Pipeline,
     FluxKontextPipeline,
@@ -96,9 +97,10 @@ def build(name: str):
     elif name in ("flux2", "flux2_ref"):
         transformer = tiny_transformer("flux2", dtype=DTYPE, guidance_embeds=True)  # FLUX.2-dev: distilled guidance
         pipe = Flux2Pipeline(FlowMatchEulerDiscreteScheduler(), _flux2_vae(), None, None, transformer)
-    elif name == "klein":
+    elif name in ("klein", "klein_kv"):
         transformer = tiny_transformer("flux2", dtype=DTYPE)  # klein base: CFG by a second call
-        pipe = Flux2KleinPipeline(FlowMatchEulerDiscreteScheduler(), _flux2_vae(), None, None, transformer)
+        cls = Flux2KleinPipeline if name == "klein" else Flux2KleinKVPipeline  # KV: not supported
+        pipe = cls(FlowMatchEulerDiscreteScheduler(), _flux2_vae(), None, None, transformer)
     elif name == "kontext":
         tokenizer = tiny_tokenizer()
         torch.manual_seed(2)
