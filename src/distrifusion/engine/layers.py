@@ -396,7 +396,7 @@ class PatchJointAttnProcessor:
             raise ValueError(f"distrifusion: attention {self.name!r} got {extra}, which cannot be split into strips")
 
     def project(self, attn, x: torch.Tensor, added: bool, rotary):
-        """Queries and keys/values of one stream's tokens (see `_heads`): what the model projects with."""
+        """Queries and keys/values of one stream's tokens (see `heads`): what the model projects with."""
         if x.shape[1] == 0:  # a rank whose share of sharded text tokens is empty (fewer tokens than ranks)
             return heads(attn, *(x.new_empty(*x.shape[:2], attn.to_q.out_features),) * 3, None, None, None, None)
         fused, to_q, to_k, to_v, norm_q, norm_k = _joint_projections(attn, self.original, added)
