@@ -450,7 +450,7 @@ class PatchJointAttnProcessor:
                 gather_tokens(state, self.name + ".text", kv_txt, list(partition.text)) if sharded else kv_txt
             )
             query = torch.cat([q_txt, q_img] if self.text_first else [q_img, q_txt], 1)
-            if text_mask is not None:
+            if text_mask is not None or (sharded and partition.text_mask):
                 mask = self._key_mask(text_mask, sharded, kv)
         key, value = kv.unflatten(-1, (attn.heads, -1)).transpose(1, 2).chunk(2, -1)  # (batch, heads, tokens, d)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, attn_mask=mask)
@@ -461,12 +461,14 @@ class PatchJointAttnProcessor:
             return out[:, :n_text], out[:, n_text:]
         return out[:, image.shape[1] :], out[:, : image.shape[1]]
 
-    def _key_mask(self, text_mask: torch.Tensor, sharded: bool, kv: torch.Tensor) -> torch.Tensor:
+    def _key_mask(self, text_mask: torch.Tensor | None, sharded: bool, kv: torch.Tensor) -> torch.Tensor:
         """The (batch, 1, 1, keys) boolean mask of the keys [text, reference, strip]: the text's own, every
         other key attended. Sharded, every rank's share of the text mask is exchanged with its share of the
         keys, as 0/1 values in a payload of its own (which any codec carries exactly: a block of 0s and 1s
-        scales 1 to the code's largest value)."""
+        scales 1 to the code's largest value); a rank whose share is empty (no mask given to it) sends none."""
         partition = self.state.partition
+        if text_mask is None:  # an empty share of the text tokens
+            text_mask = kv.new_ones(kv.shape[0], 0)
         if sharded:
             shares = text_mask.to(kv.dtype)[..., None]  # in the keys' dtype: one bucket with the others
             text_mask = gather_tokens(self.state, self.name + ".mask", shares, list(partition.text))[..., 0] > 0.5

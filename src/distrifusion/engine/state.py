@@ -98,6 +98,9 @@ class Partition:
     sharded_text: bool = False
     block: int = 1
     """Rows every strip is a multiple of (a UNet's downsampling, a transformer's patch size)."""
+    text_mask: bool = False
+    """Whether the text tokens carry a mask (Qwen-Image's `encoder_hidden_states_mask`: padded prompts of
+    a batch): with sharded text every rank's share of it is exchanged beside its share of the keys."""
     extra: tuple[int, ...] = ()
     """Reference-image tokens every patch rank computes after its strip's tokens, in the image stream
     (Flux.1 Kontext, Qwen-Image-Edit, Flux.2 with reference images): tokens that condition the image

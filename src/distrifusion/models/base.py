@@ -91,6 +91,10 @@ class ModelAdapter:
         """Text tokens that attend jointly with the image tokens (0 if none)."""
         return 0
 
+    def text_masked(self, inputs: dict) -> bool:
+        """Whether the call's text tokens carry a mask over the keys (see `Partition.text_mask`)."""
+        return False
+
     def extra_tokens(self, inputs: dict, rows: int, cols: int) -> int:
         """Reference-image tokens after the image's `rows` x `cols` tokens (see `Partition.extra`): they
         condition the image but are not rows of it (0 if none)."""

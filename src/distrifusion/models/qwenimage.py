@@ -102,9 +102,13 @@ class QwenImageAdapter(PackedTokensAdapter):
         local = shard_text(local, partition, "encoder_hidden_states")
         mask = local.get("encoder_hidden_states_mask")
         if partition.sharded_text and mask is not None:  # (batch, tokens): the text's share of it
-            first = sum(partition.text[: partition.patch_rank])
-            local["encoder_hidden_states_mask"] = mask[:, first : first + partition.text[partition.patch_rank]]
+            first, share = sum(partition.text[: partition.patch_rank]), partition.text[partition.patch_rank]
+            # An empty share has no mask (diffusers cannot take an empty one); the processor still exchanges it.
+            local["encoder_hidden_states_mask"] = mask[:, first : first + share] if share else None
         return local
+
+    def text_masked(self, inputs: dict) -> bool:
+        return inputs.get("encoder_hidden_states_mask") is not None
 
 
 def image_shapes(img_shapes) -> list[tuple[int, int, int]]:

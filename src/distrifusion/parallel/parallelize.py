@@ -415,11 +415,12 @@ class _ParallelForward:
                 f"distrifusion: image height of {height} {unit} is too small to split over {patch_size} ranks; the "
                 f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger height or fewer ranks."
             )
-        text, sharded, extra = (), False, ()
+        text, sharded, masked, extra = (), False, False, ()
         if adapter.joint_text:
             tokens = adapter.text_tokens(inputs)
             sharded = config.text_tokens == "sharded" and patch_size > 1
             text = split_rows(tokens, 1, patch_size) if sharded else (tokens,) * patch_size
+            masked = adapter.text_masked(inputs)
             references = adapter.extra_tokens(inputs, height, width)
             if references:  # context like the text: sharded or replicated alike
                 extra = split_rows(references, 1, patch_size) if sharded else (references,) * patch_size
@@ -434,6 +435,7 @@ class _ParallelForward:
             text,
             sharded,
             block,
+            masked,
             extra,
         )
 
