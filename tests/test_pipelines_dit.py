@@ -6,7 +6,7 @@ FluxKontextPipeline (tiny CLIP and T5 text encoders, a reference image, true CFG
 components in float32 (see `dit_pipeline_helpers`: which text encoders are built and which prompts come
 prepared), 3 gloo ranks: uneven strips of 5 token rows (2 + 2 + 1), 7 and 5 text tokens.
 
-Measured with 3 simulated ranks (2026-12): sync and displaced-with-warm-up differ from one process by
+Measured with 3 simulated ranks (2026-12-06): sync and displaced-with-warm-up differ from one process by
 2e-7 to 3e-6 of the image's scale (float32 reduction order: strips, keys in another order); displaced
 with one warm-up step 79-91 dB PSNR against one process, naive 46-61 dB.
 """
