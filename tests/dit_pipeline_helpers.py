@@ -2,11 +2,14 @@
 Qwen-Image-Edit, Flux.2 (dev-like, with distilled guidance) and Flux.2 klein (CFG by a second call),
 Flux.1 Kontext; the calls the tests make, in float32.
 
-Text encoders: Kontext's CLIP and T5 are built tiny in memory, with the byte-level tokenizer of
-`pipeline_helpers` in both places. Qwen-Image's Qwen2.5-VL, Flux.2's Mistral-3 and klein's Qwen3 encoders
-are not built: the pipelines take their prompt embeddings (and Qwen-Image's text mask) prepared, the way
-their `prompt_embeds` arguments allow, so everything after the text encoder runs as in use (latents,
-reference-image encoding, the scheduler, guidance, the VAE's decode).
+Text encoders: Kontext's CLIP and T5 and Qwen-Image's Qwen2.5-VL (text only: one layer of width 32,
+a one-block vision tower it does not use) are built tiny in memory, with the byte-level tokenizer of
+`pipeline_helpers` (Qwen-Image's prompt template then makes ~200 tokens, of which the pipeline drops
+its fixed 34: the text is longer than with Qwen's tokenizer, the code path the same). Qwen-Image-Edit's
+encoder (Qwen2.5-VL reading the condition image through its processor), Flux.2's Mistral-3 and klein's
+Qwen3 are not built: those pipelines take their prompt embeddings (and Qwen-Image-Edit's text mask)
+prepared, the way their `prompt_embeds` arguments allow, so everything after the text encoder runs as
+in use (latents, reference-image encoding, the scheduler, guidance, the VAE's decode).
 
 Qwen-Image-Edit resizes its condition image to about 1024 x 1024 pixels (`calculate_dimensions`), which
 would make 4096 reference tokens: `edit_pipeline` makes that module function return 48 x 64 instead (in
@@ -83,12 +86,28 @@ def _flux2_vae() -> AutoencoderKLFlux2:
     return vae.to(DTYPE).eval()
 
 
+def _qwen_text_encoder():
+    """Qwen-Image's text encoder, tiny: Qwen2.5-VL with a text model of one layer of width `TEXT_DIM`."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2)
+    text.update(num_key_value_heads=1, intermediate_size=64, max_position_embeddings=1024)
+    text.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=tokenizer.bos_token_id)
+    text.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=TEXT_DIM)
+    torch.manual_seed(3)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    return model.to(DTYPE).eval(), tokenizer
+
+
 def build(name: str):
     """A tiny pipeline (a new one each call: every rank and the reference get their own)."""
     if name in ("qwen", "qwen_edit"):
         transformer = tiny_transformer("qwen", dtype=DTYPE)
         if name == "qwen":
-            pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), _qwen_vae(), None, None, transformer)
+            encoder, tokenizer = _qwen_text_encoder()
+            pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), _qwen_vae(), encoder, tokenizer, transformer)
         else:
             import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
 
@@ -123,10 +142,11 @@ def build(name: str):
 def run(pipe, name: str) -> torch.Tensor:
     """The decoded image(s), (batch, 3, height, width) in [0, 1], of a fixed seed."""
     kwargs = dict(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1), output_type="pt")
-    if name in ("qwen", "qwen_edit"):  # two prompts (one padded) and true CFG with negative prompts
-        kwargs.update(_prompts(2), true_cfg_scale=4.0, height=HEIGHT, width=WIDTH)
-        if name == "qwen_edit":
-            kwargs["image"] = condition_image()
+    if name == "qwen":  # two prompts of different lengths (the pipeline pads one: a text mask) and true CFG
+        kwargs.update(prompt=["a red cat", "a blue dog in deep snow"], negative_prompt=["blurry", "dark"])
+        kwargs.update(true_cfg_scale=4.0, height=HEIGHT, width=WIDTH)
+    elif name == "qwen_edit":  # the same, with prepared embeddings and a reference image
+        kwargs.update(_prompts(2), true_cfg_scale=4.0, height=HEIGHT, width=WIDTH, image=condition_image())
     elif name in ("flux2", "flux2_ref", "klein"):
         prompts = _prompts(1)
         kwargs.update(prompt_embeds=prompts["prompt_embeds"], height=HEIGHT, width=WIDTH, guidance_scale=3.0)
