@@ -4,8 +4,8 @@ process. Too heavy for CI (an SDXL UNet is 10 GB in float32); run by hand on a m
     python benchmarks/check_real_archs.py [sd15 sd21 sdxl] [--ranks 2 3]
     python benchmarks/check_real_archs.py flux_dev sd3_medium pixart_alpha --depth 2 --pixels 256 192
     python benchmarks/check_real_archs.py sdxl_vae --pixels 1024 768      (decode and encode, always exact)
-    python benchmarks/check_real_archs.py qwen_image flux2_klein --depth 2 --pixels 256 192 --references 4
-    python benchmarks/check_real_archs.py flux2_dev --depth 1 --pixels 256 192 --references 4
+    python benchmarks/check_real_archs.py qwen_image --depth 2 --pixels 256 192 --references 4
+    python benchmarks/check_real_archs.py flux2_klein flux2_dev --depth 1 --pixels 128 128 --references 4
 
 `--references S` appends S x S reference-image tokens to Flux, Flux.2 and Qwen-Image calls (Kontext,
 Flux.2 with an image, Qwen-Image-Edit) and gives Qwen-Image a text mask whose second half is padding.

@@ -2,14 +2,15 @@
 Qwen-Image-Edit, Flux.2 (dev-like, with distilled guidance) and Flux.2 klein (CFG by a second call),
 Flux.1 Kontext; the calls the tests make, in float32.
 
-Text encoders: Kontext's CLIP and T5 and Qwen-Image's Qwen2.5-VL (text only: one layer of width 32,
-a one-block vision tower it does not use) are built tiny in memory, with the byte-level tokenizer of
-`pipeline_helpers` (Qwen-Image's prompt template then makes ~200 tokens, of which the pipeline drops
-its fixed 34: the text is longer than with Qwen's tokenizer, the code path the same). Qwen-Image-Edit's
-encoder (Qwen2.5-VL reading the condition image through its processor), Flux.2's Mistral-3 and klein's
-Qwen3 are not built: those pipelines take their prompt embeddings (and Qwen-Image-Edit's text mask)
-prepared, the way their `prompt_embeds` arguments allow, so everything after the text encoder runs as
-in use (latents, reference-image encoding, the scheduler, guidance, the VAE's decode).
+Text encoders: Kontext's CLIP and T5, Qwen-Image's Qwen2.5-VL (text only: one layer of width 32, a
+one-block vision tower it does not use) and klein's Qwen3 (3 layers of width 16, stacked to 48, with a
+plain chat template) are built tiny in memory, with the byte-level tokenizer of `pipeline_helpers`
+(Qwen-Image's prompt template then makes ~170 tokens after the pipeline drops its fixed 34: longer text
+than with Qwen's tokenizer, the same code path). Qwen-Image-Edit's encoder (Qwen2.5-VL reading the
+condition image through its processor) and Flux.2-dev's Mistral-3 are not built: those pipelines take
+their prompt embeddings (and Qwen-Image-Edit's text mask) prepared, the way their `prompt_embeds`
+arguments allow, so everything after the text encoder runs as in use (latents, reference-image
+encoding, the scheduler, guidance, the VAE's decode).
 
 Qwen-Image-Edit resizes its condition image to about 1024 x 1024 pixels (`calculate_dimensions`), which
 would make 4096 reference tokens: `edit_pipeline` makes that module function return 48 x 64 instead (in
@@ -101,6 +102,29 @@ def _qwen_text_encoder():
     return model.to(DTYPE).eval(), tokenizer
 
 
+def _qwen3_text_encoder():
+    """Flux.2 klein's text encoder, tiny: Qwen3 with 3 layers of width 16 (the pipeline stacks the three)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(4)
+    return Qwen3ForCausalLM(config).to(DTYPE).eval(), tokenizer
+
+
 def build(name: str):
     """A tiny pipeline (a new one each call: every rank and the reference get their own)."""
     if name in ("qwen", "qwen_edit"):
@@ -117,9 +141,10 @@ def build(name: str):
         transformer = tiny_transformer("flux2", dtype=DTYPE, guidance_embeds=True)  # FLUX.2-dev: distilled guidance
         pipe = Flux2Pipeline(FlowMatchEulerDiscreteScheduler(), _flux2_vae(), None, None, transformer)
     elif name in ("klein", "klein_kv"):
-        transformer = tiny_transformer("flux2", dtype=DTYPE)  # klein base: CFG by a second call
+        encoder, tokenizer = _qwen3_text_encoder()
+        transformer = tiny_transformer("flux2", dtype=DTYPE, joint_attention_dim=48)  # klein base: CFG by a 2nd call
         cls = Flux2KleinPipeline if name == "klein" else Flux2KleinKVPipeline  # KV: not supported
-        pipe = cls(FlowMatchEulerDiscreteScheduler(), _flux2_vae(), None, None, transformer)
+        pipe = cls(FlowMatchEulerDiscreteScheduler(), _flux2_vae(), encoder, tokenizer, transformer)
     elif name == "kontext":
         tokenizer = tiny_tokenizer()
         torch.manual_seed(2)
@@ -147,13 +172,13 @@ def run(pipe, name: str) -> torch.Tensor:
         kwargs.update(true_cfg_scale=4.0, height=HEIGHT, width=WIDTH)
     elif name == "qwen_edit":  # the same, with prepared embeddings and a reference image
         kwargs.update(_prompts(2), true_cfg_scale=4.0, height=HEIGHT, width=WIDTH, image=condition_image())
-    elif name in ("flux2", "flux2_ref", "klein"):
-        prompts = _prompts(1)
-        kwargs.update(prompt_embeds=prompts["prompt_embeds"], height=HEIGHT, width=WIDTH, guidance_scale=3.0)
-        if name != "flux2":
+    elif name in ("flux2", "flux2_ref"):
+        kwargs.update(prompt_embeds=_prompts(1)["prompt_embeds"], height=HEIGHT, width=WIDTH, guidance_scale=3.0)
+        if name == "flux2_ref":
             kwargs["image"] = [condition_image(64, 64)]  # Flux.2's smallest reference
-        if name == "klein":
-            kwargs["negative_prompt_embeds"] = prompts["negative_prompt_embeds"]
+    elif name == "klein":  # through its text encoder: the prompt, and "" as the negative one (CFG by a 2nd call)
+        kwargs.update(prompt="a red cat", image=[condition_image(64, 64)], height=HEIGHT, width=WIDTH)
+        kwargs.update(guidance_scale=4.0, max_sequence_length=12, text_encoder_out_layers=(1, 2, 3))
     else:  # Kontext: the text through its tiny encoders, a reference image, true CFG
         height, width = KONTEXT_SIZE
         kwargs.update(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=2.0, max_sequence_length=12)
