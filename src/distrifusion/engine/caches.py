@@ -185,7 +185,8 @@ def _feedable(hook, name: str, model: nn.Module, module: nn.Module) -> type[_Fed
             return True  # given ratios: a fixed schedule
         from diffusers.hooks.mag_cache import MagCacheBlockHook
 
-        known = type(hook) is MagCacheBlockHook and callable(getattr(MagCacheBlockHook, "_perform_calibration_step", None))
+        calibrates = callable(getattr(MagCacheBlockHook, "_perform_calibration_step", None))
+        known = type(hook) is MagCacheBlockHook and calibrates
         return WholeImageCalibration if known else None
     if name == _SEA_ROOT:
         # Decides from the inputs of the call it wraps: the whole model's, above the split, identical on every
