@@ -7,7 +7,8 @@
 - A first-block cache hook that cannot be fed the whole image's statistic (a subclass deciding its own way)
   is refused by name on every gloo rank before any collective, on the same diverging inputs.
 - The same agreement on the embedded DiT (its pipeline, 3 simulated ranks, CFG-free) and in displaced mode
-  whose warm-up covers every step (= one process); MagCache's calibration records the whole image's ratios.
+  whose warm-up covers every step (= one process); MagCache's calibration records the whole image's ratios;
+  SeaCache (decides from the model's whole input, above the split) on Wan T2V equals one process.
 - Hooks on fixed schedules stay exact: pyramid attention broadcast and TaylorSeer on SD3 (3 ranks, CFG split),
   MagCache with given ratios on Flux. FasterCache is refused with the CFG split; the first-block cache is
   refused by name on SD3, where diffusers' own hook cannot run (its last block returns no text stream).
@@ -245,3 +246,35 @@ def test_cache_specs_are_checked():
         parse_cache("taylorseer:1.5")
     with pytest.raises(ValueError, match="positive number"):
         parse_cache("fbcache:-1")
+
+
+def test_seacache_decides_above_the_split_and_equals_one_process_on_wan():
+    # SeaCache's root hook decides from the model's input latent (its spectral indicator), which every rank
+    # receives whole: the same decisions as one process without a collective.
+    config_cls = pytest.importorskip("diffusers").SeaCacheConfig
+    from wan_helpers import tiny_wan, video_inputs
+
+    steps = 6
+
+    def run(model) -> torch.Tensor:
+        inputs = video_inputs(model)
+        x = inputs.pop("hidden_states")
+        sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+        with torch.no_grad():
+            for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+                with model.cache_context("cond", step_index=i, sigma=s, num_inference_steps=steps):
+                    v = model(hidden_states=x, timestep=torch.full((1,), 1000 * s), return_dict=False, **inputs)[0]
+                x = x + (s_next - s) * v
+        return x
+
+    def seacache(model):
+        model.enable_cache(config_cls(threshold=10.0, max_consecutive_cached=2))
+
+    base = tiny_wan("t2v")
+    reference = copy.deepcopy(base)
+    seacache(reference)
+    counter = ComputedCalls(reference)
+    expected = run(reference)
+    assert counter.computed < counter.calls == steps  # some calls reuse the cached residual
+    for out, computed, _ in _parallel(base, 2, run, dict(mode="sync"), seacache):
+        assert computed == counter.computed and _relative(out, expected) <= 1e-9
