@@ -25,7 +25,7 @@ from transformer_helpers import call_inputs, denoise, image_shape, tiny_transfor
 
 import distrifusion
 from distrifusion.engine.caches import cache_decisions
-from distrifusion.measure.caching import ComputedCalls, enable_cache, parse_cache
+from distrifusion.measure.caching import ComputedCalls, cache_context, enable_cache, parse_cache
 from distrifusion.measure.simulate import simulate_ranks
 
 ROWS, COLS = 6, 4
@@ -181,13 +181,8 @@ def test_magcache_calibration_records_the_whole_image_ratios():
 
 
 def _sd3_denoise(model) -> torch.Tensor:
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-    _set_cache_context(model, CacheContext("cond"))  # what `cache_context` does (SD3's model has no CacheMixin)
-    try:
+    with cache_context(model, "cond"):  # SD3's model has no CacheMixin: the context set on its hooks alike
         return denoise(model, "sd3", 6, 4, batch=2, steps=4)
-    finally:
-        _set_cache_context(model, None)
 
 
 @pytest.mark.parametrize("cache", ["pab:2", "taylorseer:2"])

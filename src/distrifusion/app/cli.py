@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..engine.config import COMPRESS_MODES, GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, VIDEO_SPLITS, ParallelConfig
 from ..measure.archs import ARCHS
+from ..measure.caching import cache_help, parse_cache
 from .cli_checks import EMBEDDED, Geometry, UsageError, check, is_vae
 from .cli_checks import check_image_size as check_image_size  # re-exported: tests call cli.check_image_size
 from .cli_checks import pipeline_geometry as pipeline_geometry  # and cli.pipeline_geometry
@@ -115,6 +116,13 @@ def _size(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+def _cache(text: str):
+    try:
+        return parse_cache(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_verbose(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument(
         "-v",
@@ -190,6 +198,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--fps", type=float, default=16.0, help="video models: frames per second of the file (default 16)")
     _add_video_args(gen)
+    gen.add_argument(
+        "--cache",
+        type=_cache,
+        default=None,
+        help=f"a diffusers step cache on the denoiser ({cache_help()}); every rank takes the decision one process "
+        "would (see README, 'Step caches'); the summary says how many calls computed",
+    )
     gen.add_argument(
         "--show-strips",
         action="store_true",
@@ -637,6 +652,12 @@ def generate(args: argparse.Namespace) -> int:
             prompt=prompt, height=height, width=width, num_inference_steps=args.steps, generator=generator, **extra
         )
     denoiser = denoiser_of(pipe)
+    computed = None
+    if args.cache is not None:  # after parallelize: the engine feeds the hooks the whole image's statistic
+        from ..measure.caching import ComputedCalls, enable_cache
+
+        enable_cache(denoiser, args.cache)
+        computed = ComputedCalls(denoiser)
     state = denoiser._distrifusion_state
     runtime = state.runtime
     clock = [0.0]
@@ -708,6 +729,10 @@ def generate(args: argparse.Namespace) -> int:
     world = runtime.world_size
     mode = state.config.mode + (f" + {state.config.compress}" if state.config.compress else "")
     mode += " (auto)" if args.mode == "auto" else ""
+    if computed is not None:
+        mode += f", {args.cache}"
+        if args.cache.kind == "fbcache":  # pab and taylorseer skip inside calls that still run every block
+            mode += f": {computed.computed} of {computed.calls} calls computed"
     size = f"{width}x{height}"
     if video:
         size += f", {len(image)} frames at {args.fps:g} fps, split in {config.video_split}"

@@ -19,7 +19,7 @@ from diffusers import (
 )
 from safetensors.torch import load_file
 
-from ..measure.caching import reset_cache
+from ..measure.caching import cache_context, reset_cache
 
 EMBEDDED = Path(__file__).parent.parent / "data" / "textures"
 EMBEDDED_DIT = Path(__file__).parent.parent / "data" / "textures_dit"
@@ -73,7 +73,8 @@ class TexturePipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         reset_cache(self.unet)  # a step cache (diffusers' hooks) starts afresh with each image
         for t in self.progress_bar(self.scheduler.timesteps):
-            noise = self.unet(image, t, class_labels=labels).sample
+            with cache_context(self.unet, "cond"):
+                noise = self.unet(image, t, class_labels=labels).sample
             image = self.scheduler.step(noise, t, image).prev_sample
         return _output(image, output_type)
 

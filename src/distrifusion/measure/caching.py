@@ -8,6 +8,7 @@ block ran, which is what a block-skipping cache saves.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -112,6 +113,23 @@ def _block_lists(model) -> list:
     ]
 
 
+@contextlib.contextmanager
+def cache_context(model, name: str, **where):
+    """`model.cache_context(name, **where)` (what diffusers' pipelines enter around a denoiser call, for its cache
+    hooks), also for a model without diffusers' CacheMixin (a UNet2DModel): its hooks get the context alike."""
+    if hasattr(model, "cache_context"):
+        with model.cache_context(name, **where):
+            yield
+        return
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(model, CacheContext(name, **where))
+    try:
+        yield
+    finally:
+        _set_cache_context(model, None)
+
+
 def reset_cache(model) -> None:
     """Start every cache hook of `model` afresh (a pipeline that does not do so itself, before each image)."""
     registry = getattr(model, "_diffusers_hook", None)
@@ -126,7 +144,8 @@ class ComputedCalls:
     def __init__(self, model) -> None:
         lists = _block_lists(model) or [getattr(model, "up_blocks", [])]
         last = lists[-1][-1]
-        inner = next(last.children())  # called only when the block computes (a cache returns before it)
+        # Called only when the block computes (a cache returns before it); a UNet block's lists are not called.
+        inner = last.resnets[0] if hasattr(last, "resnets") else next(last.children())
         self.calls = self.computed = 0
         self._hooks = [
             model.register_forward_pre_hook(lambda *_: self._count("calls")),
