@@ -6,6 +6,7 @@
   equals one process with the same cache (measured 2e-16 of the output scale; bound 1e-9).
 - A first-block cache hook that cannot be fed the whole image's statistic (a subclass deciding its own way)
   is refused by name on every gloo rank before any collective, on the same diverging inputs.
+- With the CFG split (2 and 4 ranks, batch 2 on Flux) the statistic spans both branches, as in one process.
 - The same agreement on the embedded DiT (its pipeline, 3 simulated ranks, CFG-free) and in displaced mode
   whose warm-up covers every step (= one process); MagCache's calibration records the whole image's ratios;
   SeaCache (decides from the model's whole input, above the split) on Wan T2V equals one process.
@@ -272,4 +273,24 @@ def test_seacache_decides_above_the_split_and_equals_one_process_on_wan():
     expected = run(reference)
     assert counter.computed < counter.calls == steps  # some calls reuse the cached residual
     for out, computed, _ in _parallel(base, 2, run, dict(mode="sync"), seacache):
+        assert computed == counter.computed and _relative(out, expected) <= 1e-9
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_first_block_cache_spans_both_cfg_branches_with_the_cfg_split(ranks):
+    # One process's statistic is over the whole CFG batch; with the CFG split each rank group computes one
+    # branch, so the sums are reduced over every rank (both groups), and the decisions are one process's.
+    spec = parse_cache("fbcache:0.3")
+
+    def run(model):
+        with model.cache_context("cond"):
+            return denoise(model, "flux", ROWS, COLS, batch=2, steps=8)
+
+    base = tiny_transformer("flux")
+    reference = copy.deepcopy(base)
+    enable_cache(reference, spec)
+    counter = ComputedCalls(reference)
+    expected = run(reference)
+    assert 1 < counter.computed < counter.calls
+    for out, computed, _ in _parallel(base, ranks, run, dict(mode="sync"), lambda m: enable_cache(m, spec)):
         assert computed == counter.computed and _relative(out, expected) <= 1e-9
