@@ -6,6 +6,8 @@
 | Flux.1 | `flux.FluxAdapter` | FluxTransformer2DModel |
 | SD3 / SD3.5 | `sd3.SD3Adapter` | SD3Transformer2DModel |
 | PixArt-α/Σ | `pixart.PixArtAdapter` | PixArtTransformer2DModel |
+| SANA | `sana.SanaAdapter` | SanaTransformer2DModel |
+| Z-Image | `zimage.ZImageAdapter` | ZImageTransformer2DModel |
 | VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
 """
 
@@ -16,13 +18,23 @@ from torch import nn
 from .base import ModelAdapter
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
+from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .vae import VAEAdapter
+from .zimage import ZImageAdapter
 
 __all__ = ["ADAPTERS", "ModelAdapter", "VAEAdapter", "find_denoiser", "supported_names"]
 
-ADAPTERS: tuple[ModelAdapter, ...] = (UNetAdapter(), FluxAdapter(), SD3Adapter(), PixArtAdapter(), VAEAdapter())
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    UNetAdapter(),
+    FluxAdapter(),
+    SD3Adapter(),
+    PixArtAdapter(),
+    SanaAdapter(),
+    ZImageAdapter(),
+    VAEAdapter(),
+)
 DENOISER_ATTRS = ("unet", "transformer")
 """Where a pipeline keeps its denoising model."""
 

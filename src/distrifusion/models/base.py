@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor
+from ..engine.layers import PatchProcessor
 from ..engine.state import ParallelState, Partition
 
-PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
+PATCH_PROCESSORS = (PatchProcessor,)
+"""The engine's attention processors (the engine's own and adapters' ones derive from `PatchProcessor`)."""
 
 
 class ModelAdapter:
@@ -25,6 +26,8 @@ class ModelAdapter:
     """The diffusers model classes this adapter parallelises."""
     sample_arg: str = "sample"
     """The forward argument that carries the noisy image (latent or tokens)."""
+    timestep_arg: str = "timestep"
+    """The forward argument that carries the timestep."""
     output_dim: int = 2
     """The dimension of the output along which strips are stacked (2: rows of a map, 1: tokens)."""
     row_unit: str = "rows"
@@ -91,6 +94,19 @@ class ModelAdapter:
     def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         """This rank's share of the call: its batch half, its strip, its text tokens."""
         raise NotImplementedError
+
+    def sample_tensor(self, inputs: dict) -> torch.Tensor:
+        """The call's noisy input as one tensor (for the ranks' check that they all got the same)."""
+        return inputs[self.sample_arg]
+
+    def output_tensor(self, sample) -> torch.Tensor:
+        """The model's output sample as one tensor, whose strips `output_dim` stacks (a model that
+        returns a list of images: stacked)."""
+        return sample
+
+    def output_sample(self, full: torch.Tensor):
+        """The gathered output back in the form the model returns (inverse of `output_tensor`)."""
+        return full
 
     def timestep_tensor(self, model: nn.Module, t: int | float) -> torch.Tensor:
         """A timestep given as a number, as the tensor the model itself would make of it (a CUDA
@@ -167,11 +183,12 @@ def check_kwargs_dict(family: str, inputs: dict, name: str) -> None:
         )
 
 
-def install_forward(module: nn.Module, layer: type, name: str, state: ParallelState) -> None:
-    """Make `layer(module, name, state)` the module's forward, unless this state's already is."""
-    current = module.__dict__.get("forward")
+def install_forward(module: nn.Module, layer: type, name: str, state: ParallelState, method: str = "forward") -> None:
+    """Make `layer(module, name, state)` the module's forward (or its other `method`), unless this
+    state's already is. `remove` deletes it again (every engine layer holds the state)."""
+    current = module.__dict__.get(method)
     if not (isinstance(current, layer) and current.state is state):
-        module.forward = layer(module, name, state)
+        setattr(module, method, layer(module, name, state))
 
 
 def install_processor(attn: nn.Module, state: ParallelState, make: Callable) -> None:
@@ -221,11 +238,11 @@ def _pair(value) -> tuple:
 
 def check_processor(name: str, attn: nn.Module, allowed: tuple[type, ...]) -> None:
     """Refuse an attention whose processor is not one the engine knows how to split."""
-    allowed = (*allowed, *PATCH_PROCESSORS)  # ours: after a change to the model, installed again
     # The exact classes: a subclass may compute something else (or record attention maps) in its __call__.
-    if type(attn.processor) not in allowed:
+    # The engine's own (after a change to the model, installed again) are accepted.
+    if type(attn.processor) not in allowed and not isinstance(attn.processor, PATCH_PROCESSORS):
         raise TypeError(
             f"distrifusion: attention {name!r} uses {type(attn.processor).__name__}, which cannot be split into "
-            f"strips; supported: {', '.join(a.__name__ for a in allowed[: -len(PATCH_PROCESSORS)])}. Set one "
+            f"strips; supported: {', '.join(a.__name__ for a in allowed)}. Set one "
             "(e.g. model.set_default_attn_processor()) before the next call"
         )

@@ -18,16 +18,7 @@ from torch import nn
 from ..engine.comm import Runtime, init_runtime
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
-from ..engine.layers import (
-    PatchAttnProcessor,
-    PatchConv2d,
-    PatchFreeU,
-    PatchGroupNorm,
-    PatchJointAttnProcessor,
-    PatchZeroPadDownsample,
-    StripPatchEmbed,
-    pad_to,
-)
+from ..engine.layers import PatchProcessor, pad_to
 from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
 from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
 from .ownership import Ownership
@@ -35,8 +26,6 @@ from .ownership import Ownership
 log = logging.getLogger("distrifusion")
 
 _STATE_ATTR = "_distrifusion_state"
-_LAYERS = (PatchConv2d, PatchGroupNorm, PatchFreeU, StripPatchEmbed, PatchZeroPadDownsample)
-_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
 
 
 ResolveAuto = Callable[[object, nn.Module, ParallelConfig, Runtime], tuple[ParallelConfig, dict]]
@@ -157,7 +146,7 @@ class _WithOriginalProcessors:
 def _give_back_processors(model: nn.Module) -> None:
     """Put back, on every attention, the processor each of the engine's processors stands for."""
     for module in model.modules():
-        if isinstance(getattr(module, "processor", None), _PROCESSORS):
+        if isinstance(getattr(module, "processor", None), PatchProcessor):
             module.set_processor(module.processor.original)
 
 
@@ -215,7 +204,8 @@ def _remove_model(model: nn.Module) -> bool:
     state.ownership.close()
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
-            if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
+            # The engine's layers (a module's forward, or another of its methods) each hold the state.
+            if isinstance(value, (_ParallelForward, _WithOriginalProcessors)) or getattr(value, "state", None) is state:
                 delattr(module, name)
     _give_back_processors(model)
     delattr(model, _STATE_ATTR)
@@ -311,9 +301,10 @@ class _ParallelForward:
                 "distrifusion: a compiled model cannot also run as distrifusion's CUDA graphs; parallelize it with "
                 "ParallelConfig(cuda_graphs=False) (torch.compile(..., mode='reduce-overhead') graphs it instead)"
             )
-        if state.graphs is not None and isinstance(inputs.get("timestep"), (int, float)):
+        timestep = adapter.timestep_arg
+        if state.graphs is not None and isinstance(inputs.get(timestep), (int, float)):
             # A number would be baked into the graph: make it the tensor the model itself would make of it.
-            inputs["timestep"] = adapter.timestep_tensor(self.model, inputs["timestep"])
+            inputs[timestep] = adapter.timestep_tensor(self.model, inputs[timestep])
         if state.runtime.world_size == 1:
             full, kind = state.graphs("solo", self.run_local, inputs)
             return self.output(full, kind)
@@ -337,11 +328,12 @@ class _ParallelForward:
         state, adapter = self.state, self.adapter
         problem = self.refresh()
         conditioning = {name: inputs.get(name) for name in adapter.conditioning_args}
-        state.enter_branch(identity(conditioning), conditioning, inputs.get("timestep"))
+        timestep = inputs.get(adapter.timestep_arg)
+        state.enter_branch(identity(conditioning), conditioning, timestep)
         partition = self.partition(inputs)
         state.begin_step(partition)
         if state.step == 0:
-            self.agree(inputs[adapter.sample_arg], inputs.get("timestep"), problem)
+            self.agree(adapter.sample_tensor(inputs), timestep, problem)
         elif problem is not None:
             raise problem
         return adapter.local_inputs(inputs, partition)
@@ -364,8 +356,9 @@ class _ParallelForward:
                 kwargs[name] = inputs[name]
         out = self.original(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            return out, None
-        return (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
+            return self.adapter.output_tensor(out), None
+        sample, kind = (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
+        return self.adapter.output_tensor(sample), kind
 
     def run_split(self, inputs: dict) -> tuple[torch.Tensor, type]:
         """This rank's strip of one step and the gathered full output: the work a graph captures."""
@@ -376,8 +369,8 @@ class _ParallelForward:
             self.state.exchange.settle()  # a graph must not leave collectives in flight
         return full, kind
 
-    @staticmethod
-    def output(sample: torch.Tensor, kind: type | None):
+    def output(self, full: torch.Tensor, kind: type | None):
+        sample = self.adapter.output_sample(full)
         if kind is None:
             return sample
         return (sample,) if kind is tuple else kind(sample=sample)
