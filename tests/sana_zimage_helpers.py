@@ -107,3 +107,166 @@ def denoise(model, family: str, batch: int = 2, steps: int = 5, seed: int = 1, d
             v = v[:1] + 3.0 * (v[1:] - v[:1]) if batch == 2 else v
             x = x + (s_next - s) * v
     return x
+
+
+# ----------------------------------------------------------------------------- tiny pipelines
+
+PROMPT, NEGATIVE = "a red cat", "blurry"
+SANA_SIZE = (224, 128)
+"""Pixels (SanaPipeline takes multiples of 32): the tiny DC-AE's 32x gives 7 x 4 latent cells (uneven strips:
+4 + 3, 3 + 2 + 2)."""
+ZIMAGE_SIZE = (36, 24)
+"""Pixels: the tiny VAE halves them and Z-Image packs 2 x 2 latent cells: 9 x 6 tokens (54, padded to 64)."""
+PIPELINE_STEPS = 4
+
+
+def byte_tokenizer():
+    """A tokenizer built in memory: one token per byte (byte-level BPE without merges), a beginning-of-text
+    token, right padding, and a minimal chat template (what ZImagePipeline's prompt encoding calls)."""
+    from pipeline_helpers import _bytes_to_unicode
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(special + _bytes_to_unicode())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
+        chat_template=template,
+    )
+
+
+def tiny_sana_pipeline(dtype=torch.float64):
+    """SanaPipeline: a tiny Gemma2 text encoder (its width is the transformer's caption_channels), a tiny
+    DC-AE (AutoencoderDC with 6 levels of 8 channels: 32x, as the published one), flow-matching Euler steps."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=SANA_TEXT_DIM,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    ).eval()
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock",) * 5 + ("EfficientViTBlock",),
+        decoder_block_types=("ResBlock",) * 5 + ("EfficientViTBlock",),
+        encoder_block_out_channels=(8,) * 6,
+        decoder_block_out_channels=(8,) * 6,
+        encoder_qkv_multiscales=((),) * 5 + ((5,),),
+        decoder_qkv_multiscales=((),) * 5 + ((5,),),
+        encoder_layers_per_block=(1,) * 6,
+        decoder_layers_per_block=(1,) * 6,
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()
+    pipe = SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=tiny_sana(dtype, seed=1),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    ).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_zimage_pipeline(dtype=torch.float64):
+    """ZImagePipeline: a tiny Qwen3 text encoder (its width is the transformer's cap_feat_dim; the pipeline
+    takes its second-to-last hidden states), a tiny AutoencoderKL with a shift factor, flow-matching Euler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=ZIMAGE_CAP_DIM,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=32,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    ).eval()
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=tiny_zimage(dtype, seed=1),
+    ).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A guided call (the transformer sees a CFG batch of 2). Returns (final latent, decoded image)."""
+    from diffusers import SanaPipeline
+
+    final = {}
+
+    def keep_latents(pipeline, step, timestep, tensors):
+        final["latents"] = tensors["latents"].clone()
+        return tensors
+
+    sana = isinstance(pipe, SanaPipeline)
+    height, width = SANA_SIZE if sana else ZIMAGE_SIZE
+    extra = dict(complex_human_instruction=None, use_resolution_binning=False) if sana else {}
+    image = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        height=height,
+        width=width,
+        num_inference_steps=PIPELINE_STEPS,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(seed),
+        max_sequence_length=48,
+        output_type="pt",
+        callback_on_step_end=keep_latents,
+        **extra,
+    ).images
+    return final["latents"], image

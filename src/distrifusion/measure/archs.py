@@ -17,10 +17,14 @@ ARCHS = {
     "flux_dev": "flux_dev_transformer.json",
     "sd3_medium": "sd3_medium_transformer.json",
     "pixart_alpha": "pixart_alpha_transformer.json",
+    "sana_1024": "sana_1024_transformer.json",
+    "sana_2k": "sana_2k_transformer.json",
+    "sana_4k": "sana_4k_transformer.json",
+    "z_image": "z_image_turbo_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
 }
-"""Each named architecture's config file in `CONFIGS`."""
+"""Each named architecture's config file in `CONFIGS` (where a file came from: its "_source" entry, if any)."""
 
 
 def arch_config_path(arch: str) -> Path:

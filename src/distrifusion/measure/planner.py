@@ -37,7 +37,7 @@ from ..engine.comm import Communicator, Runtime
 from ..engine.config import COMPRESS_MODES, ParallelConfig
 from .timing import free_cached_memory, sync_device, time_calls
 from .traffic import counting_loopback_runtime, first_steps_traffic
-from .workload import model_inputs
+from .workload import model_inputs, pixels_per_cell
 
 log = logging.getLogger("distrifusion")
 
@@ -326,13 +326,13 @@ def pixels_per_latent(pipe) -> int:
 
 
 def _default_size(model, scale: int | None) -> tuple[int, int]:
-    """The pixel size a model was made for: sample_size latent cells of `scale` pixels (None: 1 for a
-    pixel-space UNet2DModel, else 8)."""
-    from diffusers import UNet2DModel
-
-    size = model.config.sample_size
+    """The pixel size a model was made for: sample_size latent cells of `scale` pixels (None: its published
+    VAE's, `pixels_per_cell`; a model without a sample_size, Z-Image, was made for 1024 px)."""
+    size = getattr(model.config, "sample_size", None)
+    if size is None:
+        return 1024, 1024
     size = size if isinstance(size, int) else size[0]
-    size *= scale or (1 if isinstance(model, UNet2DModel) else 8)
+    size *= scale or pixels_per_cell(model)
     return size, size
 
 

@@ -28,23 +28,26 @@ def build_model(arch: str, dtype: torch.dtype, device: torch.device):
 
 
 def model_inputs(model, height: int, width: int, batch: int | None = None, scale: int | None = None) -> dict:
-    """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller), as the
-    model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3 and PixArt; one image
-    with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no latents). Text
-    lengths are the pipelines' defaults (CLIP 77, SD3 333, PixArt 120, Flux 512). `scale`: pixels per
-    latent cell (None: 1 for a UNet2DModel, else 8; a pixel-space transformer takes 1)."""
+    """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller; SANA's
+    32x), as the model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3, PixArt and
+    SANA; one image with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no
+    latents) and for Z-Image (Z-Image-Turbo runs without CFG). Text lengths are the pipelines' defaults
+    (CLIP 77, SD3 333, PixArt 120, Flux 512, SANA 300); Z-Image's caption is its prompt's own tokens, 128
+    here. `scale`: pixels per latent cell (None: the model's VAE's; a pixel-space transformer takes 1)."""
     from diffusers import (
         AutoencoderKL,
         FluxTransformer2DModel,
         PixArtTransformer2DModel,
+        SanaTransformer2DModel,
         SD3Transformer2DModel,
         UNet2DModel,
+        ZImageTransformer2DModel,
     )
 
     cfg, p = model.config, next(model.parameters())
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g) if p.device.type != "meta" else torch.empty(shape)  # noqa: E731
-    scale = scale or (1 if isinstance(model, UNet2DModel) else 8)
+    scale = scale or pixels_per_cell(model)
     h, w = height // scale, width // scale
     if isinstance(model, FluxTransformer2DModel):
         batch = batch or 1
@@ -79,6 +82,23 @@ def model_inputs(model, height: int, width: int, batch: int | None = None, scale
                 aspect_ratio=torch.tensor([[height / width]] * batch, dtype=torch.float32),
             ),
         )
+    elif isinstance(model, SanaTransformer2DModel):
+        batch = batch or (1 if cfg.guidance_embeds else 2)  # SANA-Sprint: distilled guidance, no CFG batch
+        inputs = dict(
+            hidden_states=rand(batch, cfg.in_channels, h, w),
+            encoder_hidden_states=rand(batch, 300, cfg.caption_channels),
+            encoder_attention_mask=torch.ones(batch, 300, dtype=torch.long),
+            timestep=torch.full((batch,), 500.0),
+        )
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.full((batch,), 4.5)
+    elif isinstance(model, ZImageTransformer2DModel):  # lists: one latent (channels, 1 frame, h, w) per sample
+        batch = batch or 1
+        inputs = dict(
+            x=[rand(cfg.in_channels, 1, h, w) for _ in range(batch)],
+            t=torch.full((batch,), 0.5),
+            cap_feats=[rand(128, cfg.cap_feat_dim) for _ in range(batch)],
+        )
     elif isinstance(model, UNet2DModel):  # pixel space (the embedded texture model): one image, a class label
         batch = batch or 1
         inputs = dict(sample=rand(batch, cfg.in_channels, h, w), timestep=torch.tensor(500))
@@ -102,11 +122,21 @@ def model_inputs(model, height: int, width: int, batch: int | None = None, scale
     return _to_model(inputs, p)
 
 
+def pixels_per_cell(model) -> int:
+    """Pixels per latent cell of the VAE a denoiser is published with: 1 for a pixel-space UNet2DModel,
+    32 for SANA (its DC-AE), else 8."""
+    from diffusers import SanaTransformer2DModel, UNet2DModel
+
+    return 1 if isinstance(model, UNet2DModel) else 32 if isinstance(model, SanaTransformer2DModel) else 8
+
+
 def _to_model(value, p: torch.Tensor):
     """Floating tensors in the model's dtype, every tensor on its device (ids of positions stay float32
     on CPU-like precision rules: Flux casts them itself)."""
     if isinstance(value, dict):
         return {k: _to_model(v, p) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_model(v, p) for v in value]
     if value.is_floating_point():
         return value.to(p.device, p.dtype)
     return value.to(p.device)

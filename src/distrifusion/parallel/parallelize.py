@@ -202,12 +202,12 @@ def _remove_model(model: nn.Module) -> bool:
         return False
     state.release()
     state.ownership.close()
+    _give_back_processors(model)
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
             # The engine's layers (a module's forward, or another of its methods) each hold the state.
             if isinstance(value, (_ParallelForward, _WithOriginalProcessors)) or getattr(value, "state", None) is state:
                 delattr(module, name)
-    _give_back_processors(model)
     delattr(model, _STATE_ATTR)
     return True
 
