@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import SanaTransformer2DModel, ZImageTransformer2DModel
-from pipeline_helpers import _perturb_constants
+from pipeline_helpers import _bytes_to_unicode, _perturb_constants, tiny_vae
 
 ROWS, COLS = 5, 3
 """Split units (SANA: latent rows, patch 1; Z-Image: token rows of 2 latent rows): 3+2, 2+2+1, 2+1+1+1."""
@@ -123,7 +123,6 @@ PIPELINE_STEPS = 4
 def byte_tokenizer():
     """A tokenizer built in memory: one token per byte (byte-level BPE without merges), a beginning-of-text
     token, right padding, and a minimal chat template (what ZImagePipeline's prompt encoding calls)."""
-    from pipeline_helpers import _bytes_to_unicode
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -148,6 +147,19 @@ def byte_tokenizer():
     )
 
 
+def _text_config(tokenizer) -> dict:
+    """What the tiny decoder-only text encoders share (their widths are the transformers' text widths)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+
+
 def tiny_sana_pipeline(dtype=torch.float64):
     """SanaPipeline: a tiny Gemma2 text encoder (its width is the transformer's caption_channels), a tiny
     DC-AE (AutoencoderDC with 6 levels of 8 channels: 32x, as the published one), flow-matching Euler steps."""
@@ -157,17 +169,7 @@ def tiny_sana_pipeline(dtype=torch.float64):
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
     text_encoder = Gemma2Model(
-        Gemma2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=SANA_TEXT_DIM,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        )
+        Gemma2Config(**_text_config(tokenizer), hidden_size=SANA_TEXT_DIM, num_hidden_layers=1)
     ).eval()
     vae = AutoencoderDC(
         in_channels=3,
@@ -201,37 +203,17 @@ def tiny_sana_pipeline(dtype=torch.float64):
 def tiny_zimage_pipeline(dtype=torch.float64):
     """ZImagePipeline: a tiny Qwen3 text encoder (its width is the transformer's cap_feat_dim; the pipeline
     takes its second-to-last hidden states), a tiny AutoencoderKL with a shift factor, flow-matching Euler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
+    # The pipeline takes the second-to-last hidden states: two layers, so that one runs.
     text_encoder = Qwen3Model(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=ZIMAGE_CAP_DIM,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=128,
-            pad_token_id=0,
-        )
+        Qwen3Config(**_text_config(tokenizer), hidden_size=ZIMAGE_CAP_DIM, num_hidden_layers=2)
     ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=32,
-        scaling_factor=0.5,
-        shift_factor=0.1,
-    ).eval()
+    vae = tiny_vae().eval()
+    vae.register_to_config(scaling_factor=0.5, shift_factor=0.1)  # Z-Image's VAE has a shift factor
     pipe = ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,
