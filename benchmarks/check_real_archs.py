@@ -4,6 +4,8 @@ process. Too heavy for CI (an SDXL UNet is 10 GB in float32); run by hand on a m
     python benchmarks/check_real_archs.py [sd15 sd21 sdxl] [--ranks 2 3]
     python benchmarks/check_real_archs.py flux_dev sd3_medium pixart_alpha --depth 2 --pixels 256 192
     python benchmarks/check_real_archs.py sdxl_vae --pixels 1024 768      (decode and encode, always exact)
+    python benchmarks/check_real_archs.py sana_4k --depth 2 --pixels 1024 768   (SANA: 32 px per latent cell)
+    python benchmarks/check_real_archs.py z_image --depth 2 --pixels 256 192
 
 Transformers keep their published widths; `--depth` cuts them to that many blocks of each kind
 (Flux: double- and single-stream) so that they fit in memory (Flux-dev alone is 48 GB in float32).
@@ -30,6 +32,7 @@ import distrifusion
 from distrifusion.measure.archs import ARCHS, CONFIGS
 from distrifusion.measure.simulate import simulate_ranks
 from distrifusion.measure.workload import build_model, model_inputs
+from distrifusion.models import find_denoiser
 
 
 def shared_copy(model):
@@ -39,8 +42,10 @@ def shared_copy(model):
 
 
 def calls(model, inputs, timesteps):
+    adapter = find_denoiser(model)[1]  # Z-Image: its timestep is `t`, its output a list (stacked here)
     with torch.no_grad():
-        return [model(**{**inputs, "timestep": t}, return_dict=False)[0] for t in timesteps]
+        outs = [model(**{**inputs, adapter.timestep_arg: t}, return_dict=False)[0] for t in timesteps]
+    return [adapter.output_tensor(out) for out in outs]
 
 
 def run_rank(runtime, model, inputs, timesteps):
@@ -90,7 +95,7 @@ def check_vae(arch: str, ranks: list[int], pixels: tuple[int, int]) -> None:
 def cut_depth(arch: str, depth: int) -> str:
     """A config file like `arch`'s with `depth` blocks of each kind (transformers only)."""
     config = json.loads((CONFIGS / ARCHS[arch]).read_text())
-    for key in ("num_layers", "num_single_layers"):
+    for key in ("num_layers", "num_single_layers", "n_layers"):
         if key in config:
             config[key] = min(config[key], depth)
     if "dual_attention_layers" in config:
@@ -116,7 +121,7 @@ def main() -> None:
         model = build_model(source, torch.float32, torch.device("cpu"))
         # The CFG batch is kept whole (split_cfg=False) so that every rank computes strips.
         inputs = model_inputs(model, *args.pixels)
-        t0 = inputs["timestep"]
+        t0 = inputs[find_denoiser(model)[1].timestep_arg]
         timesteps = [t0 * f for f in (1.8, 1.6, 1.4)]
         reference = calls(model, inputs, timesteps)
         frozen_ref = reference[0]
