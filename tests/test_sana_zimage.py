@@ -338,3 +338,15 @@ def test_zimage_output_is_the_models_list():
         assert isinstance(out, list) and len(out) == 2
         for a, b in zip(out, reference):
             assert a.shape == b.shape and _rel_error(a, b) < TOL["zimage"]
+
+
+def test_the_command_line_knows_the_published_configs():
+    """`distrifusion bench --arch sana_4k | z_image` (torch-free checks): SANA's block is one latent row of
+    its DC-AE's 32 px with a CFG batch; Z-Image-Turbo's one token row of 2 x 8 px, without CFG."""
+    from distrifusion.app.cli_checks import UsageError, bench_geometry, check_image_size
+
+    sana, zimage = bench_geometry("sana_4k"), bench_geometry("z_image")
+    assert (sana.block_px, sana.cfg, zimage.block_px, zimage.cfg) == (32, True, 16, False)
+    with pytest.raises(UsageError, match="multiple of the model's block of 32 px"):
+        check_image_size(sana, 1000, 1024, 8)
+    assert check_image_size(zimage, 4096, 4096, 8) == 8
