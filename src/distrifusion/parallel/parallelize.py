@@ -43,10 +43,10 @@ def parallelize(
 
     Accepts a diffusers pipeline whose `.unet` or `.transformer` is a supported model, or the bare
     model (see `distrifusion.models`: UNet2DConditionModel, UNet2DModel, FluxTransformer2DModel,
-    SD3Transformer2DModel, PixArtTransformer2DModel), and returns the same object, moved to this
-    rank's device (`cuda:LOCAL_RANK` when CUDA is available, else the CPU). Under torchrun it
-    initialises the process group if needed (nccl on CUDA, gloo on CPU); in a plain process it
-    runs alone and its results are unchanged.
+    SD3Transformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel, ZImageTransformer2DModel),
+    and returns the same object, moved to this rank's device (`cuda:LOCAL_RANK` when CUDA is available,
+    else the CPU). Under torchrun it initialises the process group if needed (nccl on CUDA, gloo on
+    CPU); in a plain process it runs alone and its results are unchanged.
 
     The model keeps its call signature: every rank passes the full inputs (same seed on every
     rank) and receives the full output. A bare model counts its calls as denoising steps; call
