@@ -14,8 +14,8 @@ What the source does (diffusers 0.41.0 and 0.42.1, `transformer_z_image.py`), an
   context refiner sees the caption only: local. The main layers attend over [image tokens, pad,
   caption, caption pad] per sample, with a key mask where the batch's samples differ in length.
   `PatchZImageAttnProcessor` serves both: the first tokens of a rank's sequence are its strip's image
-  tokens, whose keys/values are exchanged; the rest (pad and caption tokens) are computed on every rank
-  (in a synchronous step every rank computes them identically) and never masked between image rows.
+  tokens, whose keys/values are exchanged; the rest (pad and caption tokens) are computed by every rank
+  (in a synchronous step every rank computes them identically: they see the same keys and values).
 - Omni inputs (nested lists: several images per sample, SigLIP features, per-token noise masks) and
   ControlNet residuals over the joint sequence are refused: they are not a grid of image rows.
 """
