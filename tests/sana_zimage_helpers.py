@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 from diffusers import SanaTransformer2DModel, ZImageTransformer2DModel
-from pipeline_helpers import _bytes_to_unicode, _perturb_constants, tiny_vae
+from pipeline_helpers import _perturb_constants, tiny_vae
+
+from distrifusion.measure.workload import _bytes_to_unicode
 
 ROWS, COLS = 5, 3
 """Split units (SANA: latent rows, patch 1; Z-Image: token rows of 2 latent rows): 3+2, 2+2+1, 2+1+1+1."""

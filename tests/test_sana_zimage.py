@@ -350,3 +350,17 @@ def test_the_command_line_knows_the_published_configs():
     with pytest.raises(UsageError, match="multiple of the model's block of 32 px"):
         check_image_size(sana, 1000, 1024, 8)
     assert check_image_size(zimage, 4096, 4096, 8) == 8
+
+
+def test_zimage_rising_timestep_is_one_image():
+    """ZImagePipeline passes t = (1000 - timestep) / 1000, which rises over an image: the engine must not take
+    each call for a new image's first (every step would then run synchronously, never displaced)."""
+    base = tiny_zimage()
+
+    def rank(runtime):
+        model = copy.deepcopy(base)
+        distrifusion.parallelize(model, distrifusion.ParallelConfig(warmup_steps=1), runtime=runtime)
+        denoise(model, "zimage", batch=1, steps=4)
+        return model._distrifusion_state.step
+
+    assert simulate_ranks(2, rank) == [4, 4]

@@ -54,6 +54,10 @@ class ZImageAdapter(ModelAdapter):
     sample_arg = "x"
     timestep_arg = "t"
     output_dim = 3  # the output list, stacked: (batch, channels, frames, rows, columns)
+    default_size = (1024, 1024)  # ZImagePipeline's default (the transformer's config has no sample_size)
+
+    def noise_level(self, t: float) -> float:
+        return -t  # ZImagePipeline passes (1000 - t) / 1000: rising over one image
 
     def check(self, model: nn.Module) -> None:
         patches, frames = tuple(model.config.all_patch_size), tuple(model.config.all_f_patch_size)
