@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -348,6 +349,18 @@ def _multipart(body: bytes, content_type: str) -> tuple[dict, bytes | None]:
         except UnicodeDecodeError:
             raise Refused(400, f"{name}: a multipart text field must be UTF-8") from None
     return fields, upload
+
+
+def _form(body: bytes) -> dict:
+    """An application/x-www-form-urlencoded body's fields (each once)."""
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+    except (UnicodeDecodeError, ValueError):
+        raise Refused(400, "the request body is not a valid form (application/x-www-form-urlencoded)") from None
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise Refused(422, "a form field is given twice")
+    return fields
 
 
 def problems_text(problems: list, skip: int = 0) -> str:
@@ -973,6 +986,8 @@ def add_video_routes(app, dispatcher: Dispatcher) -> None:
         upload = None
         if content_type.startswith("multipart/form-data"):
             fields, upload = _multipart(body, content_type)
+        elif content_type.startswith("application/x-www-form-urlencoded"):  # curl -d / -F without a file
+            fields = _form(body)
         else:
             try:
                 fields = json.loads(body)
