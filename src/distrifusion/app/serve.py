@@ -142,16 +142,22 @@ def job_settings(request, settings: Settings) -> dict:
             check_image_size(settings.geometry, height, width, settings.world_size, settings.split_cfg)
         except UsageError as e:
             raise Refused(422, str(e)) from None
+    return _job(request, settings, height, width, n=request.n)
+
+
+def _job(request, settings: Settings, height: int, width: int, **more) -> dict:
+    """What every rank runs, of an image request or a video request."""
+    prompt = _prompt(request, settings)
     return dict(
-        prompt=_prompt(request, settings),
+        prompt=prompt,
         negative_prompt=request.negative_prompt,
-        n=request.n,
         height=height,
         width=width,
         steps=request.steps,
         seed=request.seed,
         guidance_scale=request.guidance_scale,
         mode=request.mode or settings.mode,
+        **more,
     )
 
 
@@ -241,22 +247,8 @@ def video_job_settings(request: VideoRequest, settings: Settings, info: dict, up
     except UsageError as e:
         message = str(e).replace("--frames ", "frames ")
         raise Refused(422, f"{message} ({asked})" if request.seconds is not None else message) from None
-    prompt = _prompt(request, settings)
-    return dict(
-        kind="video",
-        prompt=prompt,
-        negative_prompt=request.negative_prompt,
-        n=1,
-        height=height,
-        width=width,
-        frames=frames,
-        fps=fps,
-        steps=request.steps,
-        seed=request.seed,
-        guidance_scale=request.guidance_scale,
-        mode=request.mode or settings.mode,
-        image=_first_frame(request.input_reference, upload, info),
-    )
+    job = _job(request, settings, height, width, kind="video", n=1, frames=frames, fps=fps)
+    return job | {"image": _first_frame(request.input_reference, upload, info)}
 
 
 def _video_server(settings: Settings) -> None:
