@@ -882,6 +882,14 @@ def make_app(dispatcher: Dispatcher):
             "queue": len(dispatcher.queue),
             "running": dispatcher.running is not None,
         }
+        if dispatcher.store is not None:
+            store = dispatcher.store
+            body["clip_store"] = {
+                "max_bytes": store.max_bytes,
+                "max_age_s": store.max_age_s,
+                "bytes": store.total_bytes,
+                "clips": len(store),
+            }
         return JSONResponse(body, 200 if dispatcher.status == "ready" else 503)
 
     @app.get("/metrics")
