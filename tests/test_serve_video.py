@@ -14,6 +14,7 @@ import io
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -170,6 +171,8 @@ def test_a_job_is_answered_at_once_then_completes_with_progress_and_its_clip():
         metrics = client.get("/metrics").text
         assert "distrifusion_videos_total 1" in metrics and "distrifusion_video_frames_total 17" in metrics
         assert "distrifusion_clip_store_bytes 1003" in metrics
+        health = client.get("/health").json()
+        assert health["kind"] == "video" and health["clip_store"]["bytes"] == 1003
 
 
 def test_seconds_become_the_next_frame_count_the_model_makes():
@@ -435,6 +438,43 @@ def test_a_first_frame_as_multipart_file_data_url_or_openai_object():
         assert "given twice" in error_of(client.post("/v1/videos", **twice), 422)
         other_file = dict(data=fields, files={"mask": ("m.png", image)})
         assert "only input_reference may be a file" in error_of(client.post("/v1/videos", **other_file), 422)
+
+
+def test_an_image_to_video_job_runs_with_its_first_frame(tmp_path):
+    """The ranks' side of an image-to-video job, in one process: rank 0 says the pipeline needs a first
+    frame; a job without one is refused as the engine's refusals are (a ValueError, before any model call);
+    with one, the steps are counted by the pipeline (two model calls each: prompt and negative), and the
+    clip and thumbnail land at the store's paths. The prompt is a string: without ftfy, diffusers' Wan
+    image-to-video pipeline would end the rank at its prompt cleaning (NameError)."""
+    import importlib.util
+
+    import torch
+    from wan_helpers import HEIGHT, WIDTH, first_frame, tiny_pipeline
+
+    import distrifusion
+    from distrifusion.app import serve_worker
+
+    pipe = distrifusion.parallelize(tiny_pipeline("ti2v", dtype=torch.float32), distrifusion.ParallelConfig())
+    pipe.set_progress_bar_config(disable=True)
+    serve_worker._prompt_cleaning_without_ftfy(pipe)
+    assert serve_worker.pipeline_info(pipe) == {"video": True, "image_input": "required"}
+    frame = (first_frame()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(frame).save(out, "PNG")
+    job = dict(CLIP, kind="video", id="abc123", negative_prompt="blurry", n=1, height=HEIGHT, width=WIDTH, frames=5)
+    job |= dict(fps=8.0, steps=2, seed=0, guidance_scale=None, mode="sync", clip_dir=str(tmp_path), image=None)
+    with pytest.raises(ValueError, match="needs a first frame: give input_reference"):
+        serve_worker.run_job(pipe, job, False, print)
+    steps = []
+    frames, timings = serve_worker.run_job(pipe, job | {"image": out.getvalue()}, False, steps.append)
+    assert frames.shape == (5, HEIGHT, WIDTH, 3) and steps == [1, 2] and timings["run_s"] > 0
+    assert serve_worker.write_clip(frames, job) == {"frames": 5, "height": HEIGHT, "width": WIDTH}
+    paths = clip_paths(tmp_path, "abc123")
+    assert read_mp4(paths["video"].read_bytes()).shape == (5, HEIGHT, WIDTH, 3)
+    assert Image.open(paths["thumbnail"]).size == (WIDTH, HEIGHT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc123.jpg", "abc123.mp4"]  # no temporary left
+    module = sys.modules[serve_worker._pipeline_class(pipe).__module__]  # diffusers' pipeline_wan_i2v
+    assert importlib.util.find_spec("ftfy") is not None or module.ftfy.fix_text("a  b") == "a  b"
 
 
 # ----------------------------------------------------------------------------- a real server
