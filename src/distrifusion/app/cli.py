@@ -217,9 +217,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser(
         "serve",
-        help="serve images over HTTP from one long-lived process group (API, web page, health, metrics)",
+        help="serve images or videos over HTTP from one long-lived process group (API, web page, health, metrics)",
         description="Serve images over HTTP: POST /v1/images/generations (OpenAI images shape), POST /generate "
-        "(a PNG), POST /v1/jobs + GET /v1/jobs/ID (progress), GET /health, GET /metrics, and a web page at /.",
+        "(a PNG), POST /v1/jobs + GET /v1/jobs/ID (progress), GET /health, GET /metrics, and a web page at /. "
+        "A video model (Wan) serves OpenAI's videos API instead: POST /v1/videos, GET /v1/videos/ID (progress), "
+        "GET /v1/videos/ID/content (the MP4), DELETE /v1/videos/ID.",
     )
     srv.add_argument("--model", default="embedded", help="as generate's --model (default: embedded)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -241,6 +243,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-restarts", type=int, default=3, help="restarts of a failed worker group in a row before giving up"
     )
     srv.add_argument("--default-size", type=int, default=None, help="side in px when a request gives no size")
+    srv.add_argument("--fps", type=float, default=16.0, help="video models: a clip's frames per second (default 16)")
+    srv.add_argument("--max-frames", type=int, default=129, help="video models: most frames per clip (default: 129)")
+    srv.add_argument(
+        "--clip-store-mb",
+        type=float,
+        default=2048.0,
+        help="video models: finished clips kept, in MiB, in a folder of the server's own that goes when it stops; "
+        "the oldest are removed beyond it (default: 2048)",
+    )
+    srv.add_argument(
+        "--clip-ttl", type=float, default=3600.0, help="video models: seconds a finished clip is kept (default: 3600)"
+    )
+    _add_video_args(srv)
     _add_dtype(srv)
     _add_parallel_args(srv)
     _add_verbose(srv)
