@@ -7,6 +7,7 @@
 | SD3 / SD3.5 | `sd3.SD3Adapter` | SD3Transformer2DModel |
 | PixArt-α/Σ | `pixart.PixArtAdapter` | PixArtTransformer2DModel |
 | VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
+| Wan video VAE | `wan_vae.WanVAEAdapter` | AutoencoderKLWan (Wan 2.1 and 2.2; decode and encode; always exact) |
 """
 
 from __future__ import annotations
@@ -19,16 +20,34 @@ from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .vae import VAEAdapter
+from .wan_vae import WanVAEAdapter
 
-__all__ = ["ADAPTERS", "ModelAdapter", "VAEAdapter", "find_denoiser", "supported_names"]
+__all__ = [
+    "ADAPTERS",
+    "VAE_ADAPTERS",
+    "ModelAdapter",
+    "VAEAdapter",
+    "WanVAEAdapter",
+    "find_denoiser",
+    "find_vae",
+    "supported_names",
+]
 
-ADAPTERS: tuple[ModelAdapter, ...] = (UNetAdapter(), FluxAdapter(), SD3Adapter(), PixArtAdapter(), VAEAdapter())
+VAE_ADAPTERS: tuple[ModelAdapter, ...] = (VAEAdapter(), WanVAEAdapter())
+"""The VAEs whose decode and encode are split in strips (always exactly): a pipeline's `.vae` among
+them is split with its denoiser (`ParallelConfig.split_vae`); any other runs whole on every rank."""
+ADAPTERS: tuple[ModelAdapter, ...] = (UNetAdapter(), FluxAdapter(), SD3Adapter(), PixArtAdapter(), *VAE_ADAPTERS)
 DENOISER_ATTRS = ("unet", "transformer")
 """Where a pipeline keeps its denoising model."""
 
 
 def supported_names() -> str:
     return ", ".join(cls.__name__ for adapter in ADAPTERS for cls in adapter.models)
+
+
+def find_vae(vae: nn.Module) -> ModelAdapter | None:
+    """The adapter that splits this VAE, or None for a VAE that none splits (it runs whole)."""
+    return next((adapter for adapter in VAE_ADAPTERS if isinstance(vae, adapter.models)), None)
 
 
 def find_denoiser(pipe_or_model) -> tuple[nn.Module, ModelAdapter]:

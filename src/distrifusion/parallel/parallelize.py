@@ -12,30 +12,19 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 
 from ..engine.comm import Runtime, init_runtime
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
-from ..engine.layers import (
-    PatchAttnProcessor,
-    PatchConv2d,
-    PatchFreeU,
-    PatchGroupNorm,
-    PatchJointAttnProcessor,
-    PatchZeroPadDownsample,
-    StripPatchEmbed,
-    pad_to,
-)
+from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor, pad_to
 from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
-from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
+from ..models import DENOISER_ATTRS, ModelAdapter, find_denoiser, find_vae
 from .ownership import Ownership
 
 log = logging.getLogger("distrifusion")
 
 _STATE_ATTR = "_distrifusion_state"
-_LAYERS = (PatchConv2d, PatchGroupNorm, PatchFreeU, StripPatchEmbed, PatchZeroPadDownsample)
 _PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
 
 
@@ -78,10 +67,12 @@ def parallelize(
             f"distrifusion: ParallelConfig.groupnorm has no effect on {type(model).__name__} (no GroupNorm)",
             stacklevel=2,
         )
-    vae = _pipeline_vae(pipe_or_model, model) if config.split_vae else None
-    if vae is not None:
-        VAEAdapter().check_model(vae)
+    vae, vae_adapter = _pipeline_vae(pipe_or_model, model) if config.split_vae else (None, None)
+    if vae_adapter is not None:
+        vae_adapter.check_model(vae)
     runtime = runtime or init_runtime(config.timeout_s)
+    if vae is not None and vae_adapter is None:
+        _notice_whole_vae(vae, runtime)
     pipe_or_model.to(runtime.device)
     found = None
     if config.mode == "auto":
@@ -92,19 +83,30 @@ def parallelize(
             )
         config, found = resolve_auto(pipe_or_model, model, config, runtime)
     parallelize_model(model, config, runtime, adapter).auto_plan = found
-    if vae is not None:
-        parallelize_model(vae, config, runtime, VAEAdapter())
+    if vae_adapter is not None:
+        parallelize_model(vae, config, runtime, vae_adapter)
     if model is not pipe_or_model:
         _wrap_pipeline(pipe_or_model, runtime)
     return pipe_or_model
 
 
-def _pipeline_vae(pipe_or_model, model: nn.Module) -> nn.Module | None:
-    """The pipeline's VAE when it is one we split (and not already split)."""
+def _pipeline_vae(pipe_or_model, model: nn.Module) -> tuple[nn.Module | None, ModelAdapter | None]:
+    """The pipeline's VAE (not already split) and the adapter that splits it (None: it runs whole)."""
     vae = getattr(pipe_or_model, "vae", None)
-    if model is pipe_or_model or not isinstance(vae, AutoencoderKL) or hasattr(vae, _STATE_ATTR):
-        return None
-    return vae
+    if model is pipe_or_model or not isinstance(vae, nn.Module) or hasattr(vae, _STATE_ATTR):
+        return None, None
+    return vae, find_vae(vae)
+
+
+_NOTICED_VAES: set[str] = set()
+
+
+def _notice_whole_vae(vae: nn.Module, runtime: Runtime) -> None:
+    """Say once per VAE class (on rank 0) that a pipeline's VAE no adapter splits runs whole on every rank."""
+    kind = type(vae).__name__
+    if kind not in _NOTICED_VAES and runtime.rank == 0:
+        _NOTICED_VAES.add(kind)
+        log.warning("distrifusion: the pipeline's VAE (%s) is not split; every rank decodes the whole output", kind)
 
 
 def parallelize_model(
@@ -215,7 +217,9 @@ def _remove_model(model: nn.Module) -> bool:
     state.ownership.close()
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
-            if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
+            # The engine's layers and split forwards, which hold a ParallelState (processors are given back below).
+            layer = isinstance(getattr(value, "state", None), ParallelState) and not isinstance(value, _PROCESSORS)
+            if layer or isinstance(value, _WithOriginalProcessors):
                 delattr(module, name)
     _give_back_processors(model)
     delattr(model, _STATE_ATTR)
