@@ -298,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a VAE arch: time only the --simulate shares, without the whole decode or a warm-up call (for a "
         "size one device cannot hold)",
     )
+    bench.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="a video VAE arch (wan21_vae): the frames of the decoded video, 1 + 4k (default: 17)",
+    )
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     _add_verbose(bench)
 
@@ -743,10 +749,12 @@ def bench(args: argparse.Namespace) -> int:
         if args.traffic_only or args.nproc > 1:
             raise UsageError("a VAE arch measures the decode alone: --traffic-only and --nproc do not apply")
         for size in args.sizes:
-            for row in bench_vae(args.arch, size, size, dtype, args.simulate, args.repeats, share_only=args.share_only):
+            timed = dict(share_only=args.share_only, frames=args.frames)
+            for row in bench_vae(args.arch, size, size, dtype, args.simulate, args.repeats, **timed):
                 share_only = row["time_vs_full"] is None
+                frames = f" x {row['frames']} frames" if "frames" in row else ""
                 print(
-                    f"{row['arch']} decode {row['height']}x{row['width']} {row['dtype']} on {row['card']}, "
+                    f"{row['arch']} decode {row['height']}x{row['width']}{frames} {row['dtype']} on {row['card']}, "
                     f"{row['ranks']} rank(s): {row['decode_s'] * 1e3:.0f} ms"
                     + ("" if share_only else f" ({row['time_vs_full']:.3f} of the whole decode)")
                     + f", activation memory {row['activation_mb']:.0f} MB"

@@ -138,8 +138,9 @@ def bench_geometry(arch: str | None) -> Geometry:
         raise UsageError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)} or a config .json path")
     config = _read_json(path)
     cls = config.get("_class_name", "UNet2DConditionModel")
-    if cls == "AutoencoderKL":  # a decode: any whole number of latent rows
-        return Geometry(f"--arch {arch}", 8, 8, "one latent row of 8 px", "8 px per latent row", False, 1024)
+    if cls in VAE_CLASSES:  # a decode: any whole number of latent rows
+        px = (config.get("scale_factor_spatial") or 8) if cls == "AutoencoderKLWan" else 8
+        return Geometry(f"--arch {arch}", px, px, f"one latent row of {px} px", f"{px} px per latent row", False, 1024)
     if cls == "FluxTransformer2DModel":
         note = "one token row: 2 latent rows of 8 px"
         return Geometry(f"--arch {arch}", 16, 16, note, note, False, 1024)
@@ -151,9 +152,28 @@ def bench_geometry(arch: str | None) -> Geometry:
     return Geometry(f"--arch {arch}", 8, 8 * levels, f"{levels} latent rows of 8 px", "8 px per latent row", True, 1024)
 
 
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan")
+"""The VAE classes `bench` times a decode of (the Wan VAE's of a video)."""
+
+
 def is_vae(arch: str) -> bool:
     path = arch_config_path(arch)
-    return _read_json(path).get("_class_name") == "AutoencoderKL"
+    return _read_json(path).get("_class_name") in VAE_CLASSES
+
+
+def check_frames(arch: str, frames: int | None) -> None:
+    """`--frames` is for a video architecture, and must be 1 + 4k for Wan (its VAE's 4x in time)."""
+    if frames is None:
+        return
+    config = _read_json(arch_config_path(arch))
+    if config.get("_class_name") != "AutoencoderKLWan":
+        raise UsageError(f"--frames applies to a video architecture (wan21_vae); --arch {arch} is not one")
+    step = config.get("scale_factor_temporal") or 4
+    if frames < 1 or (frames - 1) % step:
+        below = max(1, (frames - 1) // step * step + 1)
+        raise UsageError(
+            f"--frames must be 1 + {step}k (the VAE's {step}x in time); got {frames}: use {below} or {below + step}"
+        )
 
 
 def _nearest(value: int, multiple: int) -> str:
@@ -363,6 +383,7 @@ def check_bench(args) -> list[str]:
     for i, size in enumerate(sizes):
         for n in sorted({*args.simulate, args.nproc if i == 0 else 1}, reverse=True):
             check_image_size(geo, size, size, n, what=f" (--sizes {size})")
+    check_frames(args.arch or "sd15", args.frames)
     if args.share_only and not (args.arch and is_vae(args.arch) and any(n > 1 for n in args.simulate)):
         raise UsageError("--share-only needs a VAE arch and --simulate N with N > 1")
     if args.json:

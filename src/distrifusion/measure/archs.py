@@ -19,6 +19,7 @@ ARCHS = {
     "pixart_alpha": "pixart_alpha_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
+    "wan21_vae": "wan21_vae.json",
 }
 """Each named architecture's config file in `CONFIGS`."""
 

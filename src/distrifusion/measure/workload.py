@@ -10,6 +10,9 @@ import torch
 
 from .archs import ARCHS, CONFIGS
 
+VIDEO_FRAMES = 17
+"""A video's frames when none are given (Wan: 1 + 4k; 17 frames are 5 latent frames)."""
+
 
 def build_model(arch: str, dtype: torch.dtype, device: torch.device):
     """A random-weight denoiser of a published architecture (or a config JSON path; its
@@ -27,14 +30,18 @@ def build_model(arch: str, dtype: torch.dtype, device: torch.device):
         return cls.from_config(config).to(dtype).eval()
 
 
-def model_inputs(model, height: int, width: int, batch: int | None = None, scale: int | None = None) -> dict:
+def model_inputs(
+    model, height: int, width: int, batch: int | None = None, scale: int | None = None, frames: int | None = None
+) -> dict:
     """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller), as the
     model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3 and PixArt; one image
     with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no latents). Text
     lengths are the pipelines' defaults (CLIP 77, SD3 333, PixArt 120, Flux 512). `scale`: pixels per
-    latent cell (None: 1 for a UNet2DModel, else 8; a pixel-space transformer takes 1)."""
+    latent cell (None: 1 for a UNet2DModel, the VAE's for a video VAE, else 8; a pixel-space transformer
+    takes 1). `frames`: a video's frames (None: `VIDEO_FRAMES`), for a video VAE's decode."""
     from diffusers import (
         AutoencoderKL,
+        AutoencoderKLWan,
         FluxTransformer2DModel,
         PixArtTransformer2DModel,
         SD3Transformer2DModel,
@@ -86,6 +93,10 @@ def model_inputs(model, height: int, width: int, batch: int | None = None, scale
             inputs["class_labels"] = torch.zeros(batch, dtype=torch.long)
     elif isinstance(model, AutoencoderKL):  # a decode of one image
         inputs = dict(z=rand(batch or 1, cfg.latent_channels, h, w))
+    elif isinstance(model, AutoencoderKLWan):  # a decode of one video of `frames` (1 + 4k) frames
+        frames = frames or VIDEO_FRAMES
+        h, w = height // cfg.scale_factor_spatial, width // cfg.scale_factor_spatial
+        inputs = dict(z=rand(batch or 1, cfg.z_dim, (frames - 1) // cfg.scale_factor_temporal + 1, h, w))
     else:
         batch = batch or 2
         inputs = dict(
