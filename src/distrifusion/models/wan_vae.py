@@ -51,7 +51,7 @@ class WanVAEAdapter(ModelAdapter):
 
     def own_layers(self, model: nn.Module) -> list[nn.Module]:
         """The downsamplers' bottom/right zero padding (see `PatchZeroPad`; validated in `check`)."""
-        return [r.resample[0] for r in _resamplers(model) if r.mode.startswith("downsample")]
+        return [_downsampler_layers(r)[0] for r in _resamplers(model) if r.mode.startswith("downsample")]
 
     def check(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
@@ -194,8 +194,8 @@ def _check_resample(name: str, resample: WanResample) -> None:
         raise TypeError(f"distrifusion: Wan resampler {name!r} has mode {resample.mode!r}; not supported")
     if not resample.mode.startswith("downsample"):
         return
-    pad, conv = (list(resample.resample) + [None, None])[:2]
-    if not (isinstance(pad, nn.ZeroPad2d) and isinstance(conv, nn.Conv2d) and len(resample.resample) == 2):
+    pad, conv = _downsampler_layers(resample)
+    if not (isinstance(pad, nn.ZeroPad2d) and isinstance(conv, nn.Conv2d)):
         raise TypeError(f"distrifusion: Wan downsampler {name!r} is not a zero pad and a conv; not supported")
     _, _, top, bottom = pad.padding
     if top != 0 or bottom != PatchConv2d(conv, f"{name}.resample.1", None).below:
@@ -203,6 +203,12 @@ def _check_resample(name: str, resample: WanResample) -> None:
             f"distrifusion: Wan downsampler {name!r} pads {pad.padding} before a conv of kernel {conv.kernel_size}, "
             f"stride {conv.stride}; only bottom rows that the conv's halo gives can be split"
         )
+
+
+def _downsampler_layers(resample: WanResample) -> tuple[nn.Module | None, nn.Module | None]:
+    """(padding, conv) of a downsampling resampler, or Nones when it is not a sequence of those two."""
+    layers = list(resample.resample) if isinstance(resample.resample, nn.Sequential) else []
+    return (layers[0], layers[1]) if len(layers) == 2 else (None, None)
 
 
 def _is_pointwise(*convs: nn.Module) -> bool:
