@@ -266,3 +266,18 @@ def test_pipeline_vae_is_found_by_its_adapter_and_others_run_whole(caplog):
     assert notices == [
         "distrifusion: the pipeline's VAE (AutoencoderKLLTXVideo) is not split; every rank decodes the whole output"
     ]
+
+
+def test_remove_gives_the_model_back():
+    vae = tiny_wan_vae("wan22")
+    distrifusion.parallelize(vae, runtime=_runtime(2, 0))
+    patched = [m for m in vae.modules() if "forward" in m.__dict__]
+    kinds = {type(m.__dict__["forward"]).__name__ for m in patched}
+    assert {"PatchCausalConv3d", "PatchConv2d", "PatchZeroPad", "WanFrameAttention"} <= kinds
+    assert {"_decode", "_encode"} <= set(vae.__dict__)
+    distrifusion.remove(vae)
+    assert not hasattr(vae, "_distrifusion_state") and not {"_decode", "_encode"} & set(vae.__dict__)
+    assert all("forward" not in m.__dict__ for m in vae.modules())
+    z, _ = vae_inputs(vae, "wan22")
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z).sample, tiny_wan_vae("wan22").decode(z).sample)
