@@ -23,6 +23,16 @@ EMBEDDED = Path(__file__).parent.parent / "data" / "textures"
 EMBEDDED_DIT = Path(__file__).parent.parent / "data" / "textures_dit"
 
 
+def _output(image: torch.Tensor, output_type: str) -> ImagePipelineOutput:
+    """Images in [-1, 1] (batch, RGB, height, width) as the pipelines return them: "pt" in [0, 1], "np"
+    (batch, height, width, RGB) arrays, or "pil" images."""
+    image = (image.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return ImagePipelineOutput(images=image)
+    image = image.cpu().permute(0, 2, 3, 1).numpy()
+    return ImagePipelineOutput(images=DiffusionPipeline.numpy_to_pil(image) if output_type == "pil" else image)
+
+
 class TexturePipeline(DiffusionPipeline):
     """Class-conditional sampling of textures of any size (a multiple of the UNet's block of 8 px)."""
 
@@ -62,11 +72,7 @@ class TexturePipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             noise = self.unet(image, t, class_labels=labels).sample
             image = self.scheduler.step(noise, t, image).prev_sample
-        image = (image.float() / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return ImagePipelineOutput(images=image)
-        image = image.cpu().permute(0, 2, 3, 1).numpy()
-        return ImagePipelineOutput(images=self.numpy_to_pil(image) if output_type == "pil" else image)
+        return _output(image, output_type)
 
 
 def load_texture_pipeline(path: str | Path = EMBEDDED, torch_dtype: torch.dtype = torch.float32) -> TexturePipeline:
@@ -176,11 +182,7 @@ class TextureDiTPipeline(DiffusionPipeline):
                 return_dict=False,
             )[0]
             tokens = self.scheduler.step(velocity, t, tokens, return_dict=False)[0]
-        image = (self.unpack(tokens, height, width).float() / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return ImagePipelineOutput(images=image)
-        image = image.cpu().permute(0, 2, 3, 1).numpy()
-        return ImagePipelineOutput(images=self.numpy_to_pil(image) if output_type == "pil" else image)
+        return _output(self.unpack(tokens, height, width), output_type)
 
 
 def load_texture_dit_pipeline(

@@ -1,11 +1,13 @@
 """`parallelize`: turn an ordinary single-device diffusers model or pipeline into one rank's part
-of a patch-parallel model, in a few documented steps (see `parallelize_model`)."""
+of a patch-parallel model, in a few documented steps (see `parallelize_model`). The life of one call
+(split → exchange → gather) is told in docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import logging
+import os
 import warnings
 import zlib
 from collections.abc import Callable
@@ -17,15 +19,16 @@ from torch import nn
 from ..engine.comm import Runtime, init_runtime
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
-from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor, pad_to
-from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
-from ..models import DENOISER_ATTRS, ModelAdapter, find_denoiser, find_vae
+from ..engine.hooks import inner_forward, set_inner_forward
+from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor, pad_to
+from ..engine.state import ParallelState, Partition, first_time, identity, split_rows, tensor_version
+from ..models import ModelAdapter, denoiser_modules, find_denoiser, find_denoisers, find_vae
 from .ownership import Ownership
 
 log = logging.getLogger("distrifusion")
 
 _STATE_ATTR = "_distrifusion_state"
-_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
+_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
 
 
 ResolveAuto = Callable[[object, nn.Module, ParallelConfig, Runtime], tuple[ParallelConfig, dict]]
@@ -49,8 +52,10 @@ def parallelize(
     runs alone and its results are unchanged.
 
     The model keeps its call signature: every rank passes the full inputs (same seed on every
-    rank) and receives the full output. A bare model counts its calls as denoising steps; call
-    `reset` before each new image. A pipeline restarts its count at every call.
+    rank) and receives the full output. A bare model counts its calls as denoising steps; the pipeline
+    given here restarts its count at every call, and any other caller (a pipeline made from its components,
+    a bare-model loop) starts a new image when the timestep rises again (`ParallelState.begins_image`);
+    `reset` before a new image is always right.
 
     `ParallelConfig(mode="auto")` needs `resolve_auto`, which the public `distrifusion.parallelize`
     gives (the planner, `distrifusion.measure.planner.resolve_auto`): the engine never imports the tools.
@@ -58,10 +63,12 @@ def parallelize(
     config = config or ParallelConfig()
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"config must be a distrifusion.ParallelConfig, got {type(config).__name__}")
-    model, adapter = find_denoiser(pipe_or_model)
-    if hasattr(model, _STATE_ATTR):
-        raise ValueError("this model is already parallelised; call distrifusion.remove() first")
-    adapter.check_model(model)
+    denoisers = find_denoisers(pipe_or_model)  # a pipeline's experts too (Wan 2.2's transformer_2)
+    for model, adapter in denoisers:
+        if hasattr(model, _STATE_ATTR):
+            raise ValueError("this model is already parallelised; call distrifusion.remove() first")
+        adapter.configured(model, config).check_model(model)
+    model, adapter = denoisers[0]
     if not adapter.uses_groupnorm and config.groupnorm != ParallelConfig.groupnorm:
         warnings.warn(
             f"distrifusion: ParallelConfig.groupnorm has no effect on {type(model).__name__} (no GroupNorm)",
@@ -83,6 +90,8 @@ def parallelize(
             )
         config, found = resolve_auto(pipe_or_model, model, config, runtime)
     parallelize_model(model, config, runtime, adapter).auto_plan = found
+    for expert, expert_adapter in denoisers[1:]:  # each its own state: its own steps and stale context
+        parallelize_model(expert, config, runtime, expert_adapter)
     if vae_adapter is not None:
         parallelize_model(vae, config, runtime, vae_adapter)
     if model is not pipe_or_model:
@@ -123,20 +132,24 @@ def parallelize_model(
     Everything else (1x1 convs, linears, per-token norms, activations, skips, embeddings) is
     already local to a strip.
     """
-    adapter = adapter or find_denoiser(model)[1]
+    adapter = (adapter or find_denoiser(model)[1]).configured(model, config)
     if adapter.always_sync:
         # "force" is about the denoiser's CFG batch; a VAE call's batch is the images, often one.
         config = dataclasses.replace(config, mode="sync", cuda_graphs=False, split_cfg=bool(config.split_cfg))
     state = ParallelState(config, runtime, keep_buffers=not adapter.always_sync)
     if use_cuda_graphs(config, runtime):
-        watchdog = ReplayWatchdog(config.timeout_s, runtime.rank) if runtime.world_size > 1 else None
+        watchdog = ReplayWatchdog(config.timeout_s, runtime.rank, runtime.device) if runtime.world_size > 1 else None
         agree = partial(_everywhere, runtime)
         state.graphs = CudaGraphs(runtime.device, agree=agree, abort=state.abort_step, watchdog=watchdog)
     setattr(model, _STATE_ATTR, state)
     state.ownership = Ownership(model, adapter, state)
     state.ownership.install()
     for method, entry in adapter.entries(model):
-        setattr(model, method, _ParallelForward(model, state, entry, method))
+        split = _ParallelForward(model, state, entry, method)
+        if method == "forward":  # beneath diffusers' hooks on the model (a cache's, offloading's), as they wrap forward
+            set_inner_forward(model, split)
+        else:
+            setattr(model, method, split)
     if hasattr(type(model), "set_default_attn_processor"):
         model.set_default_attn_processor = _WithOriginalProcessors(model, "set_default_attn_processor")
     return state
@@ -183,7 +196,14 @@ def _everywhere(runtime: Runtime, ok: bool) -> bool:
 
 
 def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
-    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives."""
+    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives.
+
+    With several ranks, also NCCL's graph mixing (`NCCL_GRAPH_MIXING_SUPPORT`, on by default): between
+    two replays a rank issues eager collectives on the same communicators (the step-0 agreement, an eager
+    step's gathers), which NCCL supports only with mixing on. One graph holds collectives of two
+    communicators under CFG split (the halves' exchange, the world's output gather); NCCL's hangs with
+    mixing on were seen when one thread launches the graphs of several ranks, which never happens here
+    (one rank per process), so mixing stays on and nothing is set for NCCL."""
     comms = [runtime.world, *runtime.patch_groups.values()]
     possible = runtime.device.type == "cuda" and all(getattr(c, "capturable", False) for c in comms)
     if config.cuda_graphs and not possible:
@@ -192,17 +212,27 @@ def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
             f"(nccl, or one rank); this rank runs on {runtime.device} with "
             f"{', '.join(sorted({type(c).__name__ for c in comms}))}. Use cuda_graphs=None or False."
         )
+    if possible and runtime.world_size > 1 and os.environ.get("NCCL_GRAPH_MIXING_SUPPORT", "1").strip() == "0":
+        if config.cuda_graphs:
+            raise ValueError(
+                "distrifusion: cuda_graphs=True with several ranks needs NCCL's graph mixing (eager collectives "
+                "run between replays on the same communicators), and NCCL_GRAPH_MIXING_SUPPORT=0 turns it off. "
+                "Unset it, or use cuda_graphs=None or False."
+            )
+        if runtime.rank == 0:
+            log.warning("distrifusion: NCCL_GRAPH_MIXING_SUPPORT=0: steps run eagerly (CUDA graphs need it on)")
+        possible = False
     return possible if config.cuda_graphs is None else config.cuda_graphs
 
 
 def remove(pipe_or_model) -> None:
     """Undo `parallelize`: restore the original forwards and attention processors (of the
     pipeline's VAE too)."""
-    model = denoiser_of(pipe_or_model)
-    vae = getattr(pipe_or_model, "vae", None) if model is not pipe_or_model else None
+    models = denoisers_of(pipe_or_model)
+    vae = getattr(pipe_or_model, "vae", None) if models[0] is not pipe_or_model else None
     if isinstance(vae, nn.Module):
         _remove_model(vae)
-    if not _remove_model(model):
+    if not [_remove_model(model) for model in models][0]:
         return
     base = getattr(type(pipe_or_model), "_distrifusion_base", None)
     if base is not None:
@@ -215,23 +245,31 @@ def _remove_model(model: nn.Module) -> bool:
         return False
     state.release()
     state.ownership.close()
+
+    _give_back_processors(model)  # first: the loop below deletes whatever else holds this state
+
+    def ours(value) -> bool:  # the engine's layers and an adapter's own (a module's forward or another method)
+        return isinstance(value, (_ParallelForward, _WithOriginalProcessors)) or getattr(value, "state", None) is state
+
     for module in model.modules():
+        if ours(inner_forward(module)):
+            set_inner_forward(module, None)
         for name, value in list(module.__dict__.items()):
-            # The engine's layers and split forwards, which hold a ParallelState (processors are given back below).
-            layer = isinstance(getattr(value, "state", None), ParallelState) and not isinstance(value, _PROCESSORS)
-            if layer or isinstance(value, _WithOriginalProcessors):
+            if ours(value):
                 delattr(module, name)
-    _give_back_processors(model)
     delattr(model, _STATE_ATTR)
     return True
 
 
 def denoiser_of(pipe_or_model) -> nn.Module:
-    """A pipeline's denoising model (its `.unet` or `.transformer`), or `pipe_or_model` itself."""
-    for attr in DENOISER_ATTRS:
-        if isinstance(getattr(pipe_or_model, attr, None), nn.Module):
-            return getattr(pipe_or_model, attr)
-    return pipe_or_model
+    """A pipeline's (first) denoising model (its `.unet` or `.transformer`), or `pipe_or_model` itself."""
+    return denoisers_of(pipe_or_model)[0]
+
+
+def denoisers_of(pipe_or_model) -> list[nn.Module]:
+    """A pipeline's denoising models (`.unet`, `.transformer`, and Wan 2.2's second expert `.transformer_2`),
+    or `[pipe_or_model]` itself."""
+    return denoiser_modules(pipe_or_model)
 
 
 def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
@@ -242,18 +280,29 @@ def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     changed (see `distrifusion.ownership`: LoRAs loaded, processors set, FreeU's factors); other
     changes that alter the computation without touching a weight or a module need `drop_graphs=True`.
     """
-    model = denoiser_of(pipe_or_model)
+    for model in denoisers_of(pipe_or_model):
+        _reset_model(model, drop_graphs)
+
+
+def _reset_model(model: nn.Module, drop_graphs: bool) -> None:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
+    _new_image(model, state, drop_graphs)
+
+
+def _new_image(model: nn.Module, state: ParallelState, drop_graphs: bool = False) -> None:
+    """`reset`'s work: by a pipeline call, by the user, or when the calls themselves show that a new image
+    began (`ParallelState.begins_image`)."""
     state.reset()
     state.refresh_fused_kv()
     if state.graphs is not None:
         # Graphs read the weights' memory: replaced or modified weights need new graphs (and the fused
-        # key/value projections a refresh, which the first eager step does).
+        # key/value projections a refresh, which the first eager step does). This rank's finding; the
+        # graphs go on every rank at once, at the next call's step-0 agreement (`_ParallelForward.agree`).
         weights = tuple((p.data_ptr(), tensor_version(p)) for p in model.parameters()) + _adapter_settings(model)
         if weights != state.graph_weights or drop_graphs:
-            state.graphs.clear()
+            state.graphs.stale = True
             state.graph_weights = weights
 
 
@@ -272,11 +321,13 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
     if cls not in _PIPELINE_CLASSES:
 
         def __call__(self, *args, **kwargs):
+            _check_call(self, cls, args, kwargs)
             reset(self)
             out = cls.__call__(self, *args, **kwargs)
             # The last step's exchanges are still in flight: finish them now, not at the next image,
             # so that no collective outlives the image (a process may exit right after it).
-            getattr(denoiser_of(self), _STATE_ATTR).reset()
+            for model in denoisers_of(self):
+                getattr(model, _STATE_ATTR).reset()
             return out
 
         _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_distrifusion_base": cls})
@@ -286,6 +337,17 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
 
 
 _PIPELINE_CLASSES: dict[type, type] = {}
+
+
+def _check_call(pipe, cls: type, args: tuple, kwargs: dict) -> None:
+    """The adapters' refusals of a pipeline call (`ModelAdapter.check_pipeline_call`), before any work."""
+    try:
+        bound = inspect.signature(cls.__call__).bind(pipe, *args, **kwargs)
+    except TypeError:
+        return  # the pipeline's own call raises its own error
+    bound.apply_defaults()
+    for _, adapter in find_denoisers(pipe):
+        adapter.check_pipeline_call(pipe, bound.arguments)
 
 
 class _ParallelForward:
@@ -319,6 +381,9 @@ class _ParallelForward:
             # A number would be baked into the graph: make it the tensor the model itself would make of it.
             inputs["timestep"] = adapter.timestep_tensor(self.model, inputs["timestep"])
         if state.runtime.world_size == 1:
+            if state.graphs.stale:  # no other rank to agree with
+                state.graphs.clear()
+                state.graphs.stale = False
             full, kind = state.graphs("solo", self.run_local, inputs)
             return self.output(full, kind)
         if adapter.runs_whole(self.model, inputs):  # every rank computes the whole call, unsplit
@@ -341,7 +406,15 @@ class _ParallelForward:
         state, adapter = self.state, self.adapter
         problem = self.refresh()
         conditioning = {name: inputs.get(name) for name in adapter.conditioning_args}
-        state.enter_branch(identity(conditioning), conditioning, inputs.get("timestep"))
+        key, timestep = identity(conditioning), inputs.get("timestep")
+        state.enter_branch(key, conditioning, timestep)
+        t = first_time(timestep)
+        if state.begins_image(t):  # whichever pipeline object calls: its own count starts again
+            _new_image(self.model, state)
+            state.enter_branch(key, conditioning, timestep)
+        state.note_time(t)
+        if state.step == 0 and problem is None:  # each image: hooks enabled since the last one
+            problem = state.ownership.check_hooks()
         partition = self.partition(inputs)
         state.begin_step(partition)
         if state.step == 0:
@@ -405,22 +478,26 @@ class _ParallelForward:
             )
             self.noticed_no_split = True
         patch_size = world // cfg_groups
-        block, unit = self.block, adapter.row_unit
+        block, unit, axis = self.block, adapter.row_unit, adapter.split_axis
         if height % block:
             raise ValueError(
-                f"distrifusion: image height of {height} {unit} must be a multiple of the model's block of "
-                f"{block} {unit}"
+                f"distrifusion: {axis} of {height} {unit} must be a multiple of the model's block of {block} {unit}"
             )
         if height < patch_size * block:
             raise ValueError(
-                f"distrifusion: image height of {height} {unit} is too small to split over {patch_size} ranks; the "
-                f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger height or fewer ranks."
+                f"distrifusion: {axis} of {height} {unit} is too small to split over {patch_size} ranks; the "
+                f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger {axis.split()[-1]} or "
+                "fewer ranks."
             )
-        text, sharded = (), False
+        text, sharded, masked, extra = (), False, False, ()
         if adapter.joint_text:
             tokens = adapter.text_tokens(inputs)
             sharded = config.text_tokens == "sharded" and patch_size > 1
             text = split_rows(tokens, 1, patch_size) if sharded else (tokens,) * patch_size
+            masked = adapter.text_masked(inputs)
+            references = adapter.extra_tokens(inputs, height, width)
+            if references:  # context like the text: sharded or replicated alike
+                extra = split_rows(references, 1, patch_size) if sharded else (references,) * patch_size
         return Partition(
             batch,
             height,
@@ -432,6 +509,8 @@ class _ParallelForward:
             text,
             sharded,
             block,
+            masked,
+            extra,
         )
 
     def refresh(self) -> Exception | None:
@@ -442,6 +521,8 @@ class _ParallelForward:
         if ownership.intact():
             return None
         self.state.release()
+        if self.state.graphs is not None:
+            self.state.graphs.stale = True  # dropped here; the step-0 agreement drops the other ranks' too
         try:
             ownership.install()
         except (TypeError, ValueError) as refusal:
@@ -451,15 +532,21 @@ class _ParallelForward:
     def agree(self, sample: torch.Tensor, timestep, problem: Exception | None) -> None:
         """Before an image's first collective of its layers, every rank learns whether each rank
         accepts the call: no refusal of a changed model, as many patch-parallel layers, the same
-        inputs (e.g. latents drawn with a shared seed). Then all raise, or none."""
+        inputs (e.g. latents drawn with a shared seed), steps as CUDA graphs on all or none. Then all
+        raise, or none. And whether any rank's graphs went stale: then every rank drops its graphs, so
+        that all capture (and launch their collectives captured or eager) alike, as NCCL requires."""
+        graphs = self.state.graphs
         if sample.device.type == "meta":  # a shape-only run (bench counting traffic) has no values to compare
             if problem is not None:
                 raise problem
             return
         t = torch.as_tensor(0 if timestep is None else timestep, device=sample.device).double().sum()
         layers = float(self.state.ownership.layers)
+        graphed = [float(graphs is not None), float(graphs is not None and graphs.stale)]
         flags = torch.tensor(
-            [float(problem is None), layers, _fingerprint(self.state.config)], dtype=torch.float64, device=sample.device
+            [float(problem is None), layers, _fingerprint(self.state.config), *graphed],
+            dtype=torch.float64,
+            device=sample.device,
         )
         summary = torch.cat([torch.stack([sample.double().sum(), sample.double().abs().sum(), t]), flags])
         gathered = self.state.runtime.world.all_gather(summary).wait()
@@ -479,6 +566,14 @@ class _ParallelForward:
                 "distrifusion: the ranks run with different ParallelConfig settings (mode, compress, warm-up, ...); "
                 "give every rank the same config"
             )
+        if gathered[:, 6].amin() != gathered[:, 6].amax():
+            raise ValueError(
+                "distrifusion: some ranks run steps as CUDA graphs and others eagerly (cuda_graphs, the backend or "
+                "NCCL_GRAPH_MIXING_SUPPORT differ); set them alike on every rank"
+            )
+        if graphs is not None and gathered[:, 7].amax() > 0:
+            graphs.clear()
+            graphs.stale = False
         sums = gathered[:, :3]
         if not ((sums == sums[0]) | (sums.isnan() & sums[0].isnan())).all():  # NaN inputs are alike too
             raise ValueError(
@@ -488,11 +583,29 @@ class _ParallelForward:
 
     @torch.compiler.disable
     def gather(self, local: torch.Tensor, partition: Partition) -> torch.Tensor:
-        """All-gather every rank's output strip into the full output on every rank."""
-        dim = self.adapter.output_dim
-        sizes = self.state.sizes(local.shape[dim])
-        parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(sizes))).wait()
+        """All-gather every rank's output strip into the full output on every rank.
+
+        With reference tokens (`Partition.extra`) the output has their rows after the image's: each rank
+        sends its strip's rows and its share of the reference rows, and the full output is every strip
+        then every share (computed on this rank whether the reference tokens are sharded or replicated)."""
+        dim, rank = self.adapter.output_dim, partition.patch_rank
+        references = partition.extra[rank] if partition.extra else 0
+        strip = local.shape[dim] - references
+        sizes, shares = self.state.sizes(strip), partition.reference_shares
+        if references:
+            first = strip + (0 if partition.sharded_text else sum(shares[:rank]))
+            local = torch.cat([local.narrow(dim, 0, strip), local.narrow(dim, first, shares[rank])], dim)
+        lengths = [n + m for n, m in zip(sizes, shares)]
+        parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(lengths))).wait()
         groups = [parts[g * partition.patch_size : (g + 1) * partition.patch_size] for g in range(partition.cfg_groups)]
         return torch.cat(
-            [torch.cat([strip.narrow(dim, 0, n) for strip, n in zip(group, sizes)], dim) for group in groups], 0
+            [
+                torch.cat(
+                    [part.narrow(dim, 0, n) for part, n in zip(group, sizes)]
+                    + [part.narrow(dim, n, m) for part, n, m in zip(group, sizes, shares) if m],
+                    dim,
+                )
+                for group in groups
+            ],
+            0,
         )
