@@ -139,6 +139,20 @@ def test_vae_bench_share_of_the_decode(tmp_path):
     assert share["memory_vs_full"] < 0.5
 
 
+def test_wan_vae_bench_decodes_a_video(tmp_path):
+    """A video VAE arch (`bench --arch wan21_vae|PATH.json --frames F`): the decode of F frames, whole and the
+    largest share of N, through the same function."""
+    import torch
+
+    from distrifusion.measure.bench import bench_vae
+
+    arch = tmp_path / "tiny_wan_vae.json"
+    arch.write_text(json.dumps(dict(_class_name="AutoencoderKLWan", base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2])))
+    rows = bench_vae(str(arch), 64, 32, torch.float32, [4], repeats=1, frames=5)
+    assert [(r["ranks"], r["frames"], r["height"], r["width"]) for r in rows] == [(1, 5, 64, 32), (4, 5, 64, 32)]
+    assert rows[0]["received_bytes"] == 0 < rows[1]["received_bytes"] and rows[1]["decode_s"] > 0
+
+
 def test_vae_bench_share_only_skips_the_whole_decode(tmp_path):
     """--share-only (a size one device cannot hold) runs the shares alone: no ratio to a whole decode
     that did not run, and a shape-only lower bound on what that decode would need instead."""

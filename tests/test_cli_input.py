@@ -93,6 +93,9 @@ def test_generate_refuses_bad_input_at_once(tmp_path, args, fragments):
         (["bench", "--sizes", "100"], ["image height of 100 px must be a multiple of 8 px"]),
         (["bench", "--sizes", "256", "--simulate", "16"], ["too small to split over 8 ranks (16 ranks, CFG"]),
         (["bench", "--arch", "nope"], ["unknown architecture 'nope'"]),
+        (["bench", "--arch", "wan21_vae", "--frames", "6"], ["1 + 4k frames", "use 5 or 9"]),
+        (["bench", "--arch", "sd15", "--frames", "5"], ["is an image model; leave --frames out"]),
+        (["bench", "--arch", "wan21_vae", "--sizes", "100"], ["multiple of the model's block of 8 px"]),
         (
             ["bench", "--arch", "qwen_image", "--sizes", "1000"],
             ["1000 px must be a multiple of the model's block of 16 px", "token row"],

@@ -315,7 +315,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "the first",
     )
     every.add_argument(
-        "--frames", type=int, default=None, help="video archs (Wan): frames of the video, 1 + 4k (default: 81)"
+        "--frames",
+        type=int,
+        default=None,
+        help="video archs (Wan, and the Wan VAE wan21_vae): frames of the video, 1 + 4k (default: 81; the VAE: 17)",
     )
     _add_video_args(every)
     _add_dtype(every)
@@ -881,12 +884,12 @@ def bench(args: argparse.Namespace) -> int:
         if args.traffic_only or args.nproc > 1:
             raise UsageError("a VAE arch measures the decode alone: --traffic-only and --nproc do not apply")
         for height, width in args.sizes:
-            share = args.share_only
-            decodes = bench_vae(args.arch, height, width, dtype, args.simulate, args.repeats, share_only=share)
-            for row in decodes:
+            timed = dict(share_only=args.share_only, frames=args.frames)
+            for row in bench_vae(args.arch, height, width, dtype, args.simulate, args.repeats, **timed):
                 share_only = row["time_vs_full"] is None
+                frames = f" x {row['frames']} frames" if "frames" in row else ""
                 print(
-                    f"{row['arch']} decode {row['height']}x{row['width']} {row['dtype']} on {row['card']}, "
+                    f"{row['arch']} decode {row['height']}x{row['width']}{frames} {row['dtype']} on {row['card']}, "
                     f"{row['ranks']} rank(s): {row['decode_s'] * 1e3:.0f} ms"
                     + ("" if share_only else f" ({row['time_vs_full']:.3f} of the whole decode)")
                     + f", activation memory {row['activation_mb']:.0f} MB"

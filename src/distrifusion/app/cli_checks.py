@@ -187,6 +187,11 @@ def bench_geometry(arch: str | None) -> Geometry:
     if cls == "WanTransformer3DModel":  # bench feeds it latents of its VAE's scale (workload.model_inputs)
         spatial = 16 if config.get("in_channels") == 48 else 8  # Wan 2.2 TI2V's VAE, else Wan 2.1's
         return wan_geometry(f"--arch {arch}", config, {"scale_factor_spatial": spatial})
+    if cls == "AutoencoderKLWan":  # a video's decode: any whole number of latent rows, 1 + 4k frames
+        px, note = config.get("scale_factor_spatial") or 8, "one latent row of {} px"
+        time = config.get("scale_factor_temporal") or 4
+        name, per_row = f"--arch {arch}", f"{px} px per latent row"
+        return Geometry(name, px, px, note.format(px), per_row, False, 256, time_factor=time, default_frames=17)
     if cls == "AutoencoderKL":  # a decode: any whole number of latent rows
         return Geometry(f"--arch {arch}", 8, 8, "one latent row of 8 px", "8 px per latent row", False, 1024)
     if cls in TOKEN_ROW_MODELS:  # 2x2 latent cells per token, packed by the pipeline (Qwen-Image: patch_size 2)
@@ -205,9 +210,13 @@ def bench_geometry(arch: str | None) -> Geometry:
     return Geometry(f"--arch {arch}", 8, 8 * levels, f"{levels} latent rows of 8 px", "8 px per latent row", True, 1024)
 
 
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan")
+"""The VAE classes `bench` times a decode of (the Wan VAE's of a video)."""
+
+
 def is_vae(arch: str) -> bool:
     path = arch_config_path(arch)
-    return _read_json(path).get("_class_name") == "AutoencoderKL"
+    return _read_json(path).get("_class_name") in VAE_CLASSES
 
 
 def _nearest(value: int, multiple: int) -> str:

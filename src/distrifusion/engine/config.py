@@ -70,9 +70,9 @@ class ParallelConfig:
     raise a ValueError when the world size or the batch is odd. False: never split."""
 
     split_vae: bool = True
-    """Also split the pipeline's VAE (`AutoencoderKL`) decode and encode in strips, always exactly
-    (synchronous, whatever `mode` says): each rank decodes its strip, the image is gathered once.
-    False leaves the VAE whole on every rank."""
+    """Also split the pipeline's VAE (`AutoencoderKL`, the Wan video VAE `AutoencoderKLWan`) decode and
+    encode in strips, always exactly (synchronous, whatever `mode` says): each rank decodes its strip,
+    the image or video is gathered once. False leaves the VAE whole on every rank (as any other VAE is)."""
 
     compress: str | None = None
     """Displaced steps' exchange in fewer bytes (see `distrifusion.engine.compress`): None (as computed),

@@ -45,21 +45,30 @@ def refuse_packed_weights(module: nn.Module, what: str, why: str) -> None:
 
 
 class PatchConv2d:
-    """A Conv2d over one strip of rows, with halo rows taken from the neighbouring strips.
+    """A convolution over one strip of rows, with halo rows taken from the neighbouring strips: a
+    Conv2d over (rows, columns), or a Conv3d over (frames, rows, columns); rows are the input's
+    second-to-last axis either way, and the other axes stay whole on every rank.
 
     Output row `o` of a conv reads input rows `o*stride - pad + i*dilation`; for a strip whose
     first row is a multiple of the stride, that needs `pad` rows above it and
     `(k-1)*dilation + 1 - stride - pad` rows below it. Image edges get zeros, as the conv's own
     zero padding would give them.
+
+    `padding` is the conv's zero padding per spatial axis for a conv that pads in its own forward
+    instead of through `conv.padding` (default: `conv.padding`); `halo_conv` convolves an input
+    that such a forward has prepared (e.g. padded in time) with this padding.
     """
 
-    def __init__(self, conv: nn.Conv2d, name: str, state: ParallelState) -> None:
+    def __init__(
+        self, conv: nn.Conv2d | nn.Conv3d, name: str, state: ParallelState, padding: tuple[int, ...] | None = None
+    ) -> None:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise TypeError(
                 f"distrifusion: conv {name!r} uses padding {conv.padding!r}/{conv.padding_mode!r}; "
                 "only numeric zero padding can be split into strips"
             )
-        kernel, stride, pad, dilation = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+        self.padding = tuple(conv.padding if padding is None else padding)
+        kernel, stride, pad, dilation = conv.kernel_size[-2], conv.stride[-2], self.padding[-2], conv.dilation[-2]
         self.above = pad
         self.below = (kernel - 1) * dilation + 1 - stride - pad
         if self.below < 0:
@@ -69,37 +78,67 @@ class PatchConv2d:
             )
         refuse_packed_weights(conv, f"conv {name!r}", "its halo rows are convolved with its weight")
         self.conv, self.name, self.state = conv, name, state
+        self.conv_fn = _conv3d if conv.weight.dim() == 5 else F.conv2d
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         state, conv = self.state, self.conv
         if not state.split or state.naive:
             return type(conv).forward(conv, x)  # zero padding at strip edges is exactly "naive"
+        return self.halo_conv(x)
+
+    def halo_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv of this rank's strip `x`, its edge rows computed from the neighbours' halo rows."""
+        state, conv = self.state, self.conv
         rank, n = state.partition.patch_rank, state.partition.patch_size
-        rows = x.shape[2]
+        dim = x.dim() - 2
+        rows = x.shape[dim]
         if rows < max(self.above, self.below):
             raise ValueError(
                 f"distrifusion: a strip of {rows} rows is thinner than the halo of conv "
                 f"{self.name!r}; use fewer ranks or a larger height"
             )
         # Rows this strip lends: its top rows to the strip above, its bottom rows to the one below.
-        edges = torch.cat([x[:, :, : self.below], x[:, :, rows - self.above :]], 2)
+        edges = torch.cat([x.narrow(dim, 0, self.below), x.narrow(dim, rows - self.above, self.above)], dim)
         others = state.context(self.name, edges)
-        zeros = x.new_zeros(x.shape[0], x.shape[1], 0, x.shape[3])
-        top = others[rank - 1][:, :, self.below :] if rank > 0 else pad_to(zeros, 2, self.above)
-        bottom = others[rank + 1][:, :, : self.below] if rank < n - 1 else pad_to(zeros, 2, self.below)
-        conv_rows = partial(F.conv2d, weight=conv.weight, bias=conv.bias, stride=conv.stride, dilation=conv.dilation)
-        conv_rows = partial(conv_rows, padding=(0, conv.padding[1]), groups=conv.groups)
-        span = (conv.kernel_size[0] - 1) * conv.dilation[0]
-        if conv.stride[0] == 1 and self.above == self.below and rows >= span:
+        top = others[rank - 1].narrow(dim, self.below, self.above) if rank > 0 else _zero_rows(x, dim, self.above)
+        bottom = others[rank + 1].narrow(dim, 0, self.below) if rank < n - 1 else _zero_rows(x, dim, self.below)
+        conv_fn = partial(self.conv_fn, weight=conv.weight, bias=conv.bias, stride=conv.stride, groups=conv.groups)
+        conv_fn = partial(conv_fn, dilation=conv.dilation)
+        no_row_padding = (*self.padding[:-2], 0, self.padding[-1])
+        span = (conv.kernel_size[-2] - 1) * conv.dilation[-2]
+        if conv.stride[-2] == 1 and self.above == self.below and rows >= span:
             # Without copying the strip: convolve it with the conv's own zero padding, then redo the
             # few edge rows that must see the neighbours' halo rows instead of zeros.
-            out = type(conv).forward(conv, x)
+            out = conv_fn(x, padding=self.padding)
             if rank > 0:
-                out[:, :, : self.above] = conv_rows(torch.cat([top, x[:, :, :span]], 2))
+                first = torch.cat([top, x.narrow(dim, 0, span)], dim)
+                out.narrow(dim, 0, self.above).copy_(conv_fn(first, padding=no_row_padding))
             if rank < n - 1:
-                out[:, :, rows - self.below :] = conv_rows(torch.cat([x[:, :, rows - span :], bottom], 2))
+                last = torch.cat([x.narrow(dim, rows - span, span), bottom], dim)
+                out.narrow(dim, rows - self.below, self.below).copy_(conv_fn(last, padding=no_row_padding))
             return out
-        return conv_rows(torch.cat([top, x, bottom], 2))
+        return conv_fn(torch.cat([top, x, bottom], dim), padding=no_row_padding)
+
+
+def _conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """`F.conv3d`, through oneDNN on a CPU for float32 inference. Torch picks oneDNN there only when batch x
+    channels x frames x rows exceed 20480 (columns do not count): a strip of a few rows would take its slow
+    path instead, with a column buffer of the kernel's volume times the input (27x for 3x3x3) and about 3x
+    the time, where the whole map's conv took oneDNN."""
+    if (
+        input.device.type == "cpu"
+        and input.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    ):
+        return torch.ops.aten.mkldnn_convolution(input, weight, bias, padding, stride, dilation, groups)
+    return F.conv3d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _zero_rows(x: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+    """`count` rows of zeros shaped like `x`'s rows along `dim` (an image edge's missing halo)."""
+    return x.new_zeros(*x.shape[:dim], count, *x.shape[dim + 1 :])
 
 
 class PatchGroupNorm:
@@ -709,6 +748,25 @@ class PatchZeroPadDownsample:
         if not self.state.split:
             return type(self.down).forward(self.down, hidden_states, *args, **kwargs)
         return self.down.conv(F.pad(hidden_states, (0, 1, 0, 0)))
+
+
+class PatchZeroPad:
+    """An `nn.ZeroPad2d` in front of a halo conv (`PatchConv2d`) that pads no top rows and as many
+    bottom rows as the conv's halo below (e.g. one zero row and column at the bottom and right, then
+    a 3x3 stride-2 conv without padding: video VAE encoders). On a strip it pads the columns only:
+    the image's last strip gets its zero rows from the conv as its missing halo, the others their
+    neighbour's first rows. The adapter that installs it checks that the conv behind it is such a one."""
+
+    def __init__(self, pad: nn.ZeroPad2d, name: str, state: ParallelState) -> None:
+        left, right, top, _ = pad.padding
+        if top:
+            raise TypeError(f"distrifusion: zero padding {name!r} pads {top} top rows; not supported")
+        self.pad, self.name, self.state, self.columns = pad, name, state, (left, right)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.state.split:
+            return type(self.pad).forward(self.pad, x)
+        return F.pad(x, (*self.columns, 0, 0))
 
 
 class PatchFreeU:

@@ -37,6 +37,7 @@ ARCHS = {
     "z_image": "z_image_turbo_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
+    "wan21_vae": "wan21_vae.json",
 }
 """Each named architecture's config file in `CONFIGS` (where each came from: `CONFIGS / "README.md"`, or
 the file's own "_source" entry)."""

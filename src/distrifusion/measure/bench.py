@@ -57,10 +57,12 @@ def bench_vae(
     repeats: int,
     device=None,
     share_only: bool = False,
+    frames: int | None = None,
 ) -> list[dict]:
-    """A VAE decode of one image: the whole decode on one device against the largest share of each
-    N (loopback collectives), with the bytes each rank receives and the peak activation memory
-    (peak minus what was in use before the call: weights and inputs are not activations).
+    """A VAE decode of one image (a video VAE: one video of `frames` frames, see `model_inputs`): the
+    whole decode on one device against the largest share of each N (loopback collectives), with the
+    bytes each rank receives and the peak activation memory (peak minus what was in use before the
+    call: weights and inputs are not activations).
 
     `share_only` skips the whole decode (for sizes one device cannot hold) and the warm-up call: the
     rows' ratios to the whole decode are then None, and `full_min_mb` says what it needs at least."""
@@ -72,13 +74,15 @@ def bench_vae(
     vae = build_model(arch, dtype, device)
     if find_denoiser(vae)[1].entries(vae)[0][0] == "forward":
         raise ValueError(f"{arch} is not a VAE; use distrifusion bench without --vae")
-    inputs = model_inputs(vae, height, width)
+    inputs = model_inputs(vae, height, width, frames=frames)
     decode = lambda: vae.decode(**inputs)  # noqa: E731
     base = dict(arch=arch, height=height, width=width, dtype=str(dtype).removeprefix("torch."), device=str(device))
+    if inputs["z"].dim() == 5:  # a video: the frames it decodes to
+        base["frames"] = (inputs["z"].shape[2] - 1) * vae.config.scale_factor_temporal + 1
     base["card"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     base["threads"] = torch.get_num_threads()
     if share_only:
-        base["full_min_mb"] = largest_call_mb(arch, height, width, dtype)
+        base["full_min_mb"] = largest_call_mb(arch, height, width, dtype, frames)
     rows = []
     with torch.no_grad():
         for ranks in [*([] if share_only else [1]), *[n for n in simulate if n > 1]]:
@@ -104,7 +108,7 @@ def bench_vae(
     return rows
 
 
-def largest_call_mb(arch: str, height: int, width: int, dtype: torch.dtype) -> float:
+def largest_call_mb(arch: str, height: int, width: int, dtype: torch.dtype, frames: int | None = None) -> float:
     """A lower bound on the whole decode's activation memory, from shapes alone (meta device, no
     compute): the largest input plus output of any single layer, which are alive together."""
     vae = build_model(arch, dtype, torch.device("meta"))
@@ -116,7 +120,7 @@ def largest_call_mb(arch: str, height: int, width: int, dtype: torch.dtype) -> f
 
     hooks = [m.register_forward_hook(record) for m in vae.decoder.modules() if not list(m.children())]
     with torch.no_grad():
-        vae.decode(**model_inputs(vae, height, width))
+        vae.decode(**model_inputs(vae, height, width, frames=frames))
     for hook in hooks:
         hook.remove()
     return largest[0] / 2**20

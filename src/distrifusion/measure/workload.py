@@ -13,6 +13,9 @@ import torch
 
 from .archs import ARCHS, CONFIGS
 
+VIDEO_FRAMES = 17
+"""A video's frames when none are given (Wan: 1 + 4k; 17 frames are 5 latent frames)."""
+
 
 def build_model(arch: str, dtype: torch.dtype, device: torch.device):
     """A random-weight denoiser of a published architecture (or a config JSON path; its
@@ -69,14 +72,17 @@ def model_inputs(
     Text lengths are the pipelines' defaults (CLIP 77, SD3 333, PixArt 120, Flux and Flux.2 512, SANA
     300; for Qwen-Image 512 is its pipeline's limit: it trims the text to the prompt's length, so real
     prompts are shorter; Z-Image's caption is its prompt's own tokens, 128 here). `scale`: pixels per
-    latent cell (None: the model's VAE's, `pixels_per_cell`; a pixel-space transformer takes 1).
+    latent cell (None: the model's VAE's, `pixels_per_cell`; a video VAE's own; a pixel-space transformer
+    takes 1).
 
     Wan (a video): one video per call (the pipelines call the model once per guidance branch), `frames`
     pixel frames (default 81) in 1 + (frames - 1) // 4 latent frames; 512 text tokens; Wan 2.1 I2V's 257
     CLIP image tokens; Wan 2.2 TI2V (48 latent channels: its VAE's 16x16 pixels per latent cell unless
-    `scale` says otherwise) with its per-token timestep."""
+    `scale` says otherwise) with its per-token timestep. A video VAE's decode: `frames` (None:
+    `VIDEO_FRAMES`)."""
     from diffusers import (
         AutoencoderKL,
+        AutoencoderKLWan,
         Flux2Transformer2DModel,
         FluxTransformer2DModel,
         PixArtTransformer2DModel,
@@ -163,6 +169,10 @@ def model_inputs(
             inputs["class_labels"] = torch.zeros(batch, dtype=torch.long)
     elif isinstance(model, AutoencoderKL):  # a decode of one image
         inputs = dict(z=rand(batch or 1, cfg.latent_channels, h, w))
+    elif isinstance(model, AutoencoderKLWan):  # a decode of one video of `frames` (1 + 4k) frames
+        frames = frames or VIDEO_FRAMES
+        h, w = height // cfg.scale_factor_spatial, width // cfg.scale_factor_spatial
+        inputs = dict(z=rand(batch or 1, cfg.z_dim, (frames - 1) // cfg.scale_factor_temporal + 1, h, w))
     else:
         batch = batch or 2
         inputs = dict(

@@ -13,6 +13,7 @@ and the tests it adds: docs/ARCHITECTURE.md, "To add a model family").
 | SANA | `sana.SanaAdapter` | SanaTransformer2DModel |
 | Z-Image | `zimage.ZImageAdapter` | ZImageTransformer2DModel |
 | VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
+| Wan video VAE | `wan_vae.WanVAEAdapter` | AutoencoderKLWan (Wan 2.1 and 2.2; decode and encode; always exact) |
 """
 
 from __future__ import annotations
@@ -29,18 +30,25 @@ from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .vae import VAEAdapter
 from .wan import WanAdapter
+from .wan_vae import WanVAEAdapter
 from .zimage import ZImageAdapter
 
 __all__ = [
     "ADAPTERS",
+    "VAE_ADAPTERS",
     "ModelAdapter",
     "VAEAdapter",
+    "WanVAEAdapter",
     "denoiser_modules",
     "find_denoiser",
     "find_denoisers",
+    "find_vae",
     "supported_names",
 ]
 
+VAE_ADAPTERS: tuple[ModelAdapter, ...] = (VAEAdapter(), WanVAEAdapter())
+"""The VAEs whose decode and encode are split in strips (always exactly): a pipeline's `.vae` among
+them is split with its denoiser (`ParallelConfig.split_vae`); any other runs whole on every rank."""
 ADAPTERS: tuple[ModelAdapter, ...] = (
     UNetAdapter(),
     FluxAdapter(),
@@ -51,7 +59,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     SanaAdapter(),
     ZImageAdapter(),
     WanAdapter(),
-    VAEAdapter(),
+    *VAE_ADAPTERS,
 )
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
 """Where a pipeline keeps its denoising models (Wan 2.2 A14B: a second expert, `transformer_2`, for the
@@ -60,6 +68,11 @@ low-noise steps)."""
 
 def supported_names() -> str:
     return ", ".join(cls.__name__ for adapter in ADAPTERS for cls in adapter.models)
+
+
+def find_vae(vae: nn.Module) -> ModelAdapter | None:
+    """The adapter that splits this VAE, or None for a VAE that none splits (it runs whole)."""
+    return next((adapter for adapter in VAE_ADAPTERS if isinstance(vae, adapter.models)), None)
 
 
 def find_denoiser(pipe_or_model) -> tuple[nn.Module, ModelAdapter]:

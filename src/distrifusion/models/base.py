@@ -69,13 +69,21 @@ class ModelAdapter:
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse the model, before anything runs, if a layer cannot be split into strips: the
-        family's own rules (`check`) and, for every family, the layers that read across rows and the hooks
-        whose decisions depend on a rank's strip (`distrifusion.engine.hooks`)."""
+        family's own rules (`check`) and, for every family, the layers that read across rows (but those the
+        adapter owns, `own_layers`) and the hooks whose decisions depend on a rank's strip
+        (`distrifusion.engine.hooks`)."""
+        own = {id(module) for module in self.own_layers(model)}
         for name, module in model.named_modules():
-            refuse_row_crossing(name, module, self.halo_convs)
+            if id(module) not in own:
+                refuse_row_crossing(name, module, self.halo_convs)
         refuse_hooks(model)
         refuse_caches(model)
         self.check(model)
+
+    def own_layers(self, model: nn.Module) -> list[nn.Module]:
+        """Layers that read across rows in a way `refuse_row_crossing` refuses, but which this adapter
+        splits itself (and validates in `check`): none by default."""
+        return []
 
     def entries(self, model: nn.Module) -> list[tuple[str, ModelAdapter]]:
         """The model's methods that each run one split call, with the adapter that splits it
@@ -303,16 +311,16 @@ def refuse_row_crossing(name: str, module: nn.Module, halo_convs: bool) -> None:
     if kind in UNSPLIT_LAYERS:
         why = "not supported"
     elif isinstance(module, (nn.ConvTranspose2d, nn.MaxPool2d, nn.AvgPool2d)) or (
-        isinstance(module, nn.Conv2d) and not halo_convs
-    ):
-        kernel, stride, padding = (_pair(getattr(module, a))[0] for a in ("kernel_size", "stride", "padding"))
+        isinstance(module, (nn.Conv2d, nn.Conv3d)) and not halo_convs
+    ):  # rows: the second-to-last axis of a 2D or 3D window
+        kernel, stride, padding = (_pair(getattr(module, a))[-2] for a in ("kernel_size", "stride", "padding"))
         if (kernel > 1 or padding) and not (kernel == stride and padding == 0):
             why = f"its {kernel}-row windows (stride {stride}, padding {padding}) cross strip edges"
     elif isinstance(module, _PADS) and any(module.padding[2:]):  # (left, right, top, bottom)
         why = "it pads rows at every strip's edge"
     elif isinstance(module, (nn.InstanceNorm2d, nn.LocalResponseNorm)):
         why = "its statistics span the whole map"
-    elif isinstance(module, nn.Upsample) and module.mode != "nearest":
+    elif isinstance(module, nn.Upsample) and module.mode not in ("nearest", "nearest-exact"):
         why = f"{module.mode} interpolation reads the rows beyond a strip's edge"
     if why:
         raise TypeError(f"distrifusion: layer {name!r} ({kind}) cannot be split into strips: {why}")

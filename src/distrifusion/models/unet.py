@@ -129,10 +129,11 @@ def local_maps(value, partition: Partition, batch: slice, rows: tuple[int, int] 
     value = value[batch]
     if rows is None:
         return value
-    # Spatial maps (the latent, ControlNet and T2I-Adapter residuals) at any level of the UNet: slice
-    # their rows. The level is read from the rows alone (the height is a whole number of blocks, so every
-    # level's rows divide it; a width that is not may round up on the way down).
-    if value.dim() == 4 and partition.height % value.shape[2] == 0:
-        factor = partition.height // value.shape[2]
-        value = value[:, :, rows[0] // factor : rows[1] // factor]
+    # Spatial maps (the latent, ControlNet and T2I-Adapter residuals) at any level of the UNet, and videos
+    # (batch, channels, frames, rows, columns): slice their rows, the second-to-last axis. The level is read
+    # from the rows alone (the height is a whole number of blocks, so every level's rows divide it; a width
+    # that is not may round up on the way down).
+    if value.dim() >= 4 and partition.height % value.shape[-2] == 0:
+        factor = partition.height // value.shape[-2]
+        value = value[..., rows[0] // factor : rows[1] // factor, :]
     return value

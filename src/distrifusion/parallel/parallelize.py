@@ -14,7 +14,6 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 
 from ..engine.caches import stateful_caches, unbind_caches
@@ -24,7 +23,7 @@ from ..engine.graphs import CudaGraphs, ReplayWatchdog
 from ..engine.hooks import inner_forward, set_inner_forward
 from ..engine.layers import PatchProcessor, pad_to
 from ..engine.state import ParallelState, Partition, first_time, identity, split_rows, tensor_version
-from ..models import ModelAdapter, VAEAdapter, denoiser_modules, find_denoiser, find_denoisers
+from ..models import ModelAdapter, denoiser_modules, find_denoiser, find_denoisers, find_vae
 from .ownership import Ownership
 
 log = logging.getLogger("distrifusion")
@@ -75,10 +74,12 @@ def parallelize(
             f"distrifusion: ParallelConfig.groupnorm has no effect on {type(model).__name__} (no GroupNorm)",
             stacklevel=2,
         )
-    vae = _pipeline_vae(pipe_or_model, model) if config.split_vae else None
-    if vae is not None:
-        VAEAdapter().check_model(vae)
+    vae, vae_adapter = _pipeline_vae(pipe_or_model, model) if config.split_vae else (None, None)
+    if vae_adapter is not None:
+        vae_adapter.check_model(vae)
     runtime = runtime or init_runtime(config.timeout_s)
+    if vae is not None and vae_adapter is None:
+        _notice_whole_vae(vae, runtime)
     pipe_or_model.to(runtime.device)
     found = None
     if config.mode == "auto":
@@ -91,19 +92,30 @@ def parallelize(
     parallelize_model(model, config, runtime, adapter).auto_plan = found
     for expert, expert_adapter in denoisers[1:]:  # each its own state: its own steps and stale context
         parallelize_model(expert, config, runtime, expert_adapter)
-    if vae is not None:
-        parallelize_model(vae, config, runtime, VAEAdapter())
+    if vae_adapter is not None:
+        parallelize_model(vae, config, runtime, vae_adapter)
     if model is not pipe_or_model:
         _wrap_pipeline(pipe_or_model, runtime)
     return pipe_or_model
 
 
-def _pipeline_vae(pipe_or_model, model: nn.Module) -> nn.Module | None:
-    """The pipeline's VAE when it is one we split (and not already split)."""
+def _pipeline_vae(pipe_or_model, model: nn.Module) -> tuple[nn.Module | None, ModelAdapter | None]:
+    """The pipeline's VAE (not already split) and the adapter that splits it (None: it runs whole)."""
     vae = getattr(pipe_or_model, "vae", None)
-    if model is pipe_or_model or not isinstance(vae, AutoencoderKL) or hasattr(vae, _STATE_ATTR):
-        return None
-    return vae
+    if model is pipe_or_model or not isinstance(vae, nn.Module) or hasattr(vae, _STATE_ATTR):
+        return None, None
+    return vae, find_vae(vae)
+
+
+_NOTICED_VAES: set[str] = set()
+
+
+def _notice_whole_vae(vae: nn.Module, runtime: Runtime) -> None:
+    """Say once per VAE class (on rank 0) that a pipeline's VAE no adapter splits runs whole on every rank."""
+    kind = type(vae).__name__
+    if kind not in _NOTICED_VAES and runtime.rank == 0:
+        _NOTICED_VAES.add(kind)
+        log.warning("distrifusion: the pipeline's VAE (%s) is not split; every rank decodes the whole output", kind)
 
 
 def parallelize_model(
