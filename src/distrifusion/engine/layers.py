@@ -336,15 +336,26 @@ class PatchJointAttnProcessor:
     `text_first` (Flux: [text, image]; SD3: [image, text]) and `text_in_hidden` (Flux's
     single-stream blocks pass text and image concatenated in `hidden_states`, without
     `encoder_hidden_states`). An attention without text (SD3.5's second, image-only attention)
-    is the same processor with no text tokens. Rotary embeddings (Flux) cover the call's own
-    tokens, [text, image]: keys are exchanged after them.
+    is the same processor with no text tokens. Rotary embeddings are applied before keys are
+    exchanged; `split_rotary(rotary, text tokens, image tokens, text_first)` gives the (text's,
+    image's) tables (None: not rotated): by default tables of the call's own tokens in the model's
+    order (Flux: [text, image]), or the image's only (HunyuanVideo-1.5: `image_rotary`).
     """
 
     def __init__(
-        self, attn: nn.Module, name: str, state: ParallelState, original, *, text_first: bool, text_in_hidden: bool
+        self,
+        attn: nn.Module,
+        name: str,
+        state: ParallelState,
+        original,
+        *,
+        text_first: bool,
+        text_in_hidden: bool,
+        split_rotary=None,
     ) -> None:
         self.name, self.state, self.original = name, state, original
         self.text_first, self.text_in_hidden = text_first, text_in_hidden
+        self.split_rotary = split_rotary or joined_rotary
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs
@@ -369,12 +380,9 @@ class PatchJointAttnProcessor:
         else:
             image, text = hidden_states, None
         n_text = 0 if text is None else text.shape[1]
-        if rotary is not None:  # rotary tables for the call's tokens, in the model's order
-            split = n_text if self.text_first else image.shape[1]
-            first, second = [tuple(t[:split] for t in rotary), tuple(t[split:] for t in rotary)]
-            text_rotary, image_rotary = (first, second) if self.text_first else (second, first)
-        else:
-            text_rotary = image_rotary = None
+        text_rotary = image_rotary = None
+        if rotary is not None:
+            text_rotary, image_rotary = self.split_rotary(rotary, n_text, image.shape[1], self.text_first)
         q_img, kv_img = _qkv(attn, image, *_joint_projections(attn, self.original, added=False), image_rotary)
         if not state.naive:
             kv_img = gather_tokens(state, self.name, kv_img, state.sizes(image.shape[1]))
@@ -413,6 +421,18 @@ class PatchJointAttnProcessor:
         if getattr(attn, "to_add_out", None) is not None:
             out_txt = attn.to_add_out(out_txt.contiguous())
         return out_img, out_txt
+
+
+def joined_rotary(rotary: tuple, n_text: int, n_image: int, text_first: bool) -> tuple:
+    """(text's, image's) rotary tables from tables of the call's tokens in the model's order (Flux)."""
+    split = n_text if text_first else n_image
+    first, second = tuple(t[:split] for t in rotary), tuple(t[split:] for t in rotary)
+    return (first, second) if text_first else (second, first)
+
+
+def image_rotary(rotary: tuple, n_text: int, n_image: int, text_first: bool) -> tuple:
+    """Rotary tables of the image tokens only; the text is not rotated (HunyuanVideo-1.5)."""
+    return None, rotary
 
 
 class PatchTokenAttnProcessor:

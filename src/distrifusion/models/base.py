@@ -25,6 +25,9 @@ class ModelAdapter:
 
     models: tuple[type, ...] = ()
     """The diffusers model classes this adapter parallelises."""
+    refused: dict[str, str] = {}
+    """Related model classes (by name: not every diffusers version has them) that the adapter does not
+    parallelise, and why: refused with that reason rather than as an unknown model."""
     sample_arg: str = "sample"
     """The forward argument that carries the noisy image (latent or tokens)."""
     output_dim: int = 2
@@ -109,6 +112,15 @@ class ModelAdapter:
     def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         """This rank's share of the call: its batch half, its strip, its text tokens."""
         raise NotImplementedError
+
+    def split_output(self, local: torch.Tensor, partition: Partition) -> torch.Tensor:
+        """This rank's output sample in a layout whose `output_dim` stacks the ranks' strips (default: as the
+        model returns it; packed video tokens of a band of rows across all frames: one run per frame)."""
+        return local
+
+    def join_output(self, full: torch.Tensor, partition: Partition) -> torch.Tensor:
+        """The gathered output back in the model's layout (the inverse of `split_output`)."""
+        return full
 
     def timestep_tensor(self, model: nn.Module, t: int | float) -> torch.Tensor:
         """A timestep given as a number, as the tensor the model itself would make of it (a CUDA

@@ -578,9 +578,11 @@ class _ParallelForward:
     def gather(self, local: torch.Tensor, partition: Partition) -> torch.Tensor:
         """All-gather every rank's output strip into the full output on every rank."""
         dim = self.adapter.output_dim
+        local = self.adapter.split_output(local, partition)
         sizes = self.state.sizes(local.shape[dim])
         parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(sizes))).wait()
         groups = [parts[g * partition.patch_size : (g + 1) * partition.patch_size] for g in range(partition.cfg_groups)]
-        return torch.cat(
+        full = torch.cat(
             [torch.cat([strip.narrow(dim, 0, n) for strip, n in zip(group, sizes)], dim) for group in groups], 0
         )
+        return self.adapter.join_output(full, partition)
