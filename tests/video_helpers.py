@@ -168,7 +168,8 @@ def tiny_hunyuan_pipeline(dtype=DTYPE):
 
 
 def run_hunyuan_pipeline(pipe, steps: int = 2, seed: int = 0, output_type: str = "latent", **kwargs):
-    return pipe(
+    """A guided call of the tiny pipeline; `kwargs` add to or replace its arguments."""
+    arguments = dict(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
         height=16 * ROWS,
@@ -177,8 +178,8 @@ def run_hunyuan_pipeline(pipe, steps: int = 2, seed: int = 0, output_type: str =
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(seed),
         output_type=output_type,
-        **kwargs,
-    ).frames
+    )
+    return pipe(**{**arguments, **kwargs}).frames
 
 
 # ------------------------------------------------------------------------------------------- LTX-Video

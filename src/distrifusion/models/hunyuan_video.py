@@ -107,6 +107,7 @@ class HunyuanVideo15Adapter(VideoAdapter):
                 f"distrifusion: {FAMILY} expects a video (batch, channels, frames, height, width), got "
                 f"{tuple(video.shape)}"
             )
+        check_kwargs_dict(FAMILY, inputs, "attention_kwargs")  # here: before the ranks' first collective
         valid_text_tokens(inputs)  # refuses a text layout that cannot be split
         return self.video_grid(video.shape[0], *video.shape[2:])
 
@@ -114,7 +115,6 @@ class HunyuanVideo15Adapter(VideoAdapter):
         return valid_text_tokens(inputs)
 
     def local_inputs(self, inputs: dict, partition: Partition) -> dict:
-        check_kwargs_dict(FAMILY, inputs, "attention_kwargs")
         local = {k: slice_batch(v, partition) for k, v in inputs.items()}
         start, length = partition.row_start, partition.rows[partition.patch_rank]
         local["hidden_states"] = local["hidden_states"].narrow(self.axis.dim, start, length)

@@ -99,6 +99,7 @@ class LTXVideoAdapter(VideoAdapter):
             raise ValueError(
                 f"distrifusion: {FAMILY} expects packed tokens (batch, tokens, channels), got {tuple(tokens.shape)}"
             )
+        check_kwargs_dict(FAMILY, inputs, "attention_kwargs")  # here: before the ranks' first collective
         refuse_inputs(
             FAMILY,
             inputs,
@@ -121,7 +122,6 @@ class LTXVideoAdapter(VideoAdapter):
         return self.video_grid(tokens.shape[0], *sizes)
 
     def local_inputs(self, inputs: dict, partition: Partition) -> dict:
-        check_kwargs_dict(FAMILY, inputs, "attention_kwargs")
         local = {k: slice_batch(v, partition) for k, v in inputs.items()}
         # num_frames/height/width stay the whole video's: the rotary tables are made for it, then cut.
         grid = [inputs[name] for name in ("num_frames", "height", "width")]

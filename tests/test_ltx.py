@@ -1,0 +1,252 @@
+"""LTX-Video 0.9 (`LTXVideoTransformer3DModel`): N gloo ranks against one process.
+
+A tiny float64 model (video_helpers.py) of 5 latent frames x 5 rows x 3 columns of packed tokens (patch 1),
+so that strips are uneven for 2 (3+2), 3 (2+2+1) and 4 (2+1+1+1) ranks, in rows (bands of latent rows across
+all frames: one run of tokens per frame) and in frames alike. The model is called once per step with the CFG
+batch [negative, prompt] (as the pipelines do): with `split_cfg=False` every rank takes a strip of both
+halves; with the default each guidance half goes to half the ranks (4 ranks: 2 x 2 strips). Text-to-video
+with one timestep per sample, image-to-video with one per token (0 on the first frame). The synchronous path,
+and displaced steps whose warm-up covers every step, differ from one process by float reduction order only
+(measured up to 4.2e-16 of the output scale; the pipelines: 0); tolerance 1e-9 of the output scale.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import errors_on_every_rank, psnr, run_ranks
+from video_helpers import (
+    denoise_ltx,
+    ltx_inputs,
+    per_token_timestep,
+    run_ltx_pipeline,
+    tiny_ltx,
+    tiny_ltx_pipeline,
+)
+
+import distrifusion
+from distrifusion.measure.simulate import simulate_ranks
+
+TOL = 1e-9
+WORLDS = [2, 3, 4]
+SPLITS = ["rows", "frames"]
+STEPS = 3
+BARE = {"t2v": False, "i2v": True}  # kind: per-token timestep
+MODES = {"sync": 0, "displaced": STEPS + 1}  # warm-up covering every step: exact
+
+
+def _config(mode: str, split: str, warmup: int = 0, split_cfg: bool = False) -> distrifusion.ParallelConfig:
+    return distrifusion.ParallelConfig(mode=mode, warmup_steps=warmup, video_split=split, split_cfg=split_cfg)
+
+
+def rank_job(world_size: int) -> dict:
+    out = {}
+    model = tiny_ltx()
+    for kind, per_token in BARE.items():
+        for split in SPLITS:
+            for mode, warmup in MODES.items():
+                distrifusion.parallelize(model, _config(mode, split, warmup))
+                out[kind, split, mode] = denoise_ltx(model, STEPS, per_token=per_token)
+                distrifusion.remove(model)
+        # The CFG halves on different ranks (an odd world keeps the batch whole).
+        distrifusion.parallelize(model, _config("displaced", "rows", STEPS + 1, split_cfg=True))
+        out[kind, "rows", "split_cfg"] = denoise_ltx(model, STEPS, per_token=per_token)
+        distrifusion.remove(model)
+    for split in SPLITS:  # the approximations: displaced after one warm-up step, and naive strips
+        for mode in ("displaced", "naive"):
+            distrifusion.parallelize(model, _config(mode, split, 1))
+            out["t2v", split, mode, "approx"] = denoise_ltx(model, STEPS)
+            distrifusion.remove(model)
+    for kind in BARE:
+        base = tiny_ltx_pipeline(kind)
+        for split in SPLITS:
+            pipe = copy.deepcopy(base)
+            distrifusion.parallelize(pipe, _config("sync", split))
+            out["pipeline", kind, split] = run_ltx_pipeline(pipe, kind, 2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {n: run_ranks(n, rank_job, n) for n in WORLDS}
+
+
+@pytest.fixture(scope="module")
+def references():
+    refs = {kind: denoise_ltx(tiny_ltx(), STEPS, per_token=per_token) for kind, per_token in BARE.items()}
+    for kind in BARE:
+        refs["pipeline", kind] = run_ltx_pipeline(tiny_ltx_pipeline(kind), kind, 2)
+    return refs
+
+
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _same_on_every_rank(outs: list) -> torch.Tensor:
+    assert all(torch.equal(o, outs[0]) for o in outs), "ranks finished with different videos"
+    return outs[0]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("mode", [*MODES, "split_cfg"])
+@pytest.mark.parametrize("kind", list(BARE))
+def test_bare_model_matches_one_process(results, references, world, split, mode, kind):
+    if mode == "split_cfg" and split != "rows":
+        pytest.skip("split_cfg is run with rows strips only")
+    out = _same_on_every_rank([r[kind, split, mode] for r in results[world]])
+    assert _rel_error(out, references[kind]) < TOL
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("kind", list(BARE))
+def test_pipelines_match_one_process(results, references, world, split, kind):
+    """LTXPipeline and LTXImageToVideoPipeline (its per-token timestep) in sync mode, VAE encode/decode whole."""
+    out = _same_on_every_rank([r["pipeline", kind, split] for r in results[world]])
+    assert _rel_error(out, references["pipeline", kind]) < TOL
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("split", SPLITS)
+def test_displaced_is_closer_than_naive(results, references, world, split):
+    # Measured (3 steps, 1 warm-up, random weights): displaced well above naive; 8 dB asserted.
+    ref = references["t2v"]
+    displaced = psnr(results[world][0]["t2v", split, "displaced", "approx"], ref)
+    naive = psnr(results[world][0]["t2v", split, "naive", "approx"], ref)
+    assert displaced > naive + 8, (displaced, naive)
+
+
+# -- the lossless codec: the compressed path's bookkeeping equals uncompressed displaced ---------------
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_lossless_codec_is_uncompressed_displaced(monkeypatch, split):
+    from distrifusion.engine.compress import BlockCodec
+
+    base = tiny_ltx()
+    sizes = dict(frames=4, rows=8, cols=8)  # each strip's keys/values get coded
+
+    def videos(config):
+        def rank(runtime):
+            model = copy.deepcopy(base)
+            distrifusion.parallelize(model, config, runtime=runtime)
+            return denoise_ltx(model, STEPS, **sizes)
+
+        return simulate_ranks(2, rank)
+
+    config = dict(mode="displaced", warmup_steps=1, video_split=split, split_cfg=False)
+    plain = videos(distrifusion.ParallelConfig(**config))
+    coded = []
+
+    class Lossless(BlockCodec):
+        def encode(self, x, out):
+            coded.append(x.numel())
+            super().encode(x, out)
+
+    monkeypatch.setattr("distrifusion.engine.state.make_codec", lambda compress: Lossless("lossless"))
+    lossless = videos(distrifusion.ParallelConfig(**config, compress="int8"))
+    assert coded
+    for a, b in zip(plain, lossless):
+        assert torch.equal(a, b)
+
+
+# -- bad input: the same one-line error on every rank, before any collective ----------------------------
+
+
+def _call(**changes):
+    def call(model):
+        inputs = {**ltx_inputs(model), "timestep": torch.tensor([500.0, 500.0]), **changes}
+        with torch.no_grad():
+            model(**{k: v for k, v in inputs.items() if v is not ...})
+
+    return call
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(num_frames=...), "LTX-Video needs num_frames, height and width"),
+        (dict(height=4), "got 75 tokens for a latent video of 5 x 4 x 3"),
+        (dict(hidden_states=torch.zeros(2, 5, 5, 3, 4)), "expects packed tokens (batch, tokens, channels)"),
+        (dict(video_coords=torch.zeros(2, 3, 75)), "input 'video_coords' is not supported"),
+        (dict(timestep=per_token_timestep(500.0, 2)[:, :-1]), "per-token timestep of 74 tokens for a video of 75"),
+        (dict(attention_kwargs={"mask": 1}), "attention_kwargs ['mask'] cannot be split"),
+    ],
+)
+def test_bad_inputs_are_refused_alike(changes, message):
+    model = tiny_ltx()
+    messages = errors_on_every_rank(3, lambda: copy.deepcopy(model), _call(**changes), _config("sync", "rows"))
+    assert len(messages) == 1 and message in messages.pop()
+
+
+@pytest.mark.parametrize(
+    "split,sizes,world,message",
+    [
+        ("rows", dict(rows=2), 3, "video height of 2 latent rows is too small to split over 3 ranks; the minimum is 3"),
+        ("frames", dict(frames=3), 4, "video length of 3 latent frames is too small to split over 4 ranks"),
+    ],
+)
+def test_videos_that_do_not_split_are_refused_alike(split, sizes, world, message):
+    def call(model):
+        inputs = ltx_inputs(model, **sizes)
+        with torch.no_grad():
+            model(timestep=torch.tensor([500.0, 500.0]), **inputs)
+
+    messages = errors_on_every_rank(world, tiny_ltx, call, _config("sync", split))
+    assert len(messages) == 1 and message in messages.pop()
+
+
+def test_a_frame_count_the_vae_cannot_take_is_refused():
+    """diffusers' LTX pipelines round it down without a word; a parallel run refuses it, before any work."""
+    base = tiny_ltx_pipeline("t2v")
+
+    def call(pipe):
+        pipe(prompt="a cat", num_frames=20, height=160, width=96, num_inference_steps=1, output_type="latent")
+
+    messages = errors_on_every_rank(2, lambda: copy.deepcopy(base), call)
+    assert messages == {
+        "distrifusion: num_frames=20: an LTX-Video video has 1 + 8k frames (its VAE compresses time 8x); use 17 or 25"
+    }
+
+
+def test_a_patch_other_than_one_is_refused():
+    messages = errors_on_every_rank(2, lambda: tiny_ltx(patch_size=2), lambda m: None)
+    assert len(messages) == 1 and "patch_size 2 and patch_size_t 1 is not supported" in messages.pop()
+
+
+def test_an_unknown_attention_processor_is_refused():
+    model = tiny_ltx()
+    model.transformer_blocks[0].attn1.set_processor(lambda *a, **k: None)
+    messages = errors_on_every_rank(2, lambda: model, lambda m: None)
+    assert len(messages) == 1 and "LTXVideoAttnProcessor" in messages.pop()
+
+
+def test_ltx2_is_refused_with_the_reason():
+    ltx2 = pytest.importorskip("diffusers.models.transformers.transformer_ltx2")  # by name: not in every diffusers
+
+    def make():
+        with torch.device("meta"):  # the refusal reads the class only
+            return ltx2.LTX2VideoTransformer3DModel(num_layers=1)
+
+    messages = errors_on_every_rank(2, make, lambda m: None)
+    assert len(messages) == 1
+    message = messages.pop()
+    assert "does not support LTX2VideoTransformer3DModel" in message and "audio stream" in message
+
+
+def test_the_unsplit_vae_is_noticed(caplog, monkeypatch):
+    monkeypatch.setattr("distrifusion.models.video._NOTICED", set())  # once per VAE class and process
+    base = tiny_ltx_pipeline("t2v")
+
+    def rank(runtime):
+        pipe = copy.deepcopy(base)
+        distrifusion.parallelize(pipe, _config("sync", "rows"), runtime=runtime)
+        run_ltx_pipeline(pipe, "t2v", 1)
+
+    with caplog.at_level("WARNING", logger="distrifusion"):
+        simulate_ranks(2, rank)
+    assert any("LTX-Video VAE (AutoencoderKLLTXVideo) is not split" in r.getMessage() for r in caplog.records)
