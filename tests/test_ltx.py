@@ -250,3 +250,17 @@ def test_the_unsplit_vae_is_noticed(caplog, monkeypatch):
     with caplog.at_level("WARNING", logger="distrifusion"):
         simulate_ranks(2, rank)
     assert any("LTX-Video VAE (AutoencoderKLLTXVideo) is not split" in r.getMessage() for r in caplog.records)
+
+
+def test_bench_knows_the_video_archs():
+    """`distrifusion bench --arch ltx_video_2b / hunyuan_video15_720p`: their VAEs' frames and pixels per cell."""
+    from distrifusion.app.cli_checks import UsageError, bench_geometry, check_video
+
+    ltx, hunyuan = bench_geometry("ltx_video_2b"), bench_geometry("hunyuan_video15_720p")
+    assert (ltx.time_factor, ltx.own_px, ltx.cfg) == (8, 32, True)
+    assert (hunyuan.time_factor, hunyuan.own_px, hunyuan.cfg) == (4, 16, False)
+    check_video(ltx, 121, 704, 1280, 8, "rows")
+    with pytest.raises(UsageError, match="1 \\+ 8k frames"):
+        check_video(ltx, 120, 704, 1280, 2, "rows")
+    with pytest.raises(UsageError, match="multiple of the model.s block of 16 px"):
+        check_video(hunyuan, 121, 712, 1280, 2, "rows")
