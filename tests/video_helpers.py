@@ -295,3 +295,67 @@ def run_ltx_pipeline(pipe, kind: str = "t2v", steps: int = 2, seed: int = 0, **k
         output_type="latent",
         **kwargs,
     ).frames
+
+
+# ------------------------------------------------------------------------------- shared by their tests
+
+
+def parallel_runs(model, runs: dict, run) -> dict:
+    """`run(model, *args)` under each ParallelConfig of `runs` ({key: (config, args)}), the engine removed after
+    each: {key: output}."""
+    import distrifusion
+
+    out = {}
+    for key, (config, args) in runs.items():
+        distrifusion.parallelize(model, config)
+        out[key] = run(model, *args)
+        distrifusion.remove(model)
+    return out
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def same_on_every_rank(outs: list) -> torch.Tensor:
+    assert all(torch.equal(o, outs[0]) for o in outs), "ranks finished with different videos"
+    return outs[0]
+
+
+def check_lossless_codec(monkeypatch, base, run, config: dict) -> None:
+    """A lossless codec on the exchange (2 simulated ranks, `run(model)` each) equals uncompressed displaced
+    steps exactly, and the keys/values did go through it (tests/test_compress.py)."""
+    import copy
+
+    import distrifusion
+    from distrifusion.engine.compress import BlockCodec
+    from distrifusion.measure.simulate import simulate_ranks
+
+    def videos(config):
+        def rank(runtime):
+            model = copy.deepcopy(base)
+            distrifusion.parallelize(model, config, runtime=runtime)
+            return run(model)
+
+        return simulate_ranks(2, rank)
+
+    plain = videos(distrifusion.ParallelConfig(**config))
+    coded = []
+
+    class Lossless(BlockCodec):
+        def encode(self, x, out):
+            coded.append(x.numel())
+            super().encode(x, out)
+
+    monkeypatch.setattr("distrifusion.engine.state.make_codec", lambda compress: Lossless("lossless"))
+    lossless = videos(distrifusion.ParallelConfig(**config, compress="int8"))
+    assert coded
+    for a, b in zip(plain, lossless):
+        assert torch.equal(a, b)
+
+
+def displaced_and_naive_psnr(rank_results: dict, reference: torch.Tensor, split: str) -> tuple[float, float]:
+    """PSNR (dB) against one process of the ("t2v", split, "displaced"/"naive", "approx") runs of one rank."""
+    from helpers import psnr
+
+    return tuple(psnr(rank_results["t2v", split, mode, "approx"], reference) for mode in ("displaced", "naive"))
