@@ -28,17 +28,20 @@ ARCHS = {
     "wan21_t2v_1_3b": "wan21_t2v_1_3b_transformer.json",
     "wan21_i2v_14b": "wan21_i2v_14b_transformer.json",
     "wan22_ti2v_5b": "wan22_ti2v_5b_transformer.json",
+    "qwen_image": "qwen_image_transformer.json",
+    "flux2_dev": "flux2_dev_transformer.json",
+    "flux2_klein": "flux2_klein_transformer.json",
     # HunyuanVideo-1.5 720p T2V: TRANSFORMER_CONFIGS["720p_t2v"] of diffusers' own conversion script
     # (huggingface/diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py), every key a parameter of
     # HunyuanVideo15Transformer3DModel in 0.41.0 and 0.42.1; 8.33B parameters on the meta device (the model
-    # card's 8.3B). LTX-Video 0.9.0-0.9.5 (2B): get_transformer_config of diffusers' scripts/convert_ltx_to_diffusers.py
-    # (every version but 0.9.7), which is also LTXVideoTransformer3DModel's defaults; 1.92B parameters.
+    # card's 8.3B). LTX-Video 0.9 (2B): LTXVideoTransformer3DModel's defaults (every key checked equal in 0.42.1),
+    # the 2B versions' shapes in diffusers' scripts/convert_ltx_to_diffusers.py; 1.92B parameters.
     "hunyuan_video15_720p": "hunyuan_video15_720p_t2v_transformer.json",
     "ltx_video_2b": "ltx_video_2b_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
 }
-"""Each named architecture's config file in `CONFIGS`."""
+"""Each named architecture's config file in `CONFIGS` (where each came from: `CONFIGS / "README.md"`)."""
 
 
 def arch_config_path(arch: str) -> Path:
