@@ -185,3 +185,38 @@ def run_ranks(world_size: int, fn, *args):
         )
         paths = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
         return [torch.load(p) if os.path.exists(p) else None for p in paths]  # None: the rank left no result
+
+
+class NoCollectives:
+    """A communicator that fails the test if any collective is issued."""
+
+    capturable = False
+
+    def __init__(self, size: int, rank: int) -> None:
+        self.size, self.rank = size, rank
+
+    def all_gather(self, tensor, async_op=False):
+        raise AssertionError("a collective was issued before the error")
+
+    all_gather_inplace = all_gather
+
+
+def errors_on_every_rank(world: int, make, call, config=None) -> set[str]:
+    """The error each of `world` ranks raises when `make()` is parallelised with `config` and `call`ed (none may
+    issue a collective first); every message one line."""
+    import pytest
+
+    import distrifusion
+    from distrifusion.engine.comm import Runtime
+
+    messages = set()
+    for rank in range(world):
+        comm = NoCollectives(world, rank)
+        runtime = Runtime(rank, world, torch.device("cpu"), comm, {1: comm, 2: NoCollectives(world // 2, rank)})
+        target = make()
+        with pytest.raises((ValueError, TypeError)) as info:
+            distrifusion.parallelize(target, config or distrifusion.ParallelConfig(), runtime=runtime)
+            call(target)
+        messages.add(str(info.value))
+        assert "\n" not in str(info.value)
+    return messages

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from helpers import psnr, run_ranks
+from helpers import errors_on_every_rank, psnr, run_ranks
 from wan_helpers import (
     FRAMES,
     HEIGHT,
@@ -31,7 +31,6 @@ from wan_helpers import (
 )
 
 import distrifusion
-from distrifusion.engine.comm import Runtime
 from distrifusion.measure.simulate import simulate_ranks
 
 TOL = 1e-9
@@ -187,35 +186,6 @@ def test_lossless_codec_is_uncompressed_displaced(monkeypatch, split):
 # -- bad input: the same one-line error on every rank, before any collective ----------------------------
 
 
-class _NoCollectives:
-    """A communicator that fails the test if any collective is issued."""
-
-    capturable = False
-
-    def __init__(self, size: int, rank: int) -> None:
-        self.size, self.rank = size, rank
-
-    def all_gather(self, tensor, async_op=False):
-        raise AssertionError("a collective was issued before the error")
-
-    all_gather_inplace = all_gather
-
-
-def _errors_on_every_rank(world: int, make, call, config=None) -> set[str]:
-    """The error each of `world` ranks raises (none may issue a collective first)."""
-    messages = set()
-    for rank in range(world):
-        comm = _NoCollectives(world, rank)
-        runtime = Runtime(rank, world, torch.device("cpu"), comm, {1: comm, 2: _NoCollectives(world // 2, rank)})
-        target = make()
-        with pytest.raises((ValueError, TypeError)) as info:
-            distrifusion.parallelize(target, config or distrifusion.ParallelConfig(), runtime=runtime)
-            call(target)
-        messages.add(str(info.value))
-        assert "\n" not in str(info.value)
-    return messages
-
-
 def _bare_call(frames=FRAMES, rows=ROWS, **extra):
     def call(model):
         inputs = {**video_inputs(model, frames=frames, rows=rows), **extra}
@@ -235,7 +205,7 @@ def _bare_call(frames=FRAMES, rows=ROWS, **extra):
 )
 def test_videos_that_do_not_split_are_refused_alike(split, frames, rows, world, message):
     config = distrifusion.ParallelConfig(video_split=split)
-    messages = _errors_on_every_rank(world, lambda: tiny_wan("t2v"), _bare_call(frames, rows), config)
+    messages = errors_on_every_rank(world, lambda: tiny_wan("t2v"), _bare_call(frames, rows), config)
     assert len(messages) == 1 and message in messages.pop()
 
 
@@ -247,7 +217,7 @@ def test_a_per_token_timestep_of_the_wrong_length_is_refused():
         with torch.no_grad():
             m(timestep=t, **video_inputs(m))
 
-    messages = _errors_on_every_rank(2, lambda: copy.deepcopy(model), call)
+    messages = errors_on_every_rank(2, lambda: copy.deepcopy(model), call)
     assert len(messages) == 1 and "per-token timestep of 74 tokens for a video of 75" in messages.pop()
 
 
@@ -258,7 +228,7 @@ def test_a_frame_count_the_vae_cannot_take_is_refused():
     def call(pipe):
         pipe(prompt="a cat", num_frames=20, height=HEIGHT, width=WIDTH, num_inference_steps=1, output_type="latent")
 
-    messages = _errors_on_every_rank(2, lambda: copy.deepcopy(base), call)
+    messages = errors_on_every_rank(2, lambda: copy.deepcopy(base), call)
     assert messages == {
         "distrifusion: num_frames=20: a Wan video has 1 + 4k frames (its VAE compresses time 4x); use 17 or 21"
     }
@@ -271,14 +241,14 @@ def test_unsupported_video_variants_are_refused_by_name():
         num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
         ffn_dim=32, num_layers=2, vace_layers=[0], vace_in_channels=8,
     )  # fmt: skip
-    messages = _errors_on_every_rank(2, vace, lambda m: None)
+    messages = errors_on_every_rank(2, vace, lambda m: None)
     assert len(messages) == 1 and "got WanVACETransformer3DModel" in messages.pop()
 
 
 def test_an_unknown_attention_processor_is_refused():
     model = tiny_wan("t2v")
     model.blocks[0].attn1.set_processor(lambda *a, **k: None)
-    messages = _errors_on_every_rank(2, lambda: model, lambda m: None)
+    messages = errors_on_every_rank(2, lambda: model, lambda m: None)
     assert len(messages) == 1 and "WanAttnProcessor" in messages.pop()
 
 

@@ -192,6 +192,8 @@ def bench_geometry(arch: str | None) -> Geometry:
         time = config.get("scale_factor_temporal") or 4
         name, per_row = f"--arch {arch}", f"{px} px per latent row"
         return Geometry(name, px, px, note.format(px), per_row, False, 256, time_factor=time, default_frames=17)
+    if cls in VIDEO_GEOMETRY:  # bench feeds it latents of its VAE's scale (workload.model_inputs)
+        return VIDEO_GEOMETRY[cls](f"--arch {arch}", config)
     if cls == "AutoencoderKL":  # a decode: any whole number of latent rows
         return Geometry(f"--arch {arch}", 8, 8, "one latent row of 8 px", "8 px per latent row", False, 1024)
     if cls in TOKEN_ROW_MODELS:  # 2x2 latent cells per token, packed by the pipeline (Qwen-Image: patch_size 2)
@@ -253,6 +255,27 @@ def check_image_size(geo: Geometry, height: int, width: int, ranks: int, split_c
             f"px ({geo.block_px} px per rank). Use a larger height or fewer ranks (at most {most * cfg_groups}){what}"
         )
     return patch
+
+
+def _hunyuan_video15_geometry(name: str, config: dict) -> Geometry:
+    """HunyuanVideo-1.5 behind its VAE (16 px per latent cell, 4 frames per latent frame; 1 + 4k frames), one
+    call per guidance branch; 720p x 121 frames by default."""
+    px = 16 * config.get("patch_size", 1)
+    note = f"one token row: {px} px"
+    return Geometry(name, px, px, note, note, False, 720, time_factor=4, default_frames=121, default_width_px=1280)
+
+
+def _ltx_video_geometry(name: str, config: dict) -> Geometry:
+    """LTX-Video behind its VAE (32 px per latent cell and token, 8 frames per latent frame; 1 + 8k frames),
+    the CFG batch in one call; its pipelines' 512 x 704 x 121 frames by default."""
+    note = "one token row: 32 px"
+    return Geometry(name, 32, 32, note, note, True, 512, time_factor=8, default_frames=121, default_width_px=704)
+
+
+VIDEO_GEOMETRY = {
+    "HunyuanVideo15Transformer3DModel": _hunyuan_video15_geometry,
+    "LTXVideoTransformer3DModel": _ltx_video_geometry,
+}
 
 
 def check_video(geo: Geometry, frames: int, height: int, width: int, ranks: int, split: str, what: str = "") -> None:

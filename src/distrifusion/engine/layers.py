@@ -448,7 +448,7 @@ class PatchJointAttnProcessor(PatchProcessor):
     are (cos, sin) tables of the call's tokens in the model's order, applied as diffusers'
     `apply_rotary_emb` (Flux): `split_rotary(rotary, text tokens, image tokens, text_first)` gives
     (text's, image's) and `rotate(x, table)` applies one for other layouts (Qwen-Image: a pair of
-    complex tables, image's and text's).
+    complex tables, image's and text's; HunyuanVideo-1.5: `image_rotary`, the video's only).
 
     A text mask (`encoder_hidden_states_mask`, Qwen-Image: padded prompts of a batch) masks text
     keys; sharded text carries it: each rank's share of the mask travels with its share of the
@@ -642,6 +642,11 @@ def joined_rotary(rotary: tuple, n_text: int, n_image: int, text_first: bool) ->
     split = n_text if text_first else n_image
     first, second = tuple(t[:split] for t in rotary), tuple(t[split:] for t in rotary)
     return (first, second) if text_first else (second, first)
+
+
+def image_rotary(rotary: tuple, n_text: int, n_image: int, text_first: bool) -> tuple:
+    """Rotary tables of the image tokens only; the text is not rotated (HunyuanVideo-1.5)."""
+    return None, rotary
 
 
 def _rotate_real(x: torch.Tensor, table) -> torch.Tensor:

@@ -35,6 +35,13 @@ ARCHS = {
     "sana_2k": "sana_2k_transformer.json",
     "sana_4k": "sana_4k_transformer.json",
     "z_image": "z_image_turbo_transformer.json",
+    # HunyuanVideo-1.5 720p T2V: TRANSFORMER_CONFIGS["720p_t2v"] of diffusers' own conversion script
+    # (huggingface/diffusers scripts/convert_hunyuan_video1_5_to_diffusers.py), every key a parameter of
+    # HunyuanVideo15Transformer3DModel in 0.41.0 and 0.42.1; 8.33B parameters on the meta device (the model
+    # card's 8.3B). LTX-Video 0.9 (2B): LTXVideoTransformer3DModel's defaults (every key checked equal in 0.42.1),
+    # the 2B versions' shapes in diffusers' scripts/convert_ltx_to_diffusers.py; 1.92B parameters.
+    "hunyuan_video15_720p": "hunyuan_video15_720p_t2v_transformer.json",
+    "ltx_video_2b": "ltx_video_2b_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
     "wan21_vae": "wan21_vae.json",

@@ -4,9 +4,12 @@ beside what Ulysses sequence parallelism would move for the same attention calls
 
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..engine.comm import Communicator, PendingGather
 from ..engine.config import ParallelConfig
@@ -149,6 +152,37 @@ def layer_payloads(model, inputs: dict, ranks: int, config: ParallelConfig | Non
     return sent
 
 
+class MetaSelections(TorchDispatchMode):
+    """Shape-only runs of forwards that branch on values or select tokens by a mask (HunyuanVideo-1.5 puts each
+    sample's valid text tokens first, then its padded ones, and decides text- or image-to-video from the
+    image embeddings' values). On the meta device a tensor's truth is True and a boolean selection keeps every
+    element, but one by a mask's complement (`~mask`) keeps none: a split into the selected and the other
+    elements keeps its total, so every shape downstream is right (every text token counts as valid). Tensors
+    on other devices are computed as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.complements: list[weakref.ref] = []  # by identity (a tensor's == compares values)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten, kwargs = torch.ops.aten, kwargs or {}
+        meta = isinstance(args[0], torch.Tensor) and args[0].device.type == "meta" if args else False
+        if meta and func is aten._local_scalar_dense.default:
+            return True
+        if meta and func is aten.index.Tensor and len(args[1]) == 1 and args[1][0].dtype == torch.bool:
+            tensor, mask = args[0], args[1][0]
+            kept = 0 if any(ref() is mask for ref in self.complements) else mask.numel()
+            return tensor.new_empty((kept, *tensor.shape[mask.dim() :]))
+        out = func(*args, **kwargs)
+        if meta and func in (aten.bitwise_not.default, aten.logical_not.default) and out.dtype == torch.bool:
+            self.complements.append(weakref.ref(out))
+        return out
+
+
+def _on_meta(model) -> bool:
+    return next(model.parameters()).device.type == "meta"
+
+
 def attention_calls(model, inputs: dict) -> list[tuple[int, int, int]]:
     """(batch, tokens, width) of every attention call of one step that mixes tokens across the image
     (self- and joint attention; cross-attention to text is local under any split)."""
@@ -157,14 +191,15 @@ def attention_calls(model, inputs: dict) -> list[tuple[int, int, int]]:
     def record(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        if text is not None and getattr(module, "is_cross_attention", False):
-            return  # cross-attention: local
+        joint = getattr(module, "add_k_proj", None) is not None and not getattr(module, "is_cross_attention", False)
+        if text is not None and not joint:
+            return  # cross-attention (to the text, no added projections of its own): local
         tokens = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[2] * hidden.shape[3]
         calls.append((hidden.shape[0], tokens + (0 if text is None else text.shape[1]), module.inner_dim))
 
     hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules() if hasattr(m, "processor")]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), MetaSelections() if _on_meta(model) else contextlib.nullcontext():
             model(**inputs)
     finally:
         for h in hooks:
@@ -188,11 +223,12 @@ def first_steps_traffic(model, inputs: dict, counter: dict, mode: str) -> dict:
     Both run eagerly (a graph is captured at a phase's second use) so the communicator sees them; with
     mode="sync" step 1 would be the synchronous graph's first replay, so the synchronous figure stands.
     """
-    counter.clear()
-    model(**inputs)
-    sync = dict(counter)
-    counter.clear()
-    model(**inputs)
+    with MetaSelections() if _on_meta(model) else contextlib.nullcontext():
+        counter.clear()
+        model(**inputs)
+        sync = dict(counter)
+        counter.clear()
+        model(**inputs)
     step = dict(counter) if mode != "sync" else sync
     partition = model._distrifusion_state.partition
     return dict(

@@ -79,12 +79,20 @@ def model_inputs(
     pixel frames (default 81) in 1 + (frames - 1) // 4 latent frames; 512 text tokens; Wan 2.1 I2V's 257
     CLIP image tokens; Wan 2.2 TI2V (48 latent channels: its VAE's 16x16 pixels per latent cell unless
     `scale` says otherwise) with its per-token timestep. A video VAE's decode: `frames` (None:
-    `VIDEO_FRAMES`)."""
+    `VIDEO_FRAMES`).
+
+    HunyuanVideo-1.5 (a video, one call per guidance branch, 16x16 pixels per latent cell): `frames` (default
+    121) in 1 + (frames - 1) // 4 latent frames, the latent with the image condition and its mask, the
+    pipeline's full text: 1000 MLLM, 256 ByT5 and 729 image tokens, all valid (the most text a call carries;
+    a shape-only run counts every text token anyway). LTX-Video (packed tokens, 32x32 pixels per latent cell,
+    8 frames per latent frame): the CFG batch of 2 in one call, `frames` (default 121), 128 text tokens."""
     from diffusers import (
         AutoencoderKL,
         AutoencoderKLWan,
         Flux2Transformer2DModel,
         FluxTransformer2DModel,
+        HunyuanVideo15Transformer3DModel,
+        LTXVideoTransformer3DModel,
         PixArtTransformer2DModel,
         QwenImageTransformer2DModel,
         SanaTransformer2DModel,
@@ -99,6 +107,10 @@ def model_inputs(
     rand = lambda *shape: torch.randn(*shape, generator=g) if p.device.type != "meta" else torch.empty(shape)  # noqa: E731
     if isinstance(model, WanTransformer3DModel):
         return _to_model(_wan_inputs(model, height, width, batch or 1, scale, frames or 81, rand), p)
+    if isinstance(model, HunyuanVideo15Transformer3DModel):
+        return _to_model(_hunyuan_inputs(model, height, width, batch or 1, scale or 16, frames or 121, rand), p)
+    if isinstance(model, LTXVideoTransformer3DModel):
+        return _to_model(_ltx_inputs(model, height, width, batch or 2, scale or 32, frames or 121, rand), p)
     scale = scale or pixels_per_cell(model)
     h, w = height // scale, width // scale
     rows, cols = h // 2, w // 2  # Flux, Flux.2, Qwen-Image: the pipeline packs 2x2 latent cells per token
@@ -215,6 +227,33 @@ def _wan_inputs(model, height: int, width: int, batch: int, scale: int | None, f
     return inputs
 
 
+def _hunyuan_inputs(model, height: int, width: int, batch: int, scale: int, frames: int, rand) -> dict:
+    cfg = model.config
+    shape = (1 + (frames - 1) // 4, height // scale, width // scale)
+    return dict(
+        hidden_states=rand(batch, cfg.in_channels, *shape),
+        timestep=torch.full((batch,), 500.0),
+        encoder_hidden_states=rand(batch, 1000, cfg.text_embed_dim),
+        encoder_attention_mask=torch.ones(batch, 1000),
+        encoder_hidden_states_2=rand(batch, 256, cfg.text_embed_2_dim),
+        encoder_attention_mask_2=torch.ones(batch, 256),
+        image_embeds=rand(batch, 729, cfg.image_embed_dim),
+    )
+
+
+def _ltx_inputs(model, height: int, width: int, batch: int, scale: int, frames: int, rand) -> dict:
+    cfg = model.config
+    sizes = dict(num_frames=1 + (frames - 1) // 8, height=height // scale, width=width // scale)
+    return dict(
+        hidden_states=rand(batch, sizes["num_frames"] * sizes["height"] * sizes["width"], cfg.in_channels),
+        encoder_hidden_states=rand(batch, 128, cfg.caption_channels),
+        encoder_attention_mask=torch.ones(batch, 128),
+        timestep=torch.full((batch,), 500.0),
+        rope_interpolation_scale=(8 / 25, scale, scale),  # the pipelines': 8 frames per latent at 25 fps
+        **sizes,
+    )
+
+
 def _to_model(value, p: torch.Tensor):
     """Floating tensors in the model's dtype, every tensor on its device (ids of positions stay float32
     on CPU-like precision rules: Flux casts them itself)."""
@@ -222,7 +261,7 @@ def _to_model(value, p: torch.Tensor):
         return {k: _to_model(v, p) for k, v in value.items()}
     if isinstance(value, list):
         return [_to_model(v, p) for v in value]
-    if not isinstance(value, torch.Tensor):  # Qwen-Image's img_shapes: grid sizes, not tensors
+    if not isinstance(value, torch.Tensor):  # Qwen-Image's img_shapes, LTX-Video's sizes and scales: not tensors
         return value
     if value.is_floating_point():
         return value.to(p.device, p.dtype)

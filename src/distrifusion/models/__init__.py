@@ -12,6 +12,8 @@ and the tests it adds: docs/ARCHITECTURE.md, "To add a model family").
 | Qwen-Image | `qwenimage.QwenImageAdapter` | QwenImageTransformer2DModel |
 | SANA | `sana.SanaAdapter` | SanaTransformer2DModel |
 | Z-Image | `zimage.ZImageAdapter` | ZImageTransformer2DModel |
+| HunyuanVideo-1.5 | `hunyuan_video.HunyuanVideo15Adapter` | HunyuanVideo15Transformer3DModel (video) |
+| LTX-Video 0.9 | `ltx.LTXVideoAdapter` | LTXVideoTransformer3DModel (video; LTX-2 refused) |
 | VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
 | Wan video VAE | `wan_vae.WanVAEAdapter` | AutoencoderKLWan (Wan 2.1 and 2.2; decode and encode; always exact) |
 """
@@ -23,6 +25,8 @@ from torch import nn
 from .base import ModelAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
+from .hunyuan_video import HunyuanVideo15Adapter
+from .ltx import LTXVideoAdapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
@@ -59,6 +63,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     SanaAdapter(),
     ZImageAdapter(),
     WanAdapter(),
+    HunyuanVideo15Adapter(),
+    LTXVideoAdapter(),
     *VAE_ADAPTERS,
 )
 DENOISER_ATTRS = ("unet", "transformer", "transformer_2")

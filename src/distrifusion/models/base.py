@@ -154,6 +154,15 @@ class ModelAdapter:
         """The gathered output back in the form the model returns (inverse of `output_tensor`)."""
         return full
 
+    def split_output(self, local: torch.Tensor, partition: Partition) -> torch.Tensor:
+        """This rank's output tensor (`output_tensor`) in a layout whose `output_dim` stacks the ranks' strips
+        (default: as it is; packed video tokens of a band of rows across all frames: one run per frame)."""
+        return local
+
+    def join_output(self, full: torch.Tensor, partition: Partition) -> torch.Tensor:
+        """The gathered output back in the model's layout (the inverse of `split_output`)."""
+        return full
+
     def timestep_tensor(self, model: nn.Module, t: int | float) -> torch.Tensor:
         """A timestep given as a number, as the tensor the model itself would make of it (a CUDA
         graph would otherwise bake the number in)."""

@@ -20,7 +20,6 @@ each with its own state, so each keeps its own stale context and its first call 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from functools import partial
 
@@ -29,67 +28,35 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 from torch import nn
 
-from ..engine.config import ParallelConfig
 from ..engine.layers import PatchTokenAttnProcessor
 from ..engine.state import ParallelState, Partition
-from .base import ModelAdapter, check_kwargs_dict, check_processor, install_forward, install_processor, slice_batch
+from .base import check_kwargs_dict, check_processor, install_forward, install_processor, slice_batch
+from .video import StripVideoRoPE, VideoAdapter, check_frame_count, check_video_convs
 
 
-@dataclasses.dataclass(frozen=True)
-class _Axis:
-    dim: int
-    unit: str
-    name: str
-
-
-_AXES = {
-    "rows": _Axis(3, "latent rows", "video height"),
-    "frames": _Axis(2, "latent frames", "video length"),
-}
-
-
-class WanAdapter(ModelAdapter):
+class WanAdapter(VideoAdapter):
     models = (WanTransformer3DModel,)
     # Guidance branches: Wan pipelines call the model once with the prompt and once with the negative one.
     conditioning_args = ("encoder_hidden_states", "encoder_hidden_states_image")
-    sample_arg = "hidden_states"
 
     def __init__(self, split: str = "rows", patch: tuple[int, int, int] = (1, 2, 2)) -> None:
-        axis = _AXES[split]
-        self.split, self.dim, self.patch = split, axis.dim, tuple(patch)
-        """The dimension of the (batch, channels, frames, height, width) input that strips cut; the model's patch."""
-        self.output_dim, self.row_unit, self.split_axis = axis.dim, axis.unit, axis.name
+        super().__init__(split, patch)
 
-    def configured(self, model: nn.Module, config: ParallelConfig) -> WanAdapter:
-        return WanAdapter(config.video_split, tuple(model.config.patch_size))
+    @staticmethod
+    def model_patch(model: nn.Module) -> tuple[int, int, int]:
+        return tuple(model.config.patch_size)
 
     def check_pipeline_call(self, pipe, arguments: dict) -> None:
         """The Wan pipelines round a frame count that is not 1 + 4k (the VAE's time compression) with a
         warning; a parallel run refuses it instead, on every rank, naming the nearest counts."""
-        frames, factor = arguments.get("num_frames"), getattr(pipe, "vae_scale_factor_temporal", None)
-        if isinstance(frames, int) and isinstance(factor, int) and factor > 1 and (frames < 1 or (frames - 1) % factor):
-            below = max(1, (frames - 1) // factor * factor + 1)
-            raise ValueError(
-                f"distrifusion: num_frames={frames}: a Wan video has 1 + {factor}k frames (its VAE compresses time "
-                f"{factor}x); use {below} or {below + factor}"
-            )
+        check_frame_count(pipe, arguments, "a Wan video")
 
     def check(self, model: nn.Module) -> None:
         # diffusers' caches that decide from a rank's own strip are refused for every family (engine/hooks.py).
         for name, module in model.named_modules():
             if isinstance(module, WanAttention):
                 check_processor(name, module, (WanAttnProcessor,))
-            elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d)):
-                kernel, stride, padding = (_triple(getattr(module, a)) for a in ("kernel_size", "stride", "padding"))
-                if kernel != stride or any(padding):
-                    raise TypeError(
-                        f"distrifusion: layer {name!r} ({type(module).__name__}) cannot be split into strips: its "
-                        f"windows (kernel {kernel}, stride {stride}, padding {padding}) cross strip edges"
-                    )
-
-    def block_rows(self, model: nn.Module) -> int:
-        """A token: `patch_size` latent rows (rows), or latent frames (frames)."""
-        return model.config.patch_size[self.dim - 2]
+        check_video_convs(model)
 
     def install(self, model: nn.Module, state: ParallelState) -> None:
         install_forward(model.rope, StripRoPE, "rope", state)
@@ -104,16 +71,8 @@ class WanAdapter(ModelAdapter):
             raise ValueError(
                 f"distrifusion: Wan expects a video (batch, channels, frames, height, width), got {tuple(video.shape)}"
             )
-        timestep = inputs.get("timestep")
-        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2:  # Wan 2.2 TI2V: one per token
-            tokens = math.prod(n // p for n, p in zip(video.shape[2:], self.patch))
-            if timestep.shape[1] != tokens:
-                raise ValueError(
-                    f"distrifusion: a per-token timestep of {timestep.shape[1]} tokens for a video of {tokens} "
-                    "tokens; pass one per token (frames x rows x columns of patches)"
-                )
-        batch, frames, height, width = video.shape[0], *video.shape[2:]
-        return (batch, height, width) if self.split == "rows" else (batch, frames, height)
+        self.check_token_timestep(inputs.get("timestep"), math.prod(self.token_grid(*video.shape[2:])))
+        return self.video_grid(video.shape[0], *video.shape[2:])
 
     def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         check_kwargs_dict("Wan", inputs, "attention_kwargs")
@@ -126,41 +85,16 @@ class WanAdapter(ModelAdapter):
                 partition.cfg_index * partition.local_batch : (partition.cfg_index + 1) * partition.local_batch
             ].flatten(0, 1)
         start, length = partition.row_start, partition.rows[partition.patch_rank]
-        local["hidden_states"] = local["hidden_states"].narrow(self.dim, start, length)
-        timestep = local.get("timestep")
-        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2:
-            grid = [n // p for n, p in zip(video.shape[2:], self.patch)]
-            axis, step = self.dim - 2, self.patch[self.dim - 2]
-            local["timestep"] = timestep.unflatten(1, grid).narrow(1 + axis, start // step, length // step).flatten(1)
+        local["hidden_states"] = local["hidden_states"].narrow(self.axis.dim, start, length)
+        local["timestep"] = self.local_timestep(local.get("timestep"), self.token_grid(*video.shape[2:]), partition)
         return local
 
 
-def _triple(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+class StripRoPE(StripVideoRoPE):
+    """Wan's 3D rotary tables (`WanRotaryPosEmbed`: (1, tokens, 1, head_dim) each) for one strip."""
 
-
-class StripRoPE:
-    """Wan's 3D rotary tables (`WanRotaryPosEmbed`) for one strip: the module computes them for a stand-in
-    of the whole video's shape (it reads nothing but the shape), then they are cut to the strip's tokens.
-    A strip alone would get positions counted from its own first row or frame."""
-
-    def __init__(self, rope: nn.Module, name: str, state: ParallelState) -> None:
-        self.rope, self.name, self.state = rope, name, state
-
-    def __call__(self, hidden_states: torch.Tensor):
-        state, rope = self.state, self.rope
-        if not state.split:
-            return type(rope).forward(rope, hidden_states)
-        dim = _AXES[state.config.video_split].dim
-        partition, axis = state.partition, dim - 2
-        shape = list(hidden_states.shape)
-        shape[dim] = partition.height
-        whole = hidden_states.new_empty(()).expand(shape)  # the whole video's shape, no memory
-        grid = [n // p for n, p in zip(shape[2:], rope.patch_size)]
-        step = rope.patch_size[axis]
-        start, length = partition.row_start // step, hidden_states.shape[dim] // step
-        tables = type(rope).forward(rope, whole)  # (1, tokens, 1, head_dim) each: cos and sin
-        return tuple(t.unflatten(1, grid).narrow(1 + axis, start, length).flatten(1, 3) for t in tables)
+    def patch(self) -> tuple[int, int, int]:
+        return tuple(self.rope.patch_size)
 
 
 def wan_qkv(attn: nn.Module, hidden_states: torch.Tensor, rotary_emb=None):

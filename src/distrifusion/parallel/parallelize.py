@@ -595,6 +595,7 @@ class _ParallelForward:
         sends its strip's rows and its share of the reference rows, and the full output is every strip
         then every share (computed on this rank whether the reference tokens are sharded or replicated)."""
         dim, rank = self.adapter.output_dim, partition.patch_rank
+        local = self.adapter.split_output(local, partition)  # in a layout whose `dim` stacks the strips
         references = partition.extra[rank] if partition.extra else 0
         strip = local.shape[dim] - references
         sizes, shares = self.state.sizes(strip), partition.reference_shares
@@ -604,7 +605,7 @@ class _ParallelForward:
         lengths = [n + m for n, m in zip(sizes, shares)]
         parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(lengths))).wait()
         groups = [parts[g * partition.patch_size : (g + 1) * partition.patch_size] for g in range(partition.cfg_groups)]
-        return torch.cat(
+        full = torch.cat(
             [
                 torch.cat(
                     [part.narrow(dim, 0, n) for part, n in zip(group, sizes)]
@@ -615,3 +616,4 @@ class _ParallelForward:
             ],
             0,
         )
+        return self.adapter.join_output(full, partition)
