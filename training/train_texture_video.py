@@ -85,7 +85,7 @@ FP32_MAX_BYTES = 16 * 1024 * 1024
 MOTIONS: dict[str, float] = {"pan": 0.5, "zoom": 0.25, "rotate": 0.25}
 """Kinds of camera motion in the training clips and how often each is drawn."""
 
-DEFAULT_CYCLE = ",".join(["64x1x4,32x17x2,64x1x4,16x17x8"] * 5 + ["64x1x4,32x17x2,64x1x4,64x17x1"])
+DEFAULT_CYCLE = "64x1x4,32x17x2,64x1x4,16x17x8"
 """Default repeating batch pattern SIZExFRAMESxBATCH (see the module docstring)."""
 
 
@@ -286,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=1_000_000, help="maximum training iterations")
     p.add_argument("--max-minutes", type=float, default=120.0, help="wall-clock budget; stop and save when reached")
     p.add_argument("--cycle", default=DEFAULT_CYCLE, help="repeating batch pattern SIZExFRAMESxBATCH,...")
+    p.add_argument("--big", default="64x17x1", help="shape SIZExFRAMESxBATCH of every --big-every-th batch")
+    p.add_argument("--big-every", type=int, default=24, help="every this many iterations is a --big batch (0: never)")
     p.add_argument("--shift", type=float, default=2.0, help="time shift of training noise levels and the scheduler")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up iterations")
@@ -306,6 +308,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.iters, args.threads, args.warmup, args.log_every) < 1:
         raise ValueError("--iters, --threads, --warmup and --log-every must be positive")
     args.cycle_list = parse_cycle(args.cycle)
+    big = parse_cycle(args.big)
+    if len(big) != 1 or args.big_every < 0:
+        raise ValueError("--big must be one SIZExFRAMESxBATCH and --big-every non-negative")
+    args.big_shape = big[0]
     if args.max_minutes <= 0 or args.checkpoint_minutes <= 0 or args.decay_minutes < 0:
         raise ValueError("--max-minutes and --checkpoint-minutes must be positive, --decay-minutes non-negative")
     if args.shift <= 0:
@@ -356,12 +362,13 @@ def main(argv: list[str] | None = None) -> None:
     step = 0
     shape_seconds: dict[str, list[float]] = {}  # per batch shape: [total seconds, count], for the log
     budget = args.max_minutes * 60
+    cycle_text = args.cycle + (f", every {args.big_every}th batch {args.big}" if args.big_every else "")
 
     def trained_meta() -> dict:
         # With --init, iterations, minutes and commands accumulate over the runs.
         return {
             "iters": prior.get("iters", 0) + step,
-            "cycle": " then ".join(filter(None, [prior.get("cycle"), f"{args.cycle} ({step} iters)"])),
+            "cycle": " then ".join(filter(None, [prior.get("cycle"), f"{cycle_text} ({step} iters)"])),
             "clip_sizes": "SIZExFRAMESxBATCH, pixels x frames x clips per batch",
             "motions": {
                 "pan_px_per_frame": [0.25, sampler.max_pan],
@@ -383,7 +390,10 @@ def main(argv: list[str] | None = None) -> None:
 
     while step < args.iters and (time.time() - start) < budget:
         t_iter = time.time()
-        size, frames, batch = args.cycle_list[step % len(args.cycle_list)]
+        if args.big_every and (step + 1) % args.big_every == 0:
+            size, frames, batch = args.big_shape
+        else:
+            size, frames, batch = args.cycle_list[step % len(args.cycle_list)]
         # Linear warm-up, then constant, then a linear fall to 10% over the last --decay-minutes
         # (by wall time, since the budget is wall time).
         elapsed = t_iter - start
