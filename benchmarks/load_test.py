@@ -20,7 +20,8 @@ The exit status is 0 only if all checks pass.
 
 Either target a running server (--url http://127.0.0.1:PORT) or let the test start one
 (--start "SERVE FLAGS": `python -m distrifusion serve --port RANDOM SERVE FLAGS`, waited for on
-/health, stopped at the end with SIGTERM — its drain — then SIGKILL of anything left).
+/health, stopped at the end with SIGTERM — its drain — then SIGKILL of anything left: tests/serve_process.py,
+the server tests' harness).
 
 The commands behind BENCHMARKS.md ("Serving (distrifusion serve)"; 2-core shared CPU):
 
@@ -47,15 +48,15 @@ import os
 import random
 import re
 import shlex
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from serve_process import ServeProcess, serve_command  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["brick", "grass", "gravel", "hubble_deep_field", "ihc", "retina"]
@@ -102,72 +103,19 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-class OwnServer:
-    """`distrifusion serve` started by this test, stopped by PID at the end."""
+class OwnServer(ServeProcess):
+    """`distrifusion serve` started by this test, stopped by PID at the end (tests/serve_process.py)."""
 
     def __init__(self, flags: str, startup_timeout: float, log: Path | None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "distrifusion", "serve", "--port", str(self.port), *shlex.split(flags)]
-        self.command = " ".join(shlex.quote(c) for c in command)
-        print(f"starting: {self.command}", flush=True)
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output: list[str] = []
-        self.log = log
-
-        def pump():
-            for line in self.proc.stdout:
-                self.output.append(line)
-                if self.log:
-                    with open(self.log, "a") as f:
-                        f.write(line)
-
-        threading.Thread(target=pump, daemon=True).start()
-        self.ranks: list[int] = []
-        self.startup_s = self._wait_ready(startup_timeout)
-
-    def _wait_ready(self, timeout: float) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{''.join(self.output)}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.ranks = self._children()
-                    return time.monotonic() - t0
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"the server was not ready in {timeout:.0f} s:\n{''.join(self.output)}")
-
-    def _children(self) -> list[int]:
-        children = []
-        try:
-            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-                children += [int(pid) for pid in (task / "children").read_text().split()]
-        except OSError:
-            pass
-        return children
+        port, flags = free_port(), shlex.split(flags)
+        print(f"starting: {shlex.join(serve_command(port, flags))}", flush=True)
+        self.started_ranks: list[int] = []
+        super().__init__(port, flags, ready_timeout=startup_timeout, stop_grace=60, log=log)
+        self.started_ranks = self.ranks()
 
     def stop(self) -> int | None:
-        """SIGTERM (the server drains and stops its ranks), SIGKILL after 60 s; then SIGKILL any rank
-        of ours still alive. Returns the server's exit code."""
-        ranks = set(self.ranks) | (set(self._children()) if self.proc.poll() is None else set())
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in ranks:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                print(f"killed a rank left behind (pid {pid})", file=sys.stderr)
-            except ProcessLookupError:
-                pass
-        return self.proc.returncode
+        """As ServeProcess.stop, the ranks seen at start-up included (the server may have died and left them)."""
+        return super().stop(self.started_ranks)
 
 
 # -- the load ---------------------------------------------------------------------------------
@@ -323,7 +271,8 @@ def main() -> int:
         url = server.url
         args.server_command = "distrifusion serve --port PORT " + args.start
         args.server_startup_s = round(server.startup_s, 1)
-        print(f"server ready in {server.startup_s:.1f} s on {url} (pid {server.proc.pid}, ranks {server.ranks})")
+        ranks = server.started_ranks
+        print(f"server ready in {server.startup_s:.1f} s on {url} (pid {server.proc.pid}, ranks {ranks})")
     else:
         url = args.url.rstrip("/")
     try:

@@ -5,19 +5,20 @@
 
 The UNet and the VAE are the real SD 1.5 sizes (src/distrifusion/data/configs/sd15_unet.json and sd_vae.json);
 the text encoder is a small CLIP (2 layers of width 768, the UNet's cross_attention_dim) and the tokenizer is
-written here: byte-level, no merges (every byte a token), 77 tokens long. The images are noise: this folder is
-for timing whole generations (text encoding, denoising, VAE decoding), not for looking at them.
+written in memory (distrifusion.measure.workload.byte_tokenizer): byte-level, no merges (every byte a token),
+77 tokens long. The images are noise: this folder is for timing whole generations (text encoding, denoising,
+VAE decoding), not for looking at them.
 """
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from distrifusion.measure.workload import byte_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "src" / "distrifusion" / "data" / "configs"
 TEXT_LEN = 77
@@ -30,36 +31,11 @@ def _config(name: str) -> dict:
     return config
 
 
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable symbols byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
-def byte_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer with no merges: every byte is a token (word-final bytes get `</w>`)."""
-    symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump({t: i for i, t in enumerate(tokens)}, f)
-        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-        return CLIPTokenizer.from_pretrained(d, model_max_length=TEXT_LEN)
-
-
 def build(folder: str, seed: int = 0) -> None:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**_config("sd15_unet.json"))
     vae = AutoencoderKL(**_config("sd_vae.json"))
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(TEXT_LEN)
     hidden = unet.config.cross_attention_dim
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

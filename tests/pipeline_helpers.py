@@ -6,10 +6,6 @@ minimal byte-level vocabulary.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -22,6 +18,8 @@ from diffusers import (
 )
 from helpers import BLOCK, CONFIGS, TEXT_DIM, tiny_model
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from distrifusion.measure.workload import byte_tokenizer
 
 DTYPE = torch.float64
 STEPS = 3
@@ -47,29 +45,9 @@ def _perturb_constants(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable symbols byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
 def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer with no merges: every byte is a token (word-final bytes get `</w>`)."""
-    symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump({t: i for i, t in enumerate(tokens)}, f)
-        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-        return CLIPTokenizer.from_pretrained(d, model_max_length=TEXT_LEN)
+    """A CLIP tokenizer with no merges (every byte a token), TEXT_LEN tokens long."""
+    return byte_tokenizer(TEXT_LEN)
 
 
 def _text_config(tokenizer: CLIPTokenizer, hidden: int, **kwargs) -> CLIPTextConfig:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from distrifusion import cli, cli_checks
+from distrifusion.app import cli, cli_checks
 
 
 def run_cli(*args, env=None, timeout=60):
@@ -93,6 +93,11 @@ def test_generate_refuses_bad_input_at_once(tmp_path, args, fragments):
         (["bench", "--sizes", "100"], ["image height of 100 px must be a multiple of 8 px"]),
         (["bench", "--sizes", "256", "--simulate", "16"], ["too small to split over 8 ranks (16 ranks, CFG"]),
         (["bench", "--arch", "nope"], ["unknown architecture 'nope'"]),
+        (
+            ["bench", "--arch", "qwen_image", "--sizes", "1000"],
+            ["1000 px must be a multiple of the model's block of 16 px", "token row"],
+        ),
+        (["bench", "--arch", "flux2_klein", "--sizes", "64", "--simulate", "8"], ["the minimum is 128 px"]),
         (["quality", "--ranks", "8", "--height", "32"], ["too small to split over 8 ranks; the minimum is 64 px"]),
         (["quality", "--seeds", "0"], ["--seeds must be >= 1, got 0"]),
         (["quality", "--model", "embedded-dit", "--height", "4"], ["too small for SSIM's 7x7 window"]),
@@ -109,7 +114,7 @@ def test_help_is_quick():
         proc, seconds = run_cli(*args)
         assert proc.returncode == 0 and "usage: distrifusion" in proc.stdout
         assert seconds < 3, seconds
-    probe = "import sys, distrifusion.cli; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    probe = "import sys, distrifusion.app.cli; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
 
 
@@ -176,8 +181,8 @@ def test_pipeline_sizes_are_checked_from_its_config_files(tmp_path):
 
 
 def test_strip_boundaries_follow_the_engine_split():
-    from distrifusion.state import Plan, split_rows
+    from distrifusion.engine.state import Partition, split_rows
 
-    plan = Plan(1, 20, 8, 1, 0, 0, split_rows(20, 4, 3), block=4)  # 20 rows in blocks of 4: 8, 8, 4
+    plan = Partition(1, 20, 8, 1, 0, 0, split_rows(20, 4, 3), block=4)  # 20 rows in blocks of 4: 8, 8, 4
     assert cli.strip_boundaries(160, plan) == [64, 128]  # 8 px per row
-    assert cli.strip_boundaries(160, Plan(2, 20, 8, 2, 0, 0, (20,), block=4)) == []  # CFG halves: no strips
+    assert cli.strip_boundaries(160, Partition(2, 20, 8, 2, 0, 0, (20,), block=4)) == []  # CFG halves: no strips

@@ -11,10 +11,10 @@ import torch
 from helpers import BLOCK, denoise, tiny_model
 
 import distrifusion
-from distrifusion.compress import BLOCK as CODEC_BLOCK
-from distrifusion.compress import BlockCodec
-from distrifusion.simulate import LoopbackCommunicator, simulate_ranks
-from distrifusion.state import Exchange
+from distrifusion.engine.compress import BLOCK as CODEC_BLOCK
+from distrifusion.engine.compress import BlockCodec
+from distrifusion.engine.exchange import Exchange
+from distrifusion.measure.simulate import LoopbackCommunicator, simulate_ranks
 
 HEIGHT, WIDTH = 5 * BLOCK, 3 * BLOCK
 
@@ -100,7 +100,9 @@ def test_residual_path_with_a_lossless_codec_is_uncompressed_displaced(monkeypat
             coded.append(x.numel())
             super().encode(x, out)
 
-    monkeypatch.setattr("distrifusion.state.make_codec", lambda compress: CountingLossless("lossless", residual=True))
+    monkeypatch.setattr(
+        "distrifusion.engine.state.make_codec", lambda compress: CountingLossless("lossless", residual=True)
+    )
     lossless = _images(2, distrifusion.ParallelConfig(**config, compress="residual-int8"))
     assert len(coded) > 10, "the residual path must have run"
     for a, b in zip(plain, lossless):
@@ -140,13 +142,16 @@ def _transformer_images(family: str, config: distrifusion.ParallelConfig) -> lis
     def rank(runtime):
         model = copy.deepcopy(base)
         distrifusion.parallelize(model, config, runtime=runtime)
-        # Flux 48 x 16 tokens, SD3 16 x 16 patches (its largest position table): strips' keys/values get coded.
-        return denoise_tokens(model, family, 48 if family == "flux" else 16, 16, batch=1, steps=5)
+        # Flux 48 x 16 tokens, SD3 16 x 16 patches (its largest position table): strips' keys/values get coded;
+        # 16 x 16 reference tokens (Qwen-Image-Edit, Flux.2): theirs too, sharded or not. Qwen-Image's text
+        # mask (one padded prompt) travels beside sharded text, uncoded (too small).
+        rows = 48 if family in ("flux", "qwen_edit", "flux2_ref") else 16
+        return denoise_tokens(model, family, rows, 16, batch=1, steps=5, ref=16)
 
     return simulate_ranks(2, rank)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen_edit", "flux2_ref"])
 @pytest.mark.parametrize("text_tokens", ["sharded", "replicated"])
 def test_lossless_codec_is_uncompressed_displaced_for_transformers(monkeypatch, family, text_tokens):
     """A coded buffer is decoded only when the next step waits for it, so a lossless codec shows whether
@@ -162,7 +167,7 @@ def test_lossless_codec_is_uncompressed_displaced_for_transformers(monkeypatch, 
             coded.append(x.numel())
             super().encode(x, out)
 
-    monkeypatch.setattr("distrifusion.state.make_codec", lambda compress: Lossless("lossless"))
+    monkeypatch.setattr("distrifusion.engine.state.make_codec", lambda compress: Lossless("lossless"))
     lossless = _transformer_images(family, distrifusion.ParallelConfig(**config, compress="int8"))
     assert coded  # the keys/values did go through the codec
     for a, b in zip(plain, lossless):

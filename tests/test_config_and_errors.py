@@ -9,8 +9,8 @@ import torch
 from helpers import BLOCK, tiny_model
 
 import distrifusion
-from distrifusion.comm import Runtime, SoloCommunicator
-from distrifusion.state import split_rows
+from distrifusion.engine.comm import Runtime, SoloCommunicator
+from distrifusion.engine.state import split_rows
 
 
 def fake_runtime(world_size: int, rank: int = 0) -> Runtime:
@@ -153,7 +153,7 @@ def _row_crossing_added_job(runtime, base):
 
 
 def test_a_row_crossing_layer_added_after_parallelize_is_refused_on_every_rank():
-    from distrifusion.simulate import simulate_ranks
+    from distrifusion.measure.simulate import simulate_ranks
 
     results = simulate_ranks(2, partial(_row_crossing_added_job, base=tiny_model("sd15")))
     assert all("up_blocks.0.extra" in r and "InstanceNorm2d" in r for r in results), results
@@ -228,7 +228,7 @@ def _mismatch_job(runtime, what: str, base):
 def test_ranks_that_disagree_are_refused_before_any_layer_exchanges(what, message):
     """Every rank checks, at an image's first step, that the others run the same config on the same
     inputs (a NaN in the same place on every rank is the same input)."""
-    from distrifusion.simulate import simulate_ranks
+    from distrifusion.measure.simulate import simulate_ranks
 
     results = simulate_ranks(2, partial(_mismatch_job, what=what, base=tiny_model("sd15")))
     assert all(message in result for result in results), results

@@ -40,7 +40,7 @@ def test_survivor_fails_fast_instead_of_hanging():
 
 def roll_call_job(silent_rank: int | None) -> dict:
     """Every rank but `silent_rank` answers the roll call (a rank that hangs or died answers nothing)."""
-    from distrifusion.comm import init_runtime, roll_call
+    from distrifusion.engine.comm import init_runtime, roll_call
 
     init_runtime(timeout_s=30)
     rank = int(os.environ["RANK"])
@@ -84,7 +84,7 @@ def test_the_rendezvous_store_of_local_ranks_listens_on_loopback_only(monkeypatc
 
     from helpers import free_port
 
-    from distrifusion.comm import _loopback_store
+    from distrifusion.engine.comm import _loopback_store
 
     port = free_port()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

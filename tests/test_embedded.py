@@ -5,8 +5,8 @@ actually holds)."""
 import pytest
 import torch
 
-from distrifusion.pipelines import load_texture_pipeline
-from distrifusion.quality import METHODS, run_quality
+from distrifusion.app.pipelines import load_texture_pipeline
+from distrifusion.measure.quality import METHODS, run_quality
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ rejects bad input, and its samples carry each class's colour (which random weigh
 import pytest
 import torch
 
-from distrifusion.pipelines import TextureDiTPipeline, load_texture_dit_pipeline
+from distrifusion.app.pipelines import TextureDiTPipeline, load_texture_dit_pipeline
 
 CLASSES = ["brick", "grass", "gravel", "hubble_deep_field", "ihc", "retina"]
 

@@ -13,11 +13,11 @@ import torch
 from helpers import BLOCK, denoise, model_inputs, tiny_model
 
 import distrifusion
-from distrifusion.comm import Runtime, SoloCommunicator
-from distrifusion.graphs import CudaGraphs
-from distrifusion.parallelize import _everywhere
-from distrifusion.simulate import LoopbackCommunicator, simulate_ranks
-from distrifusion.state import Exchange
+from distrifusion.engine.comm import Runtime, SoloCommunicator
+from distrifusion.engine.exchange import Exchange
+from distrifusion.engine.graphs import CudaGraphs
+from distrifusion.measure.simulate import LoopbackCommunicator, simulate_ranks
+from distrifusion.parallel.parallelize import _everywhere
 
 TOL = 1e-9
 WIDTH = 3 * BLOCK
@@ -49,7 +49,7 @@ def test_even_strips_read_keys_and_values_in_place(world, mode, warmup):
 
     def body(model, state):
         out = denoise(model, "sdxl", height, WIDTH)
-        assert state.plan.local_batch == 1 and len(set(state.plan.rows)) == 1  # the in-place case
+        assert state.partition.local_batch == 1 and len(set(state.partition.rows)) == 1  # the in-place case
         return out
 
     for out in _on_ranks(world, "sdxl", config, body):
@@ -241,7 +241,7 @@ def test_real_cuda_graphs_match_eager(world):
     """On a GPU: steps captured by torch.cuda.graph equal eager steps. Several ranks are played by
     one process with loopback collectives (every rank's work, same kernels and buffers); those
     numbers are not a real split, but graph and eager must agree on them exactly all the same."""
-    from distrifusion.simulate import loopback_runtime
+    from distrifusion.measure.simulate import loopback_runtime
 
     results = {}
     for graphs in (False, True):
@@ -330,7 +330,7 @@ def test_cuda_graphs_keys_copies_and_eager_fallbacks():
 def test_buffers_kept_for_recent_sizes_only(graphed):
     """Eager steps keep the current size's buffers; with graphs the KEPT_SIZES most recent sizes keep
     theirs and their graphs, and going back to an evicted size recaptures it."""
-    from distrifusion.state import KEPT_SIZES
+    from distrifusion.engine.state import KEPT_SIZES
 
     config = distrifusion.ParallelConfig(mode="sync", split_cfg=False, cuda_graphs=False)
     heights = [(4 + k) * BLOCK for k in range(KEPT_SIZES + 1)] + [4 * BLOCK]
@@ -357,7 +357,7 @@ def test_replay_watchdog_ends_a_hung_rank():
     message naming the rank and the timeout, instead of waiting forever; finished replays do not."""
     import threading
 
-    from distrifusion.graphs import ReplayWatchdog
+    from distrifusion.engine.graphs import ReplayWatchdog
 
     class Event:
         def __init__(self, done):
@@ -412,7 +412,7 @@ def _recorded_steps(runtime):
 
 
 def _recorded_rank_job():
-    from distrifusion.comm import init_runtime
+    from distrifusion.engine.comm import init_runtime
 
     return _recorded_steps(init_runtime())
 
@@ -422,7 +422,7 @@ def test_loopback_rank_issues_the_collectives_of_a_real_rank():
     among real processes: same order, kinds, group sizes, shapes and dtypes (uneven strips, CFG split)."""
     from helpers import run_ranks
 
-    from distrifusion.simulate import loopback_runtime
+    from distrifusion.measure.simulate import loopback_runtime
 
     real = run_ranks(4, _recorded_rank_job)
     for rank in (0, 3):  # the largest strip and the smallest
@@ -498,7 +498,7 @@ def test_images_under_and_outside_inference_mode_share_the_buffers(compress, fir
     when the first image ran under torch.inference_mode: a later image outside it writes into them."""
     from functools import partial
 
-    from distrifusion.simulate import simulate_ranks
+    from distrifusion.measure.simulate import simulate_ranks
 
     job = partial(_inference_mode_job, base=tiny_model("sd15"), compress=compress, first_inference=first_inference)
     for first, second in simulate_ranks(2, job):

@@ -8,8 +8,6 @@ import base64
 import io
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ import httpx
 import pytest
 from helpers import free_port
 from PIL import Image
+from serve_process import ServeProcess
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -25,53 +24,18 @@ SMALL = {"prompt": "gravel", "size": "32x48", "steps": 3}
 START_S = 180  # imports and loading on 2 busy cores
 
 
-class Server:
-    def __init__(self, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        command = [sys.executable, "-m", "distrifusion", "serve", "--nproc", "2", "--port", str(self.port), *flags]
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.output: list[str] = []
-        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
-        self.wait_ready()
+class Server(ServeProcess):
+    """A 2-rank server (one thread each) on a free port, ready; `close` stops it and every rank."""
 
-    def wait_ready(self, timeout: float = START_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "".join(self.output)
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"not ready in {timeout} s: {''.join(self.output)}")
+    def __init__(self, *flags: str) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        super().__init__(free_port(), ["--nproc", "2", *flags], ready_timeout=START_S, stop_grace=40, env=env)
 
     def post(self, path: str, json=None, headers=AUTH, **kwargs) -> httpx.Response:
         return httpx.post(self.url + path, json=json, headers=headers, timeout=120, **kwargs)
 
-    def ranks(self) -> list[int]:
-        """The rank processes (children of the front, started by its dispatcher thread)."""
-        children = []
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            children += [int(pid) for pid in (task / "children").read_text().split()]
-        return children
-
     def close(self) -> None:
-        ranks = self.ranks() if self.proc.poll() is None else []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in ranks:  # never leave a rank behind, whatever happened
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.stop()
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +193,7 @@ def test_killed_rank_fails_the_request_then_the_group_restarts():
         assert result["r"].status_code == 500 and "worker group failed" in result["r"].text
         health = httpx.get(server.url + "/health").json()
         assert health["status"] in ("restarting", "ready")
-        server.wait_ready()
+        server.wait_ready(START_S)
         assert server.post("/generate", SMALL).status_code == 200
         metrics = httpx.get(server.url + "/metrics").text
         assert "distrifusion_group_restarts_total 1" in metrics
@@ -271,7 +235,7 @@ class FakeGroup:
         self.hang = self.dead = self.deaf = False
 
     def check_alive(self) -> None:
-        from distrifusion.serve import GroupFailure
+        from distrifusion.app.serve import GroupFailure
 
         if self.dead:
             self.dead = False
@@ -282,7 +246,7 @@ class FakeGroup:
         return {}
 
     def run(self, job, deadline: float) -> None:
-        from distrifusion.serve import GroupFailure
+        from distrifusion.app.serve import GroupFailure
 
         while self.deaf:  # a job that outlives the drain: ends only when the group is killed
             if self.kills:
@@ -305,7 +269,7 @@ class FakeGroup:
 
 
 def test_dispatcher_times_out_a_hung_job_restarts_and_drains():
-    from distrifusion.serve import Dispatcher, Refused, Settings
+    from distrifusion.app.serve import Dispatcher, Refused, Settings
 
     group = FakeGroup()
     dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None, request_timeout_s=0.5), group)
@@ -325,7 +289,7 @@ def test_dispatcher_times_out_a_hung_job_restarts_and_drains():
 
 
 def test_dispatcher_replaces_a_group_that_died_while_idle():
-    from distrifusion.serve import Dispatcher, Settings
+    from distrifusion.app.serve import Dispatcher, Settings
 
     group = FakeGroup()
     dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None), group)
@@ -342,7 +306,7 @@ def test_dispatcher_replaces_a_group_that_died_while_idle():
 
 
 def test_a_queued_request_expires_at_its_deadline_and_a_drain_that_runs_out_fails_the_running_job():
-    from distrifusion.serve import Dispatcher, Settings
+    from distrifusion.app.serve import Dispatcher, Settings
 
     group = FakeGroup()
     dispatcher = Dispatcher(Settings(model="m", world_size=2, geometry=None), group)
@@ -362,7 +326,7 @@ def test_a_job_whose_progress_never_stops_still_times_out():
     """The deadline holds while progress messages keep coming (quick steps on a GPU)."""
     from multiprocessing.connection import Pipe
 
-    from distrifusion.serve import GroupFailure, Job, WorkerGroup
+    from distrifusion.app.serve import GroupFailure, Job, WorkerGroup
 
     group = WorkerGroup([], 0)
     group.connection, rank0 = Pipe()

@@ -6,7 +6,7 @@ Example (from the repository root, one thread)::
         src/distrifusion/data/textures_dit docs/embedded_dit_classes.png --size 128
 
 The grid is one row: classes left to right in label order (see DIR/classes.json). Sampling
-goes through ``distrifusion.pipelines.TextureDiTPipeline`` (FlowMatchEuler, ``--steps`` steps),
+goes through ``distrifusion.app.pipelines.TextureDiTPipeline`` (FlowMatchEuler, ``--steps`` steps),
 one class at a time with the seed ``--seed`` each, so a class's image does not depend on
 which other classes are drawn.
 """
@@ -22,7 +22,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from distrifusion.pipelines import load_texture_dit_pipeline
+from distrifusion.app.pipelines import load_texture_dit_pipeline
 
 
 def sample(

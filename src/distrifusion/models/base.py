@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..layers import PatchAttnProcessor, PatchJointAttnProcessor
-from ..state import ParallelState, Plan
+from ..engine.config import ParallelConfig
+from ..engine.hooks import inner_forward, refuse_hooks, set_inner_forward
+from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor
+from ..engine.state import ParallelState, Partition
 
-PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
+PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
 
 
 class ModelAdapter:
@@ -23,12 +25,17 @@ class ModelAdapter:
 
     models: tuple[type, ...] = ()
     """The diffusers model classes this adapter parallelises."""
+    refused: dict[str, str] = {}
+    """Related model classes (by name: not every diffusers version has them) that the adapter does not
+    parallelise, and why: refused with that reason rather than as an unknown model."""
     sample_arg: str = "sample"
     """The forward argument that carries the noisy image (latent or tokens)."""
     output_dim: int = 2
     """The dimension of the output along which strips are stacked (2: rows of a map, 1: tokens)."""
     row_unit: str = "rows"
     """What the split's rows are, for error messages (rows of the model's input, or token rows)."""
+    split_axis: str = "image height"
+    """The extent that is split into strips, for error messages ("image height"; a video's frames)."""
     joint_text: bool = False
     """Whether image and text tokens attend jointly (so text tokens can be sharded among ranks)."""
     conditioning_args: tuple[str, ...] = ()
@@ -39,21 +46,35 @@ class ModelAdapter:
     always_sync: bool = False
     """Whether every call is synchronous whatever the config's mode (a VAE: one call per image,
     no previous step to borrow from)."""
+    default_size: tuple[int, int] | None = None
+    """(height, width) in pixels that the family's pipelines make by default, for `mode="auto"` on a bare
+    model whose config has no `sample_size` (None: such a model needs `ParallelConfig.auto_size`)."""
     halo_convs: bool = False
     """Whether the adapter gives every conv taller than one row its halo rows (UNets, VAEs); else
     only convs whose windows do not overlap (a transformer's patch embedding) are accepted."""
 
+    def configured(self, model: nn.Module, config: ParallelConfig) -> ModelAdapter:
+        """The adapter for this model and config (a video family: split in rows or in frames, `video_split`)."""
+        return self
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse the model, before anything runs, if a layer cannot be split into strips: the
-        family's own rules (`check`) and, for every family, the layers that read across rows."""
+        family's own rules (`check`) and, for every family, the layers that read across rows and the hooks
+        whose decisions depend on a rank's strip (`distrifusion.engine.hooks`)."""
         for name, module in model.named_modules():
             refuse_row_crossing(name, module, self.halo_convs)
+        refuse_hooks(model)
         self.check(model)
 
     def entries(self, model: nn.Module) -> list[tuple[str, ModelAdapter]]:
         """The model's methods that each run one split call, with the adapter that splits it
         (a denoiser: its forward; a VAE: its encode and decode)."""
         return [("forward", self)]
+
+    def check_pipeline_call(self, pipe, arguments: dict) -> None:
+        """Refuse a pipeline call (its arguments, defaults filled in) that the pipeline would take but
+        silently change into another (Wan: a frame count that is not 1 + 4k): raised on every rank alike,
+        before any work."""
 
     def runs_whole(self, model: nn.Module, inputs: dict) -> bool:
         """Whether this call must run unsplit on every rank (e.g. a VAE with diffusers' tiling on,
@@ -88,7 +109,16 @@ class ModelAdapter:
         """Text tokens that attend jointly with the image tokens (0 if none)."""
         return 0
 
-    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+    def text_masked(self, inputs: dict) -> bool:
+        """Whether the call's text tokens carry a mask over the keys (see `Partition.text_mask`)."""
+        return False
+
+    def extra_tokens(self, inputs: dict, rows: int, cols: int) -> int:
+        """Reference-image tokens after the image's `rows` x `cols` tokens (see `Partition.extra`): they
+        condition the image but are not rows of it (0 if none)."""
+        return 0
+
+    def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         """This rank's share of the call: its batch half, its strip, its text tokens."""
         raise NotImplementedError
 
@@ -98,27 +128,73 @@ class ModelAdapter:
         return torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
 
 
-def batch_slice(plan: Plan) -> slice:
+class PackedTokensAdapter(ModelAdapter):
+    """Transformers on packed image tokens (2x2 latent cells per token, packed by the pipeline: Flux.1,
+    Flux.2, Qwen-Image): strips of whole token rows, output tokens gathered along dim 1, joint attention
+    with `encoder_hidden_states`, reference-image tokens (if any) after the image's."""
+
+    sample_arg = "hidden_states"
+    output_dim = 1
+    row_unit = "token rows"
+    joint_text = True
+    # FluxPipeline, Flux2Pipeline, QwenImagePipeline: default_sample_size 128 latent cells of 8 px (the
+    # transformers' configs have no sample_size).
+    default_size = (1024, 1024)
+
+    def block_rows(self, model: nn.Module) -> int:
+        return 1
+
+    def text_tokens(self, inputs: dict) -> int:
+        return inputs["encoder_hidden_states"].shape[1]
+
+    def extra_tokens(self, inputs: dict, rows: int, cols: int) -> int:
+        return inputs["hidden_states"].shape[1] - rows * cols
+
+
+def batch_slice(partition: Partition) -> slice:
     """This rank's half of the batch (the whole batch without a CFG split)."""
-    return slice(plan.cfg_index * plan.local_batch, (plan.cfg_index + 1) * plan.local_batch)
+    return slice(partition.cfg_index * partition.local_batch, (partition.cfg_index + 1) * partition.local_batch)
 
 
-def strip_rows(plan: Plan) -> tuple[int, int]:
+def strip_rows(partition: Partition) -> tuple[int, int]:
     """First and last-plus-one row of this rank's strip."""
-    return plan.row_start, plan.row_start + plan.rows[plan.patch_rank]
+    return partition.row_start, partition.row_start + partition.rows[partition.patch_rank]
 
 
-def shard_text(local: dict, plan: Plan, text: str, ids: str | None = None) -> dict:
+def strip_tokens(value, partition: Partition, dim: int = 1):
+    """This rank's image tokens of `value` (tokens along `dim`, row-major, then the reference tokens):
+    its strip's rows, then its reference tokens (its share, or all of them: `Partition.extra`)."""
+    if value is None:
+        return None
+    start, end = (r * partition.width for r in strip_rows(partition))
+    strip = slice_tokens(value, start, end, dim)
+    if not partition.extra:
+        return strip
+    first = partition.height * partition.width
+    if partition.sharded_text:
+        first += sum(partition.extra[: partition.patch_rank])
+    return torch.cat([strip, slice_tokens(value, first, first + partition.extra[partition.patch_rank], dim)], dim)
+
+
+def shard_text(local: dict, partition: Partition, text: str, ids: str | None = None) -> dict:
     """With sharded text tokens: cut the text input (batch, tokens, c) and its position ids
     (tokens, 3) to this rank's share; otherwise return `local` unchanged."""
-    if not plan.sharded_text:
+    if not partition.sharded_text:
         return local
-    start = sum(plan.text[: plan.patch_rank])
-    end = start + plan.text[plan.patch_rank]
+    start = sum(partition.text[: partition.patch_rank])
+    end = start + partition.text[partition.patch_rank]
     local[text] = slice_tokens(local[text], start, end)
     if ids is not None:
         local[ids] = slice_tokens(local[ids], start, end, dim=local[ids].dim() - 2)
     return local
+
+
+def check_packed(family: str, tokens: torch.Tensor) -> None:
+    """Refuse packed image tokens that are not (batch, tokens, channels)."""
+    if tokens.dim() != 3:
+        raise ValueError(
+            f"distrifusion: {family} expects packed tokens (batch, tokens, channels), got {tuple(tokens.shape)}"
+        )
 
 
 def image_map_grid(sample: torch.Tensor) -> tuple[int, int, int]:
@@ -130,14 +206,14 @@ def image_map_grid(sample: torch.Tensor) -> tuple[int, int, int]:
     return sample.shape[0], sample.shape[2], sample.shape[3]
 
 
-def slice_batch(value, plan: Plan):
+def slice_batch(value, partition: Partition):
     """`value` (a tensor, or dicts/lists of them) cut to this rank's batch half; other values unchanged."""
     if isinstance(value, dict):
-        return {k: slice_batch(v, plan) for k, v in value.items()}
+        return {k: slice_batch(v, partition) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(slice_batch(v, plan) for v in value)
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == plan.batch:
-        return value[batch_slice(plan)]
+        return type(value)(slice_batch(v, partition) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == partition.batch:
+        return value[batch_slice(partition)]
     return value
 
 
@@ -168,10 +244,11 @@ def check_kwargs_dict(family: str, inputs: dict, name: str) -> None:
 
 
 def install_forward(module: nn.Module, layer: type, name: str, state: ParallelState) -> None:
-    """Make `layer(module, name, state)` the module's forward, unless this state's already is."""
-    current = module.__dict__.get("forward")
+    """Make `layer(module, name, state)` the module's forward (beneath its diffusers hooks, if any), unless
+    this state's already is."""
+    current = inner_forward(module)
     if not (isinstance(current, layer) and current.state is state):
-        module.forward = layer(module, name, state)
+        set_inner_forward(module, layer(module, name, state))
 
 
 def install_processor(attn: nn.Module, state: ParallelState, make: Callable) -> None:

@@ -10,8 +10,8 @@ from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from ..layers import PatchAttnProcessor, StripPatchEmbed
-from ..state import ParallelState, Plan
+from ..engine.layers import PatchAttnProcessor, StripPatchEmbed
+from ..engine.state import ParallelState, Partition
 from .base import (
     ModelAdapter,
     check_kwargs_dict,
@@ -48,10 +48,10 @@ class PixArtAdapter(ModelAdapter):
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         return image_map_grid(inputs["hidden_states"])
 
-    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+    def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         check_kwargs_dict("PixArt", inputs, "cross_attention_kwargs")
         refuse_inputs("PixArt", inputs, ["attention_mask"], "a mask over image tokens cannot be split into strips")
-        local = {k: slice_batch(v, plan) for k, v in inputs.items()}
-        first, last = strip_rows(plan)
+        local = {k: slice_batch(v, partition) for k, v in inputs.items()}
+        first, last = strip_rows(partition)
         local["hidden_states"] = local["hidden_states"][:, :, first:last]
         return local

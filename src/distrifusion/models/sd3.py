@@ -9,8 +9,8 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import Attention, FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 from torch import nn
 
-from ..layers import PatchJointAttnProcessor, StripPatchEmbed
-from ..state import ParallelState, Plan
+from ..engine.layers import PatchJointAttnProcessor, StripPatchEmbed
+from ..engine.state import ParallelState, Partition
 from .base import (
     ModelAdapter,
     check_kwargs_dict,
@@ -52,14 +52,14 @@ class SD3Adapter(ModelAdapter):
     def text_tokens(self, inputs: dict) -> int:
         return inputs["encoder_hidden_states"].shape[1]
 
-    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+    def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         check_kwargs_dict("SD3", inputs, "joint_attention_kwargs")
         batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
         batched += ("block_controlnet_hidden_states",)
-        local = {k: slice_batch(v, plan) if k in batched else v for k, v in inputs.items()}
-        first, last = strip_rows(plan)
+        local = {k: slice_batch(v, partition) if k in batched else v for k, v in inputs.items()}
+        first, last = strip_rows(partition)
         local["hidden_states"] = local["hidden_states"][:, :, first:last]
-        per_row = plan.width // plan.block
-        start, end = first // plan.block * per_row, last // plan.block * per_row
+        per_row = partition.width // partition.block
+        start, end = first // partition.block * per_row, last // partition.block * per_row
         local["block_controlnet_hidden_states"] = slice_tokens(local.get("block_controlnet_hidden_states"), start, end)
-        return shard_text(local, plan, "encoder_hidden_states")
+        return shard_text(local, partition, "encoder_hidden_states")

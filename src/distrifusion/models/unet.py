@@ -22,8 +22,8 @@ from diffusers.models.downsampling import Downsample2D
 from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D, UpBlock2D
 from torch import nn
 
-from ..layers import PatchAttnProcessor, PatchConv2d, PatchFreeU, PatchGroupNorm
-from ..state import ParallelState, Plan
+from ..engine.layers import PatchAttnProcessor, PatchConv2d, PatchFreeU, PatchGroupNorm
+from ..engine.state import ParallelState, Partition
 from .base import (
     ModelAdapter,
     batch_slice,
@@ -104,12 +104,12 @@ class UNetAdapter(ModelAdapter):
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         return image_map_grid(inputs["sample"])
 
-    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
+    def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         # A LoRA scale is the same on every strip; IP-Adapter masks (whole-image maps the processor
         # resizes to the tokens it sees) and other per-layer extras are not.
         check_kwargs_dict("UNet", inputs, "cross_attention_kwargs")
-        rows, batch = strip_rows(plan), batch_slice(plan)
-        return {k: local_maps(v, plan, batch, rows if k in SPATIAL_ARGS else None) for k, v in inputs.items()}
+        rows, batch = strip_rows(partition), batch_slice(partition)
+        return {k: local_maps(v, partition, batch, rows if k in SPATIAL_ARGS else None) for k, v in inputs.items()}
 
     def timestep_tensor(self, model: nn.Module, t: int | float) -> torch.Tensor:
         if isinstance(model, UNet2DModel):
@@ -117,14 +117,14 @@ class UNetAdapter(ModelAdapter):
         return super().timestep_tensor(model, t)
 
 
-def local_maps(value, plan: Plan, batch: slice, rows: tuple[int, int] | None):
+def local_maps(value, partition: Partition, batch: slice, rows: tuple[int, int] | None):
     """This rank's part of one forward argument: its batch half, and (`rows` given) its rows of
     spatial maps."""
     if isinstance(value, dict):
-        return {k: local_maps(v, plan, batch, rows) for k, v in value.items()}
+        return {k: local_maps(v, partition, batch, rows) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(local_maps(v, plan, batch, rows) for v in value)
-    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != plan.batch:
+        return type(value)(local_maps(v, partition, batch, rows) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != partition.batch:
         return value
     value = value[batch]
     if rows is None:
@@ -132,7 +132,7 @@ def local_maps(value, plan: Plan, batch: slice, rows: tuple[int, int] | None):
     # Spatial maps (the latent, ControlNet and T2I-Adapter residuals) at any level of the UNet: slice
     # their rows. The level is read from the rows alone (the height is a whole number of blocks, so every
     # level's rows divide it; a width that is not may round up on the way down).
-    if value.dim() == 4 and plan.height % value.shape[2] == 0:
-        factor = plan.height // value.shape[2]
+    if value.dim() == 4 and partition.height % value.shape[2] == 0:
+        factor = partition.height // value.shape[2]
         value = value[:, :, rows[0] // factor : rows[1] // factor]
     return value

@@ -11,8 +11,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
-from ..layers import PatchConv2d, PatchZeroPadDownsample
-from ..state import ParallelState, Plan
+from ..engine.layers import PatchConv2d, PatchZeroPadDownsample
+from ..engine.state import ParallelState, Partition
 from .base import (
     ModelAdapter,
     batch_slice,
@@ -64,8 +64,8 @@ class VAEDecode(ModelAdapter):
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         return image_map_grid(inputs["z"])
 
-    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
-        return _split(inputs, plan)
+    def local_inputs(self, inputs: dict, partition: Partition) -> dict:
+        return _split(inputs, partition)
 
 
 class VAEEncode(ModelAdapter):
@@ -85,9 +85,9 @@ class VAEEncode(ModelAdapter):
     def grid(self, inputs: dict) -> tuple[int, int, int]:
         return image_map_grid(inputs["x"])
 
-    def local_inputs(self, inputs: dict, plan: Plan) -> dict:
-        return _split(inputs, plan)
+    def local_inputs(self, inputs: dict, partition: Partition) -> dict:
+        return _split(inputs, partition)
 
 
-def _split(inputs: dict, plan: Plan) -> dict:
-    return {k: local_maps(v, plan, batch_slice(plan), strip_rows(plan)) for k, v in inputs.items()}
+def _split(inputs: dict, partition: Partition) -> dict:
+    return {k: local_maps(v, partition, batch_slice(partition), strip_rows(partition)) for k, v in inputs.items()}
