@@ -9,14 +9,13 @@ Example (from the repository root, one thread)::
 The PNG has one row per class (label order, see DIR/classes.json) and one column per
 ``--every``-th frame (frames 0, 4, 8, 12, 16 by default). The GIF, if asked for, shows all
 classes side by side, every frame. Sampling goes through ``TextureVideoPipeline``
-(``texture_video_pipeline.py``; FlowMatchEuler, ``--steps`` steps), one class at a time with
+(``distrifusion.app.pipelines``; FlowMatchEuler, ``--steps`` steps), one class at a time with
 the seed ``--seed`` each, so a class's clip does not depend on which other classes are drawn.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from texture_video_pipeline import load_texture_video_pipeline  # noqa: E402
+from distrifusion.app.pipelines import load_texture_video_pipeline
 
 
 def sample(

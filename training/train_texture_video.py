@@ -47,7 +47,7 @@ The output folder (same layout as ``textures_dit``)::
 
 A checkpoint in the same format is written every ``--checkpoint-minutes`` minutes, so a
 partially finished run is usable. See ``sample_texture_video.py`` to look at samples and
-``texture_video_pipeline.py`` for the pipeline class.
+``distrifusion.app.pipelines.TextureVideoPipeline`` for the pipeline class.
 """
 
 from __future__ import annotations
