@@ -11,6 +11,8 @@ process. Too heavy for CI (an SDXL UNet is 10 GB in float32); run by hand on a m
 
 `--references S` appends S x S reference-image tokens to Flux, Flux.2 and Qwen-Image calls (Kontext,
 Flux.2 with an image, Qwen-Image-Edit) and gives Qwen-Image a text mask whose second half is padding.
+    python benchmarks/check_real_archs.py sana_4k --depth 2 --pixels 1024 768   (SANA: 32 px per latent cell)
+    python benchmarks/check_real_archs.py z_image --depth 2 --pixels 256 192
 
 Transformers keep their published widths; `--depth` cuts them to that many blocks of each kind
 (Flux: double- and single-stream) so that they fit in memory (Flux-dev alone is 48 GB in float32).
@@ -37,6 +39,7 @@ import distrifusion
 from distrifusion.measure.archs import ARCHS, CONFIGS
 from distrifusion.measure.simulate import simulate_ranks
 from distrifusion.measure.workload import build_model, model_inputs
+from distrifusion.models import find_denoiser
 
 
 def shared_copy(model):
@@ -46,8 +49,10 @@ def shared_copy(model):
 
 
 def calls(model, inputs, timesteps):
+    adapter = find_denoiser(model)[1]  # Z-Image: its timestep is `t`, its output a list (stacked here)
     with torch.no_grad():
-        return [model(**{**inputs, "timestep": t}, return_dict=False)[0] for t in timesteps]
+        outs = [model(**{**inputs, adapter.timestep_arg: t}, return_dict=False)[0] for t in timesteps]
+    return [adapter.output_tensor(out) for out in outs]
 
 
 def run_rank(runtime, model, inputs, timesteps, split="rows", text_tokens="sharded"):
@@ -120,7 +125,7 @@ def with_references(model, inputs: dict, side: int) -> dict:
 def cut_depth(arch: str, depth: int) -> str:
     """A config file like `arch`'s with `depth` blocks of each kind (transformers only)."""
     config = json.loads((CONFIGS / ARCHS[arch]).read_text())
-    for key in ("num_layers", "num_single_layers"):
+    for key in ("num_layers", "num_single_layers", "n_layers"):
         if key in config:
             config[key] = min(config[key], depth)
     if "dual_attention_layers" in config:
@@ -152,7 +157,7 @@ def main() -> None:
         inputs = model_inputs(model, *args.pixels, frames=args.frames)
         if args.references:
             inputs = with_references(model, inputs, args.references)
-        t0 = inputs["timestep"]
+        t0 = inputs[find_denoiser(model)[1].timestep_arg]
         timesteps = [t0 * f for f in (1.8, 1.6, 1.4)]
         reference = calls(model, inputs, timesteps)
         frozen_ref = reference[0]

@@ -85,7 +85,13 @@ def embedded_geometry(kind: str, folder: Path) -> Geometry:
     return Geometry(name, block, block, note, note, False, 1024)
 
 
-PIPELINE_CFG = {"UNet2DConditionModel": True, "SD3Transformer2DModel": True, "PixArtTransformer2DModel": True}
+PIPELINE_CFG = {
+    "UNet2DConditionModel": True,
+    "SD3Transformer2DModel": True,
+    "PixArtTransformer2DModel": True,
+    "SanaTransformer2DModel": True,
+    "ZImageTransformer2DModel": True,
+}
 VIDEO_SPLITS_NOTE = "--video-split rows: bands of token rows across all frames; frames: runs of latent frames"
 
 
@@ -141,7 +147,10 @@ def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | No
     if cls == "WanTransformer3DModel":
         vae_config = _read_json(vae_path) if vae_path else {}
         return wan_geometry(f"this {index.get('_class_name', 'pipeline')}", config, vae_config)
-    vae = 2 ** (len(_read_json(vae_path).get("block_out_channels", (0,) * 4)) - 1) if vae_path else 8
+    vae_config = _read_json(vae_path) if vae_path else {}
+    # AutoencoderKL's levels, or AutoencoderDC's (SANA: 32x)
+    vae_levels = vae_config.get("block_out_channels") or vae_config.get("encoder_block_out_channels") or (0,) * 4
+    vae = 2 ** (len(vae_levels) - 1)
     pipe = index.get("_class_name", "pipeline")
     name = f"this {pipe}"
     if cls == "UNet2DConditionModel":
@@ -150,15 +159,19 @@ def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | No
     elif cls in TOKEN_ROW_MODELS:  # 2x2 latent cells per token: a token row is 2 latent rows
         levels, own = 2, 2 * vae
         block_note = own_note = f"one token row: 2 latent rows of {vae} px"
-    elif cls in ("SD3Transformer2DModel", "PixArtTransformer2DModel"):
+    elif cls in ("SD3Transformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel"):
         levels = config.get("patch_size", 2)
         own = levels * vae
         block_note = own_note = f"one patch row: {levels} latent rows of {vae} px"
+    elif cls == "ZImageTransformer2DModel":
+        levels = config.get("all_patch_size", [2])[0]
+        own = levels * vae
+        block_note = own_note = f"one token row: {levels} latent rows of {vae} px"
     else:
         return None
     cfg = PIPELINE_CFG.get(cls, False) and (guidance_scale is None or guidance_scale > 1)
     default = (config.get("sample_size") or 128) * vae
-    if cls in TOKEN_ROW_MODELS:
+    if cls in (*TOKEN_ROW_MODELS, "ZImageTransformer2DModel"):
         default = 1024
     return Geometry(name, own, levels * vae, block_note, own_note, cfg, default)
 
@@ -184,10 +197,15 @@ def bench_geometry(arch: str | None) -> Geometry:
     if cls in TOKEN_ROW_MODELS:  # 2x2 latent cells per token, packed by the pipeline (Qwen-Image: patch_size 2)
         note = "one token row: 2 latent rows of 8 px"
         return Geometry(f"--arch {arch}", 16, 16, note, note, False, 1024)
-    if cls in ("SD3Transformer2DModel", "PixArtTransformer2DModel"):
+    if cls in ("SD3Transformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel"):
+        vae = 32 if cls == "SanaTransformer2DModel" else 8  # SANA's DC-AE: 32 px per latent cell
         patch = config.get("patch_size", 2)
-        note = f"one patch row: {patch} latent rows of 8 px"
-        return Geometry(f"--arch {arch}", 8 * patch, 8 * patch, note, note, True, 1024)
+        note = f"one patch row: {patch} latent row{'s' * (patch > 1)} of {vae} px"
+        return Geometry(f"--arch {arch}", vae * patch, vae * patch, note, note, True, 1024)
+    if cls == "ZImageTransformer2DModel":  # Z-Image-Turbo: no CFG batch
+        patch = config.get("all_patch_size", [2])[0]
+        note = f"one token row: {patch} latent rows of 8 px"
+        return Geometry(f"--arch {arch}", 8 * patch, 8 * patch, note, note, False, 1024)
     levels = _unet_levels(config)
     return Geometry(f"--arch {arch}", 8, 8 * levels, f"{levels} latent rows of 8 px", "8 px per latent row", True, 1024)
 

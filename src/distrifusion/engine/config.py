@@ -50,8 +50,9 @@ class ParallelConfig:
     default for speed: the largest share of 8 ranks of a Flux-like model at 1024² ran 1.6x
     faster (text tokens are not computed 8 times over), for about 12% more bytes (Flux-dev,
     N = 8, 1024²); on the embedded Flux-architecture model both are equally close to one process
-    in displaced steps (QUALITY.md). Both are exact in synchronous steps. No effect on UNets and
-    PixArt, whose text enters through cross-attention only."""
+    in displaced steps (QUALITY.md). Both are exact in synchronous steps. No effect on UNets,
+    PixArt and SANA, whose text enters through cross-attention only, nor on Z-Image, whose caption
+    tokens every rank computes (they attend jointly, after a caption-only refiner)."""
 
     video_split: str = "rows"
     """What a strip of a video is (video models: Wan): "rows", a band of whole token rows across all

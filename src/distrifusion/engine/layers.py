@@ -163,7 +163,17 @@ def _combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total_mean, total_var
 
 
-class PatchAttnProcessor:
+class PatchProcessor:
+    """Base of the engine's attention processors. Each stands for the model's own processor
+    (`original`, given back by `remove`) and reads the model's `ParallelState` (`state`); an adapter
+    that needs a processor of its own derives it from this class, and the engine recognises it as one
+    of its own (when checking a model again, and when giving processors back)."""
+
+    state: ParallelState | None = None
+    original: object = None
+
+
+class PatchAttnProcessor(PatchProcessor):
     """Self-attention of a strip's queries over the keys/values of the whole image.
 
     Keys and values are projected in one matmul, straight into this rank's row of the exchange
@@ -323,9 +333,65 @@ def gather_tokens(state: ParallelState, name: str, payload: torch.Tensor, sizes:
     return torch.cat([gathered[j][:, :n] for j, n in enumerate(sizes)], 1)
 
 
-class PatchJointAttnProcessor:
-    """Joint attention of text and image tokens (Flux.1/2, SD3, Qwen-Image) with the image split in strips.
+def sum_over_strips(state: ParallelState, name: str, partial: torch.Tensor) -> torch.Tensor:
+    """The sum over the patch ranks of a per-strip partial sum (a statistic that is a sum over tokens).
 
+    This rank's term is `partial`; the others' are fresh in a synchronous step and the previous step's
+    in a displaced one. The terms are added in rank order: in a synchronous step every rank adds the
+    same numbers in the same order, so every rank holds bit for bit the same sum."""
+    parts = state.context(name, partial.contiguous())
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+class PatchLinearAttnProcessor(PatchProcessor):
+    """ReLU linear self-attention (diffusers' `SanaLinearAttnProcessor2_0`) of a strip's queries over
+    the whole image.
+
+    Per head, out_i = (sum_j v_j relu(k_j)^T) relu(q_i) / (sum_j relu(k_j)^T relu(q_i)): all a strip
+    needs of the other strips is two sums over their tokens, sum_j v_j relu(k_j)^T (d x d) and
+    sum_j relu(k_j) (d), which diffusers computes as one (d + 1) x d matrix by padding the values with a
+    row of ones. Each rank computes its strip's matrix, the ranks' matrices are added
+    (`sum_over_strips`), and each rank applies the sum to its own queries. So the bytes exchanged per
+    layer, batch x heads x (d + 1) x d in float32, do not depend on the image size. As diffusers does,
+    queries, keys and values are computed on in float32 whatever the model's dtype, so summing strips
+    differs from one process by float32 rounding (not float64's, in a float64 model).
+    """
+
+    def __init__(self, attn: nn.Module, name: str, state: ParallelState, original) -> None:
+        self.name, self.state, self.original = name, state, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        state = self.state
+        if not state.split or encoder_hidden_states is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
+        # diffusers' processor takes an attention mask and ignores it: so does this one.
+        dtype = hidden_states.dtype
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = F.relu(query.transpose(1, 2).unflatten(1, (attn.heads, -1))).float()  # (batch, heads, d, tokens)
+        key = F.relu(key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3)).float()  # (..., tokens, d)
+        value = value.transpose(1, 2).unflatten(1, (attn.heads, -1)).float()
+        value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)  # (batch, heads, d + 1, tokens)
+        sums = torch.matmul(value, key)  # this strip's (batch, heads, d + 1, d)
+        if not state.naive:
+            sums = sum_over_strips(state, self.name, sums)
+        out = torch.matmul(sums, query)
+        out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
+        out = out.flatten(1, 2).transpose(1, 2).to(dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if dtype == torch.float16:
+            out = out.clip(-65504, 65504)
+        return out
+
+
+class PatchJointAttnProcessor(PatchProcessor):
+    """Joint attention of text and image tokens (Flux.1/2, SD3, Qwen-Image) with the image split in strips.
     The queries are this rank's tokens; the keys/values are every strip's image tokens (this
     strip's fresh, the others' fresh in a synchronous step and a step old in a displaced one)
     plus the text tokens: all of them on every rank, or, with sharded text, this rank's fresh
@@ -500,7 +566,7 @@ class PatchJointAttnProcessor:
         return torch.cat(parts, 1)[:, None, None, :]
 
 
-class PatchTokenAttnProcessor:
+class PatchTokenAttnProcessor(PatchProcessor):
     """Self-attention of a strip's tokens over every strip's keys/values, for attention classes that
     compute their queries, keys and values their own way (Wan: a norm across heads, its own rotary
     layout): the adapter gives `project(attn, hidden_states, *args) -> (query, key, value)`, each

@@ -31,10 +31,15 @@ ARCHS = {
     "qwen_image": "qwen_image_transformer.json",
     "flux2_dev": "flux2_dev_transformer.json",
     "flux2_klein": "flux2_klein_transformer.json",
+    "sana_1024": "sana_1024_transformer.json",
+    "sana_2k": "sana_2k_transformer.json",
+    "sana_4k": "sana_4k_transformer.json",
+    "z_image": "z_image_turbo_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
 }
-"""Each named architecture's config file in `CONFIGS` (where each came from: `CONFIGS / "README.md"`)."""
+"""Each named architecture's config file in `CONFIGS` (where each came from: `CONFIGS / "README.md"`, or
+the file's own "_source" entry)."""
 
 
 def arch_config_path(arch: str) -> Path:

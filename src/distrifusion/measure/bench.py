@@ -375,7 +375,7 @@ def bench_images(
     frames: int | None = None,
 ) -> dict:
     """Whole-image latency (every denoising step of one image, with the pipeline's batch: CFG for
-    UNets, SD3 and PixArt) in this process or under torchrun. The update between steps is a plain
+    UNets, SD3, PixArt and SANA) in this process or under torchrun. The update between steps is a plain
     Euler step on the model output: its cost is negligible next to the model's, whatever the scheduler."""
     from ..models import find_denoiser
 
@@ -385,15 +385,18 @@ def bench_images(
     model = build_model(arch, dtype, device)
     parallelize(model, config)  # one process: the original model (as a CUDA graph where graphs are on)
     inputs = model_inputs(model, height, width, frames=frames)
-    key = find_denoiser(model)[1].sample_arg
+    adapter = find_denoiser(model)[1]
+    key, listed = adapter.sample_arg, isinstance(inputs[adapter.sample_arg], list)  # Z-Image: a list of latents
+    batch = adapter.sample_tensor(inputs)
     reset_peak_memory(device)
 
     def image():
         reset(model)
-        x = inputs[key][:1]
+        x = batch[:1]
         for _ in range(steps):
-            out = model(**{**inputs, key: x.expand(inputs[key].shape)}, return_dict=False)[0]
-            x = x - (1 / steps) * out[-1:, : x.shape[1]]
+            sample = x.expand(batch.shape)
+            out = model(**{**inputs, key: list(sample.unbind(0)) if listed else sample}, return_dict=False)[0]
+            x = x - (1 / steps) * adapter.output_tensor(out)[-1:, : x.shape[1]]
 
     with torch.no_grad():
         seconds = time_calls(image, device, images)

@@ -43,7 +43,7 @@ from ..engine.comm import Communicator, Runtime
 from ..engine.config import COMPRESS_MODES, ParallelConfig
 from .timing import free_cached_memory, sync_device, time_calls
 from .traffic import counting_loopback_runtime, first_steps_traffic
-from .workload import model_inputs
+from .workload import model_inputs, pixels_per_cell
 
 log = logging.getLogger("distrifusion")
 
@@ -350,8 +350,6 @@ def default_size(pipe_or_model, model, scale: int | None) -> tuple[int, int]:
     pixels); for a bare model its config's `sample_size` (latent cells of 8 pixels; 1 for a pixel-space
     UNet2DModel), else what the family's pipelines make (`ModelAdapter.default_size`). A ValueError asking
     for `auto_size` when none of them says."""
-    from diffusers import UNet2DModel
-
     from ..models import find_denoiser
 
     cells = getattr(pipe_or_model, "default_sample_size", None) if model is not pipe_or_model else None
@@ -365,7 +363,7 @@ def default_size(pipe_or_model, model, scale: int | None) -> tuple[int, int]:
             )
         return size
     rows, cols = (cells, cells) if isinstance(cells, int) else tuple(cells)
-    scale = scale or (1 if isinstance(model, UNet2DModel) else 8)
+    scale = scale or pixels_per_cell(model)
     return rows * scale, cols * scale
 
 

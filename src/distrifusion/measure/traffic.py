@@ -126,6 +126,29 @@ def count_traffic(
     return rows
 
 
+def layer_payloads(model, inputs: dict, ranks: int, config: ParallelConfig | None = None) -> dict[str, int]:
+    """Bytes of this rank's payload in each exchange of one step, by layer call (each other rank of its
+    group receives them), counted on `model` as the last rank of `ranks` with loopback collectives; the
+    model is parallelised for this call only. Runs on the meta device too (shapes only)."""
+    device = next(model.parameters()).device
+    config = config or ParallelConfig(mode="sync", cuda_graphs=False)
+    parallelize(model, config, runtime=loopback_runtime(ranks, rank=ranks - 1, device=device))
+    state, sent = model._distrifusion_state, {}
+    exchange = state.context
+
+    def counting(name, payload, **kwargs):
+        sent[state.key(name, peek=True)] = payload.numel() * payload.element_size()
+        return exchange(name, payload, **kwargs)
+
+    state.context = counting
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        remove(model)
+    return sent
+
+
 def attention_calls(model, inputs: dict) -> list[tuple[int, int, int]]:
     """(batch, tokens, width) of every attention call of one step that mixes tokens across the image
     (self- and joint attention; cross-attention to text is local under any split)."""

@@ -61,14 +61,15 @@ def byte_tokenizer(max_length: int):
 def model_inputs(
     model, height: int, width: int, batch: int | None = None, scale: int | None = None, frames: int | None = None
 ) -> dict:
-    """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller), as the
-    model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3 and PixArt; one image
-    with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no latents); one image
-    for Flux.2 (dev: distilled guidance; klein: none, its CFG is a second call) and Qwen-Image (true CFG
-    is a second call with the negative prompt). Text lengths are the pipelines' defaults (CLIP 77, SD3
-    333, PixArt 120, Flux and Flux.2 512; for Qwen-Image 512 is its pipeline's limit: it trims the text
-    to the prompt's length, so real prompts are shorter). `scale`: pixels per latent cell (None: 1 for a
-    UNet2DModel, else 8; a pixel-space transformer takes 1).
+    """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller; SANA's 32x),
+    as the model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3, PixArt and SANA;
+    one image with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no latents);
+    one image for Flux.2 (dev: distilled guidance; klein: none, its CFG is a second call), Qwen-Image
+    (true CFG is a second call with the negative prompt) and Z-Image (Z-Image-Turbo runs without CFG).
+    Text lengths are the pipelines' defaults (CLIP 77, SD3 333, PixArt 120, Flux and Flux.2 512, SANA
+    300; for Qwen-Image 512 is its pipeline's limit: it trims the text to the prompt's length, so real
+    prompts are shorter; Z-Image's caption is its prompt's own tokens, 128 here). `scale`: pixels per
+    latent cell (None: the model's VAE's, `pixels_per_cell`; a pixel-space transformer takes 1).
 
     Wan (a video): one video per call (the pipelines call the model once per guidance branch), `frames`
     pixel frames (default 81) in 1 + (frames - 1) // 4 latent frames; 512 text tokens; Wan 2.1 I2V's 257
@@ -80,9 +81,11 @@ def model_inputs(
         FluxTransformer2DModel,
         PixArtTransformer2DModel,
         QwenImageTransformer2DModel,
+        SanaTransformer2DModel,
         SD3Transformer2DModel,
         UNet2DModel,
         WanTransformer3DModel,
+        ZImageTransformer2DModel,
     )
 
     cfg, p = model.config, next(model.parameters())
@@ -90,7 +93,7 @@ def model_inputs(
     rand = lambda *shape: torch.randn(*shape, generator=g) if p.device.type != "meta" else torch.empty(shape)  # noqa: E731
     if isinstance(model, WanTransformer3DModel):
         return _to_model(_wan_inputs(model, height, width, batch or 1, scale, frames or 81, rand), p)
-    scale = scale or (1 if isinstance(model, UNet2DModel) else 8)
+    scale = scale or pixels_per_cell(model)
     h, w = height // scale, width // scale
     rows, cols = h // 2, w // 2  # Flux, Flux.2, Qwen-Image: the pipeline packs 2x2 latent cells per token
     grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
@@ -136,6 +139,23 @@ def model_inputs(
                 aspect_ratio=torch.tensor([[height / width]] * batch, dtype=torch.float32),
             ),
         )
+    elif isinstance(model, SanaTransformer2DModel):
+        batch = batch or (1 if cfg.guidance_embeds else 2)  # SANA-Sprint: distilled guidance, no CFG batch
+        inputs = dict(
+            hidden_states=rand(batch, cfg.in_channels, h, w),
+            encoder_hidden_states=rand(batch, 300, cfg.caption_channels),
+            encoder_attention_mask=torch.ones(batch, 300, dtype=torch.long),
+            timestep=torch.full((batch,), 500.0),
+        )
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.full((batch,), 4.5)
+    elif isinstance(model, ZImageTransformer2DModel):  # lists: one latent (channels, 1 frame, h, w) per sample
+        batch = batch or 1
+        inputs = dict(
+            x=[rand(cfg.in_channels, 1, h, w) for _ in range(batch)],
+            t=torch.full((batch,), 0.5),
+            cap_feats=[rand(128, cfg.cap_feat_dim) for _ in range(batch)],
+        )
     elif isinstance(model, UNet2DModel):  # pixel space (the embedded texture model): one image, a class label
         batch = batch or 1
         inputs = dict(sample=rand(batch, cfg.in_channels, h, w), timestep=torch.tensor(500))
@@ -157,6 +177,14 @@ def model_inputs(
                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch),
             }
     return _to_model(inputs, p)
+
+
+def pixels_per_cell(model) -> int:
+    """Pixels per latent cell of the VAE a denoiser is published with: 1 for a pixel-space UNet2DModel,
+    32 for SANA (its DC-AE), else 8."""
+    from diffusers import SanaTransformer2DModel, UNet2DModel
+
+    return 1 if isinstance(model, UNet2DModel) else 32 if isinstance(model, SanaTransformer2DModel) else 8
 
 
 def _wan_inputs(model, height: int, width: int, batch: int, scale: int | None, frames: int, rand) -> dict:
@@ -182,6 +210,8 @@ def _to_model(value, p: torch.Tensor):
     on CPU-like precision rules: Flux casts them itself)."""
     if isinstance(value, dict):
         return {k: _to_model(v, p) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_model(v, p) for v in value]
     if not isinstance(value, torch.Tensor):  # Qwen-Image's img_shapes: grid sizes, not tensors
         return value
     if value.is_floating_point():

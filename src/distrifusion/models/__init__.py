@@ -10,6 +10,8 @@ and the tests it adds: docs/ARCHITECTURE.md, "To add a model family").
 | Wan 2.1 / 2.2 | `wan.WanAdapter` | WanTransformer3DModel (video: strips of rows or of frames) |
 | Flux.2 | `flux2.Flux2Adapter` | Flux2Transformer2DModel |
 | Qwen-Image | `qwenimage.QwenImageAdapter` | QwenImageTransformer2DModel |
+| SANA | `sana.SanaAdapter` | SanaTransformer2DModel |
+| Z-Image | `zimage.ZImageAdapter` | ZImageTransformer2DModel |
 | VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
 """
 
@@ -22,10 +24,12 @@ from .flux import FluxAdapter
 from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
+from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .vae import VAEAdapter
 from .wan import WanAdapter
+from .zimage import ZImageAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -44,6 +48,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     PixArtAdapter(),
     Flux2Adapter(),
     QwenImageAdapter(),
+    SanaAdapter(),
+    ZImageAdapter(),
     WanAdapter(),
     VAEAdapter(),
 )

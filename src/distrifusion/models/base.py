@@ -14,10 +14,11 @@ from torch import nn
 
 from ..engine.config import ParallelConfig
 from ..engine.hooks import inner_forward, refuse_hooks, set_inner_forward
-from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor
+from ..engine.layers import PatchProcessor
 from ..engine.state import ParallelState, Partition
 
-PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
+PATCH_PROCESSORS = (PatchProcessor,)
+"""The engine's attention processors (the engine's own and adapters' ones derive from `PatchProcessor`)."""
 
 
 class ModelAdapter:
@@ -30,6 +31,8 @@ class ModelAdapter:
     parallelise, and why: refused with that reason rather than as an unknown model."""
     sample_arg: str = "sample"
     """The forward argument that carries the noisy image (latent or tokens)."""
+    timestep_arg: str = "timestep"
+    """The forward argument that carries the timestep."""
     output_dim: int = 2
     """The dimension of the output along which strips are stacked (2: rows of a map, 1: tokens)."""
     row_unit: str = "rows"
@@ -52,6 +55,12 @@ class ModelAdapter:
     halo_convs: bool = False
     """Whether the adapter gives every conv taller than one row its halo rows (UNets, VAEs); else
     only convs whose windows do not overlap (a transformer's patch embedding) are accepted."""
+
+    def noise_level(self, t: float) -> float:
+        """A call's timestep (`first_time`) as a number that falls from step to step of one image: a rise
+        tells the engine a new image began (`ParallelState.begins_image`). Most pipelines pass a falling
+        timestep; a family whose pipelines pass a rising one (Z-Image: (1000 - t) / 1000) overrides this."""
+        return t
 
     def configured(self, model: nn.Module, config: ParallelConfig) -> ModelAdapter:
         """The adapter for this model and config (a video family: split in rows or in frames, `video_split`)."""
@@ -121,6 +130,19 @@ class ModelAdapter:
     def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         """This rank's share of the call: its batch half, its strip, its text tokens."""
         raise NotImplementedError
+
+    def sample_tensor(self, inputs: dict) -> torch.Tensor:
+        """The call's noisy input as one tensor (for the ranks' check that they all got the same)."""
+        return inputs[self.sample_arg]
+
+    def output_tensor(self, sample) -> torch.Tensor:
+        """The model's output sample as one tensor, whose strips `output_dim` stacks (a model that
+        returns a list of images: stacked)."""
+        return sample
+
+    def output_sample(self, full: torch.Tensor):
+        """The gathered output back in the form the model returns (inverse of `output_tensor`)."""
+        return full
 
     def timestep_tensor(self, model: nn.Module, t: int | float) -> torch.Tensor:
         """A timestep given as a number, as the tensor the model itself would make of it (a CUDA
@@ -243,12 +265,14 @@ def check_kwargs_dict(family: str, inputs: dict, name: str) -> None:
         )
 
 
-def install_forward(module: nn.Module, layer: type, name: str, state: ParallelState) -> None:
-    """Make `layer(module, name, state)` the module's forward (beneath its diffusers hooks, if any), unless
-    this state's already is."""
-    current = inner_forward(module)
+def install_forward(module: nn.Module, layer: type, name: str, state: ParallelState, method: str = "forward") -> None:
+    """Make `layer(module, name, state)` the module's forward (beneath its diffusers hooks, if any) or its
+    other `method`, unless this state's already is. `remove` deletes it again (every engine layer holds the
+    state)."""
+    current = inner_forward(module) if method == "forward" else module.__dict__.get(method)
     if not (isinstance(current, layer) and current.state is state):
-        set_inner_forward(module, layer(module, name, state))
+        made = layer(module, name, state)
+        set_inner_forward(module, made) if method == "forward" else setattr(module, method, made)
 
 
 def install_processor(attn: nn.Module, state: ParallelState, make: Callable) -> None:
@@ -298,11 +322,11 @@ def _pair(value) -> tuple:
 
 def check_processor(name: str, attn: nn.Module, allowed: tuple[type, ...]) -> None:
     """Refuse an attention whose processor is not one the engine knows how to split."""
-    allowed = (*allowed, *PATCH_PROCESSORS)  # ours: after a change to the model, installed again
     # The exact classes: a subclass may compute something else (or record attention maps) in its __call__.
-    if type(attn.processor) not in allowed:
+    # The engine's own (after a change to the model, installed again) are accepted.
+    if type(attn.processor) not in allowed and not isinstance(attn.processor, PATCH_PROCESSORS):
         raise TypeError(
             f"distrifusion: attention {name!r} uses {type(attn.processor).__name__}, which cannot be split into "
-            f"strips; supported: {', '.join(a.__name__ for a in allowed[: -len(PATCH_PROCESSORS)])}. Set one "
+            f"strips; supported: {', '.join(a.__name__ for a in allowed)}. Set one "
             "(e.g. model.set_default_attn_processor()) before the next call"
         )

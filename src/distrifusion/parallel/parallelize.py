@@ -21,17 +21,7 @@ from ..engine.comm import Runtime, init_runtime
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
 from ..engine.hooks import inner_forward, set_inner_forward
-from ..engine.layers import (
-    PatchAttnProcessor,
-    PatchConv2d,
-    PatchFreeU,
-    PatchGroupNorm,
-    PatchJointAttnProcessor,
-    PatchTokenAttnProcessor,
-    PatchZeroPadDownsample,
-    StripPatchEmbed,
-    pad_to,
-)
+from ..engine.layers import PatchProcessor, pad_to
 from ..engine.state import ParallelState, Partition, first_time, identity, split_rows, tensor_version
 from ..models import ModelAdapter, VAEAdapter, denoiser_modules, find_denoiser, find_denoisers
 from .ownership import Ownership
@@ -39,8 +29,6 @@ from .ownership import Ownership
 log = logging.getLogger("distrifusion")
 
 _STATE_ATTR = "_distrifusion_state"
-_LAYERS = (PatchConv2d, PatchGroupNorm, PatchFreeU, StripPatchEmbed, PatchZeroPadDownsample)
-_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
 
 
 ResolveAuto = Callable[[object, nn.Module, ParallelConfig, Runtime], tuple[ParallelConfig, dict]]
@@ -58,10 +46,10 @@ def parallelize(
 
     Accepts a diffusers pipeline whose `.unet` or `.transformer` is a supported model, or the bare
     model (see `distrifusion.models`: UNet2DConditionModel, UNet2DModel, FluxTransformer2DModel,
-    SD3Transformer2DModel, PixArtTransformer2DModel), and returns the same object, moved to this
-    rank's device (`cuda:LOCAL_RANK` when CUDA is available, else the CPU). Under torchrun it
-    initialises the process group if needed (nccl on CUDA, gloo on CPU); in a plain process it
-    runs alone and its results are unchanged.
+    SD3Transformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel, ZImageTransformer2DModel),
+    and returns the same object, moved to this rank's device (`cuda:LOCAL_RANK` when CUDA is available,
+    else the CPU). Under torchrun it initialises the process group if needed (nccl on CUDA, gloo on
+    CPU); in a plain process it runs alone and its results are unchanged.
 
     The model keeps its call signature: every rank passes the full inputs (same seed on every
     rank) and receives the full output. A bare model counts its calls as denoising steps; the pipeline
@@ -171,7 +159,7 @@ class _WithOriginalProcessors:
 def _give_back_processors(model: nn.Module) -> None:
     """Put back, on every attention, the processor each of the engine's processors stands for."""
     for module in model.modules():
-        if isinstance(getattr(module, "processor", None), _PROCESSORS):
+        if isinstance(getattr(module, "processor", None), PatchProcessor):
             module.set_processor(module.processor.original)
 
 
@@ -245,17 +233,17 @@ def _remove_model(model: nn.Module) -> bool:
     state.release()
     state.ownership.close()
 
-    def ours(value, name: str = "forward") -> bool:  # the engine's layers, and an adapter's own forwards
-        engine = isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors))
-        return engine or (name == "forward" and getattr(value, "state", None) is state)
+    _give_back_processors(model)  # first: the loop below deletes whatever else holds this state
+
+    def ours(value) -> bool:  # the engine's layers and an adapter's own (a module's forward or another method)
+        return isinstance(value, (_ParallelForward, _WithOriginalProcessors)) or getattr(value, "state", None) is state
 
     for module in model.modules():
         if ours(inner_forward(module)):
             set_inner_forward(module, None)
         for name, value in list(module.__dict__.items()):
-            if ours(value, name):
+            if ours(value):
                 delattr(module, name)
-    _give_back_processors(model)
     delattr(model, _STATE_ATTR)
     return True
 
@@ -376,9 +364,10 @@ class _ParallelForward:
                 "distrifusion: a compiled model cannot also run as distrifusion's CUDA graphs; parallelize it with "
                 "ParallelConfig(cuda_graphs=False) (torch.compile(..., mode='reduce-overhead') graphs it instead)"
             )
-        if state.graphs is not None and isinstance(inputs.get("timestep"), (int, float)):
+        timestep = adapter.timestep_arg
+        if state.graphs is not None and isinstance(inputs.get(timestep), (int, float)):
             # A number would be baked into the graph: make it the tensor the model itself would make of it.
-            inputs["timestep"] = adapter.timestep_tensor(self.model, inputs["timestep"])
+            inputs[timestep] = adapter.timestep_tensor(self.model, inputs[timestep])
         if state.runtime.world_size == 1:
             if state.graphs.stale:  # no other rank to agree with
                 state.graphs.clear()
@@ -405,9 +394,10 @@ class _ParallelForward:
         state, adapter = self.state, self.adapter
         problem = self.refresh()
         conditioning = {name: inputs.get(name) for name in adapter.conditioning_args}
-        key, timestep = identity(conditioning), inputs.get("timestep")
+        key, timestep = identity(conditioning), inputs.get(adapter.timestep_arg)
         state.enter_branch(key, conditioning, timestep)
         t = first_time(timestep)
+        t = None if t is None else adapter.noise_level(t)
         if state.begins_image(t):  # whichever pipeline object calls: its own count starts again
             _new_image(self.model, state)
             state.enter_branch(key, conditioning, timestep)
@@ -417,7 +407,7 @@ class _ParallelForward:
         partition = self.partition(inputs)
         state.begin_step(partition)
         if state.step == 0:
-            self.agree(inputs[adapter.sample_arg], inputs.get("timestep"), problem)
+            self.agree(adapter.sample_tensor(inputs), timestep, problem)
         elif problem is not None:
             raise problem
         return adapter.local_inputs(inputs, partition)
@@ -440,8 +430,9 @@ class _ParallelForward:
                 kwargs[name] = inputs[name]
         out = self.original(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            return out, None
-        return (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
+            return self.adapter.output_tensor(out), None
+        sample, kind = (out[0], tuple) if isinstance(out, tuple) else (out.sample, type(out))
+        return self.adapter.output_tensor(sample), kind
 
     def run_split(self, inputs: dict) -> tuple[torch.Tensor, type]:
         """This rank's strip of one step and the gathered full output: the work a graph captures."""
@@ -452,8 +443,8 @@ class _ParallelForward:
             self.state.exchange.settle()  # a graph must not leave collectives in flight
         return full, kind
 
-    @staticmethod
-    def output(sample: torch.Tensor, kind: type | None):
+    def output(self, full: torch.Tensor, kind: type | None):
+        sample = self.adapter.output_sample(full)
         if kind is None:
             return sample
         return (sample,) if kind is tuple else kind(sample=sample)
