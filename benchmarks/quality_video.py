@@ -104,23 +104,30 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def picture(args: argparse.Namespace) -> None:
-    """Frames side by side: one row per clip (reference first), one column per `--every`-th frame."""
+    """Frames side by side: one row per clip (the one-process clip first), one column per `--every`-th
+    frame; with `--amplify K`, each clip's row is followed by its difference from the one-process clip x K."""
     clips: dict[str, np.ndarray] = {}
     for path in args.sources:
         with np.load(Path(path).with_suffix(".npz")) as data:
             clips.update({k: data[k] for k in data.files if k in args.rows or k == "reference"})
+    reference = clips["reference"]
     names = ["reference"] + [r for r in args.rows if r in clips]
-    frames, size = clips["reference"].shape[0], clips["reference"].shape[1]
-    cols = list(range(0, frames, args.every))
-    cell, gap = size * args.scale, 4
-    grid = np.full((len(names) * (cell + gap), len(cols) * (cell + gap), 3), 255, np.uint8)
-    for i, name in enumerate(names):
+    drawn = []
+    for name in names:
+        drawn.append(clips[name])
+        if args.amplify and name != "reference":
+            drawn.append(np.clip(np.abs(clips[name] - reference) * args.amplify, 0, 1))
+    cols = list(range(0, reference.shape[0], args.every))
+    cell, gap = reference.shape[1] * args.scale, 4
+    grid = np.full((len(drawn) * (cell + gap) - gap, len(cols) * (cell + gap) - gap, 3), 255, np.uint8)
+    for i, clip in enumerate(drawn):
         for j, f in enumerate(cols):
-            img = Image.fromarray((clips[name][f] * 255 + 0.5).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+            img = Image.fromarray((clip[f] * 255 + 0.5).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
             top, left = i * (cell + gap), j * (cell + gap)
             grid[top : top + cell, left : left + cell] = img
     Image.fromarray(grid).save(args.picture, optimize=True)
-    print(f"wrote {args.picture}: rows {names}, frames {cols}")
+    print(f"wrote {args.picture}: rows {names}{f' (each with |difference| x {args.amplify})' * bool(args.amplify)}")
+    print(f"frames {cols}")
 
 
 def main() -> None:
@@ -141,6 +148,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=[], help="clips to draw, as stored: 'METHOD | SPLIT | N=n'")
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--amplify", type=float, default=0, help="also draw |clip - one process| times this")
     args = p.parse_args()
     if args.picture:
         picture(args)
