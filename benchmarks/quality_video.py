@@ -11,7 +11,7 @@ For each method (sync, naive, displaced with warm-up 0/1/2/4) and rank count it 
   the one-process clip's change. An error that stands still (the same seam in every frame) leaves the change
   as it was (high tPSNR); an error that moves or flickers from frame to frame lowers it.
 Results are appended to the JSON file after each row (a long run keeps what it finished) and the clips of
-the largest N are kept in a .npz beside it, for `--picture`:
+the largest N are kept in a .npz beside it (1.2 MB, not committed), for `--picture`:
 
     python benchmarks/quality_video.py --picture docs/quality_video_N8.png \\
         --from benchmarks/quality_video/rows.json benchmarks/quality_video/frames.json
