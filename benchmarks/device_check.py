@@ -169,6 +169,52 @@ def flux(ctx: Context) -> None:
     _bench(ctx, arch, big, dtype, [8], 1, model, graphs=False, full_step="none", time_sync_step=False)
 
 
+def fbcache(ctx: Context) -> None:
+    """Flux-dev, bf16, 1024², one device (issue 26): 20 Euler flow-matching steps on the bare model, fixed noise
+    and text, without and then with diffusers' first-block cache (threshold 0.12): calls computed and seconds.
+    Random weights: the calls the cache skips are this untrained model's, not Flux-dev's; the seconds of a
+    computed and of a skipped call are the device's."""
+    import torch
+    from diffusers import FirstBlockCacheConfig
+
+    from distrifusion.measure.caching import ComputedCalls
+    from distrifusion.measure.timing import sync_device
+    from distrifusion.measure.workload import build_model, model_inputs
+
+    arch = FLUX_SMALL if ctx.small else "flux_dev"
+    dtype, device = _dtype(ctx.small, "bfloat16"), _device()
+    model = build_model(arch, dtype, device)
+    size, steps, threshold = (128, 4, 0.12) if ctx.small else (1024, 20, 0.12)
+    inputs = model_inputs(model, size, size)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+
+    def denoise(n: int) -> None:
+        x = inputs["hidden_states"]
+        with torch.no_grad(), model.cache_context("cond"):
+            for s, s_next in zip(sigmas[:n], sigmas[1 : n + 1]):
+                t = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
+                v = model(**{**inputs, "hidden_states": x, "timestep": t}, return_dict=False)[0]
+                x = x + (s_next - s) * v
+
+    denoise(1)  # first-call costs (kernels, allocator) outside the timed runs
+    for cache in (None, threshold):
+        if cache is not None:
+            model.enable_cache(FirstBlockCacheConfig(threshold=cache))
+        counter = ComputedCalls(model)
+        sync_device(device)
+        start = time.perf_counter()
+        denoise(steps)
+        sync_device(device)
+        seconds = time.perf_counter() - start
+        counter.remove()
+        row = dict(arch=arch, size=size, steps=steps, fbcache=cache, calls=counter.calls, computed=counter.computed)
+        ctx.row(dict(row, seconds=seconds))
+        print(
+            f"{arch} {size}² {steps} steps, fbcache {cache}: {counter.computed}/{counter.calls} computed, "
+            f"{seconds:.2f} s"
+        )
+
+
 def vae(ctx: Context) -> None:
     """SDXL VAE decode, fp16: whole and shares at 1024² (2, 4, 8) and 2048² (8); at 3840² the share of 8
     alone (a whole 3840² decode costs ~2.9 s a call)."""
@@ -247,6 +293,9 @@ STEPS = [
     ),
     Step("sdxl", "SDXL full step and shares, 1024², 2048², 3840²", 35, 60, run=sdxl),
     Step("flux", "Flux-dev full step and shares of 8, 1024², 2048²; 4096² share only", 30, 60, run=flux),
+    Step(
+        "fbcache", "Flux-dev 1024², 20 steps, one device, without and with the first-block cache", 15, 40, run=fbcache
+    ),
     Step("vae", "SDXL VAE decode, whole and shares, 1024², 2048²; 3840² share only", 20, 40, run=vae),
     Step("codec", "SDXL share of 8 at 2048², uncompressed and residual-int2", 15, 30, run=codec),
     Step(

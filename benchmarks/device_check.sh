@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one device command (issue 20): GPU parity with CUDA graphs first, then the SDXL and Flux-dev tables, the
-# VAE, the codec's cost, torch.compile and the command line; every result back, within 300 s of device time.
+# The one device command (issue 20): GPU parity with CUDA graphs first, then the SDXL and Flux-dev tables, Flux-dev
+# with the first-block cache (issue 26), the VAE, the codec's cost, torch.compile and the command line; every result
+# back, within 300 s of device time.
 #
 #   here, once:     bash benchmarks/fetch_device_wheels.sh                  (diffusers wheels -> .whl/)
 #   on the device:  run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=330)
@@ -48,6 +49,9 @@
 # |                 | out (3.9 PFLOP = 9.8 s a call, >= 2 calls); share of 8 (489      |          |       |                      |             |
 # |                 | TFLOP = 1.22 s) 4 calls = 4.9 s (K/V of 57 layers: ~46 GB + 24 GB|          |       |                      |             |
 # |                 | weights: it may not fit; then "failed" with the rest kept)      |          |       |                      |             |
+# | fbcache         | build 3 s. 1024², 1 + 20 + 20 calls (warm-up, no cache,         |     12 s |  15 s | 0.8 s, 2.7 s         |     40 s    |
+# |                 | first-block cache) of at most 0.19 s each (74.4 TFLOP; fewer    |          |       |                      |             |
+# |                 | with skips): <= 7.8 s; first calls ~1 s                         |          |       |                      |             |
 # | vae             | 1024² (10.5 TFLOP = 0.1 s): whole 4 calls, shares 2/4/8 12 calls:|      8 s |  20 s | 2.9 s, 16 s          |     40 s    |
 # |                 | 0.8 s; 2048² (48.5 TFLOP = 0.49 s): whole 3 + share 3 calls =    |          |       |                      |             |
 # |                 | 1.7 s; 3840² share of 8 (31 TFLOP) 1 call 0.3 s + its bound on   |          |       |                      |             |
@@ -60,7 +64,7 @@
 # | generate        | CLI, 2 ranks (gloo, one GPU): 3 process starts in parallel ~8 s, |     10 s |  20 s | 18 s, 53 s (32², 2)  |    120 s    |
 # |                 | 20 steps of the embedded UNet at 512² (~20 GFLOP, launch-bound)  |          |       |                      |             |
 # | generate_graphs | CLI, 1 rank, CUDA graphs, 1024², 20 steps: start 6 s + ~1 s      |      8 s |  15 s | 9 s, 45 s (32², 2)   |     90 s    |
-# | total           |                                                                 |    169 s | 285 s | 94 s, 428 s          |             |
+# | total           |                                                                 |    181 s | 300 s | 95 s, 431 s          |             |
 #
 # Each limit is 1.4 to 3 times its estimate: the small steps get the widest margin (seconds cost little), the
 # two long ones (parity, compile: the compile estimate is a guess, nothing measured on a GPU) the narrowest,

@@ -1,4 +1,5 @@
-"""A bounded load test of `distrifusion serve` on loopback: N requests, C at a time, to POST /generate.
+"""A bounded load test of `distrifusion serve` on loopback: N requests, C at a time, to POST /generate
+(or, with --video, to POST /v1/videos, each job polled to its end and its MP4 fetched).
 
 Each request asks for one image of a class of the embedded model (the prompt cycles through
 --classes), at --size and --steps, with its own seed (--seed + request index). The test stops
@@ -15,6 +16,21 @@ p50/p90/p99 latency (of the 200s, and of all answers), the wall time, and the ch
     status, distrifusion_images_total) moved by exactly what the client saw;
   * no worker-group restart (distrifusion_group_restarts_total unchanged: no rank error), and
     GET /health is 200 ("ready") at the end.
+
+With --video (a video model: `--start "--model WAN_FOLDER ..."`), each request is a job of --frames
+frames at --size and --steps; a client polls it (GET /v1/videos/ID every --poll s) until it completes
+or fails, then fetches its MP4 (GET /v1/videos/ID/content) and decodes it (imageio). Its latency is
+from the POST to the clip fetched. Meanwhile the server's clip store is sampled every 0.25 s: its
+accounted bytes (GET /metrics) and, for a server this test started, the bytes in its folder on disk
+(read from here: the same machine). The checks become:
+
+  * every POST answered (no transport error), every accepted job completed (none failed, none lost);
+  * every clip fetched is an MP4 that decodes to the frames and size asked, or was removed by the
+    store's bound before its client fetched it (410, "removed to keep the store within ...");
+  * the store's accounted bytes never exceeded its bound (GET /health's clip_store.max_bytes), and the
+    folder on disk never exceeded it by more than the one clip being written; the folder is gone
+    once the server has stopped;
+  * the server's counters (requests by status, distrifusion_videos_total) moved by what the client saw.
 
 The exit status is 0 only if all checks pass.
 
@@ -37,6 +53,14 @@ The commands behind BENCHMARKS.md ("Serving (distrifusion serve)"; 2-core shared
 
 (4 steps, not 20: on the loaded 2-core machine a 20-step 128x128 image took ~14 s, so 200 of them
 would have taken ~47 min. Against a running server: --url http://127.0.0.1:PORT instead of --start.)
+
+The video run (a tiny random-weight Wan pipeline folder, written by tests/wan_helpers.py; a store of
+0.25 MiB, so that the bound is reached many times over):
+
+  python benchmarks/load_test.py --video --make-tiny-wan /tmp/tiny_wan \
+      --start "--model /tmp/tiny_wan --nproc 2 --queue-size 8 --max-pixels 8192 --clip-store-mb 0.25" \
+      --requests 40 --concurrency 6 --size 48x80 --frames 17 --steps 4 --time-limit 600 \
+      --json benchmarks/cpu_serve_load_video.json
 """
 
 from __future__ import annotations
@@ -59,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from serve_process import ServeProcess, serve_command  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+MP4 = b"ftyp"  # bytes 4..8 of an MP4 (ISO base media file)
 CLASSES = ["brick", "grass", "gravel", "hubble_deep_field", "ihc", "retina"]
 
 
@@ -75,15 +100,23 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def parse_metrics(text: str) -> dict:
     """The counters we cross-check, from Prometheus' text format."""
-    out = {"requests": {}, "images": 0, "restarts": 0}
+    out = {"requests": {}, "images": 0, "restarts": 0, "videos": 0, "clip_store_bytes": 0, "evictions": 0}
+    names = {
+        "images_total": "images",
+        "group_restarts_total": "restarts",
+        "videos_total": "videos",
+        "clip_store_bytes": "clip_store_bytes",
+        "clip_store_evictions_total": "evictions",
+    }
     for line in text.splitlines():
         m = re.fullmatch(r'distrifusion_requests_total\{status="(\d+)"\} (\d+)', line)
         if m:
             out["requests"][m[1]] = int(m[2])
-        elif line.startswith("distrifusion_images_total "):
-            out["images"] = int(float(line.split()[1]))
-        elif line.startswith("distrifusion_group_restarts_total "):
-            out["restarts"] = int(float(line.split()[1]))
+            continue
+        name, _, value = line.partition(" ")
+        key = names.get(name.removeprefix("distrifusion_"))
+        if key:
+            out[key] = int(float(value))
     return out
 
 
@@ -112,6 +145,9 @@ class OwnServer(ServeProcess):
         self.started_ranks: list[int] = []
         super().__init__(port, flags, ready_timeout=startup_timeout, stop_grace=60, log=log)
         self.started_ranks = self.ranks()
+        found = re.search(r"clips kept in (\S+)", "".join(self.output))
+        self.clip_folder = Path(found[1]) if found else None
+        """A video server's clip store (it says where at start-up)."""
 
     def stop(self) -> int | None:
         """As ServeProcess.stop, the ranks seen at start-up included (the server may have died and left them)."""
@@ -119,6 +155,78 @@ class OwnServer(ServeProcess):
 
 
 # -- the load ---------------------------------------------------------------------------------
+
+
+def refusal(response: httpx.Response, record: dict, prefix: str = "") -> None:
+    """A refusal's Retry-After and message, into `record`."""
+    record[prefix + "retry_after"] = response.headers.get("retry-after")
+    try:
+        record[prefix + "message"] = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        record[prefix + "message"] = response.text[:200]
+
+
+async def one_video(client: httpx.AsyncClient, args, body: dict, record: dict) -> None:
+    """POST /v1/videos, poll the job to its end, fetch its MP4 and decode it: into `record` (status is the
+    POST's; job_status the job's end; content_status the fetch's: 200, or 410 if the store's bound removed
+    the clip first)."""
+    response = await client.post("/v1/videos", json=body)
+    record["status"] = response.status_code
+    if response.status_code != 200:
+        refusal(response, record)
+        return
+    video_id = response.json()["id"]
+    while True:
+        await asyncio.sleep(args.poll)
+        job = await client.get(f"/v1/videos/{video_id}")
+        if job.status_code != 200:  # the job itself went missing: lost
+            record["job_status"] = f"http:{job.status_code}"
+            return
+        job = job.json()
+        if job["status"] in ("completed", "failed"):
+            break
+    record["job_status"] = job["status"]
+    record["timings"] = job.get("timings")
+    if job["status"] == "failed":
+        record["message"] = job["error"]["message"]
+        return
+    content = await client.get(f"/v1/videos/{video_id}/content")
+    record["content_status"] = content.status_code
+    if content.status_code != 200:
+        refusal(content, record, "content_")
+        return
+    record["bytes"] = len(content.content)
+    record["mp4"] = content.content[4:8] == MP4
+    if record["mp4"]:
+        record["decoded"] = list(await asyncio.to_thread(decoded_shape, content.content))
+
+
+def decoded_shape(data: bytes) -> tuple[int, ...]:
+    import imageio.v3 as iio
+
+    return iio.imread(data, extension=".mp4", plugin="FFMPEG").shape
+
+
+async def watch_store(url: str, headers: dict, folder: Path | None, samples: dict, stop: asyncio.Event) -> None:
+    """Every 0.25 s: the store's accounted bytes (GET /metrics) and, for our own server, its folder's bytes
+    on disk; the largest of each into `samples`."""
+    from distrifusion.app.clips import folder_bytes
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+        while not stop.is_set():
+            metrics = parse_metrics((await client.get("/metrics")).text)
+            samples["max_accounted_bytes"] = max(samples.get("max_accounted_bytes", 0), metrics["clip_store_bytes"])
+            if folder is not None:
+                try:
+                    on_disk = folder_bytes(folder)
+                except FileNotFoundError:
+                    on_disk = 0
+                samples["max_folder_bytes"] = max(samples.get("max_folder_bytes", 0), on_disk)
+            samples["count"] = samples.get("count", 0) + 1
+            try:
+                await asyncio.wait_for(stop.wait(), 0.25)
+            except TimeoutError:
+                pass
 
 
 async def run_load(args, url: str, headers: dict) -> tuple[list[dict], float, int]:
@@ -145,17 +253,16 @@ async def run_load(args, url: str, headers: dict) -> tuple[list[dict], float, in
                 sent = time.monotonic()
                 record = {"i": i, "prompt": body["prompt"], "seed": body["seed"], "sent_s": round(sent - t0, 4)}
                 try:
-                    response = await client.post("/generate", json=body)
-                    record["status"] = response.status_code
-                    record["bytes"] = len(response.content)
-                    if response.status_code == 200:
-                        record["png"] = response.content.startswith(PNG)
+                    if args.video:
+                        await one_video(client, args, body | {"frames": args.frames}, record)
                     else:
-                        record["retry_after"] = response.headers.get("retry-after")
-                        try:
-                            record["message"] = response.json()["error"]["message"]
-                        except (ValueError, KeyError, TypeError):
-                            record["message"] = response.text[:200]
+                        response = await client.post("/generate", json=body)
+                        record["status"] = response.status_code
+                        record["bytes"] = len(response.content)
+                        if response.status_code == 200:
+                            record["png"] = response.content.startswith(PNG)
+                        else:
+                            refusal(response, record)
                 except httpx.HTTPError as e:  # transport error or timeout: no answer
                     record["status"] = f"error:{type(e).__name__}"
                     record["message"] = str(e)[:200]
@@ -171,10 +278,71 @@ async def run_load(args, url: str, headers: dict) -> tuple[list[dict], float, in
     return sorted(results, key=lambda r: r["i"]), wall, args.requests - next_index
 
 
+async def load_and_watch(args, url: str, headers: dict, folder: Path | None) -> tuple:
+    """The load, and with --video the store watched meanwhile: (results, wall, not_sent, samples)."""
+    samples: dict = {}
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_store(url, headers, folder, samples, stop)) if args.video else None
+    try:
+        results, wall, not_sent = await run_load(args, url, headers)
+    finally:
+        stop.set()
+        if watcher is not None:
+            await watcher
+    return results, wall, not_sent, samples
+
+
+def video_checks(args, results: list[dict], before: dict, after: dict, health: dict, samples: dict) -> tuple:
+    """--video: the checks of the jobs, their clips and the store; and the figures."""
+    width, height = (int(v) for v in args.size.split("x"))
+    accepted = [r for r in results if r["status"] == 200]
+    completed = [r for r in accepted if r.get("job_status") == "completed"]
+    fetched = [r for r in completed if r.get("content_status") == 200]
+    evicted = [r for r in completed if r.get("content_status") == 410]
+    limit = health["clip_store"]["max_bytes"]
+    largest = max((r["bytes"] for r in fetched), default=0)
+    checks = {
+        "every_accepted_job_ended": all(r.get("job_status") in ("completed", "failed") for r in accepted),
+        "no_job_failed": len(completed) == len(accepted),
+        "every_clip_decodes_to_the_frames_and_size_asked": all(
+            r.get("mp4") and r.get("decoded") == [args.frames, height, width, 3] for r in fetched
+        ),
+        "every_missing_clip_was_evicted_by_the_bound": all(
+            "removed to keep the store within" in r.get("content_message", "") for r in evicted
+        )
+        and len(fetched) + len(evicted) == len(completed),
+        "store_bytes_within_bound": samples.get("max_accounted_bytes", 0) <= limit,
+        "server_videos_match_completed": after["videos"] - before["videos"] == len(completed),
+    }
+    if "max_folder_bytes" in samples:
+        checks["folder_within_bound_plus_the_clip_being_written"] = samples["max_folder_bytes"] <= limit + largest
+    figures = {
+        "clips_completed": len(completed),
+        "clips_fetched": len(fetched),
+        "clips_evicted_before_fetch": len(evicted),
+        "clip_bytes_max": largest,
+        "store": health["clip_store"]
+        | {
+            "max_accounted_bytes_seen": samples.get("max_accounted_bytes"),
+            "max_folder_bytes_seen": samples.get("max_folder_bytes"),
+            "samples": samples.get("count"),
+        },
+    }
+    return checks, figures
+
+
 def summarise(args, results: list[dict], wall: float, not_sent: int, before: dict, after: dict, health) -> dict:
     counts: dict[str, int] = {}
     for r in results:
         counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
+    status = health["status"]
+    health = health["body"]
+    # Every error answer counts on the server's side, the content fetches' 410s too; successes only for POSTs.
+    client_counts = dict(counts)
+    for r in results:
+        if r.get("content_status", 200) != 200:
+            key = str(r["content_status"])
+            client_counts[key] = client_counts.get(key, 0) + 1
     ok = [r for r in results if r["status"] == 200]
     answered = [r for r in results if isinstance(r["status"], int)]
     errors = [r for r in results if not isinstance(r["status"], int)]
@@ -199,18 +367,28 @@ def summarise(args, results: list[dict], wall: float, not_sent: int, before: dic
     refusals_ok = all(r.get("retry_after") for r in answered if r["status"] == 503)
     checks = {
         "every_sent_request_answered": not errors,
-        "all_200_are_png": all(r.get("png") for r in ok),
         "only_expected_statuses": not unexpected,
         "every_503_has_retry_after": refusals_ok,
-        "server_counts_match_client": server_delta == client_http,
-        "server_images_match_200s": after["images"] - before["images"] == len(ok),
+        "server_counts_match_client": server_delta == {k: v for k, v in client_counts.items() if k.isdigit()},
         "no_group_restart": after["restarts"] == before["restarts"],
-        "healthy_at_end": health == 200,
+        "healthy_at_end": status == 200,
     }
+    figures = {}
+    if args.video:
+        more, figures = video_checks(args, results, before, after, health, args.samples)
+        checks |= more
+        wall_ok = [r for r in ok if r.get("job_status") == "completed"]
+        figures["throughput_clips_per_s"] = round(len(wall_ok) / wall, 4) if wall else None
+        figures["throughput_frames_per_s"] = round(len(wall_ok) * args.frames / wall, 4) if wall else None
+    else:
+        checks["all_200_are_png"] = all(r.get("png") for r in ok)
+        checks["server_images_match_200s"] = after["images"] - before["images"] == len(ok)
     if args.expect_503:
         checks["some_503_seen"] = counts.get("503", 0) > 0
     return {
         "config": {
+            "video": args.video,
+            "frames": args.frames if args.video else None,
             "size": args.size,
             "steps": args.steps,
             "requests": args.requests,
@@ -225,14 +403,14 @@ def summarise(args, results: list[dict], wall: float, not_sent: int, before: dic
         "not_sent_time_limit": not_sent,
         "statuses": dict(sorted(counts.items())),
         "wall_s": round(wall, 3),
-        "throughput_images_per_s": round(len(ok) / wall, 4) if wall else None,
+        "throughput_images_per_s": round(len(ok) / wall, 4) if wall and not args.video else None,
         "throughput_requests_per_s": round(len(answered) / wall, 4) if wall else None,
         "latency_s_200": pcts(lat_ok),
         "latency_s_all_answers": pcts(lat_all),
+        **figures,
         "server_metrics_delta": {
             "requests": server_delta,
-            "images": after["images"] - before["images"],
-            "restarts": after["restarts"] - before["restarts"],
+            **{key: after[key] - before[key] for key in ("images", "videos", "evictions", "restarts")},
         },
         "checks": checks,
         "passed": all(checks.values()),
@@ -261,7 +439,24 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the summary (and every request) here")
     p.add_argument("--server-log", type=Path, help="with --start: append the server's output here")
     p.add_argument("--progress", type=int, default=10, help="print a line every this many answers (0: none)")
+    p.add_argument("--video", action="store_true", help="POST /v1/videos jobs (a video model), polled, MP4 fetched")
+    p.add_argument("--frames", type=int, default=17, help="--video: frames per clip (default 17)")
+    p.add_argument("--poll", type=float, default=0.2, help="--video: seconds between polls of a job (default 0.2)")
+    p.add_argument(
+        "--make-tiny-wan",
+        type=Path,
+        metavar="FOLDER",
+        help="first write a tiny random-weight Wan pipeline (tests/wan_helpers.py) to FOLDER, for --start",
+    )
     args = p.parse_args()
+    if args.video and args.classes == CLASSES:
+        args.classes = ["a red cat"]
+    if args.make_tiny_wan:
+        import torch
+        from wan_helpers import tiny_pipeline
+
+        tiny_pipeline("t2v", dtype=torch.float32).save_pretrained(args.make_tiny_wan)
+        print(f"wrote a tiny Wan pipeline to {args.make_tiny_wan}", flush=True)
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     server = None
@@ -278,10 +473,13 @@ def main() -> int:
     try:
         before = parse_metrics(httpx.get(url + "/metrics", headers=headers, timeout=30).text)
         load = f"{args.requests} requests, {args.concurrency} concurrent, {args.size}, {args.steps} steps"
-        print(f"{load} -> {url}/generate")
-        results, wall, not_sent = asyncio.run(run_load(args, url, headers))
+        frames = f", {args.frames} frames" if args.video else ""
+        print(f"{load}{frames} -> {url}{'/v1/videos' if args.video else '/generate'}")
+        folder = server.clip_folder if server is not None else None
+        results, wall, not_sent, args.samples = asyncio.run(load_and_watch(args, url, headers, folder))
         after = parse_metrics(httpx.get(url + "/metrics", headers=headers, timeout=30).text)
-        health = httpx.get(url + "/health", timeout=30).status_code
+        answer = httpx.get(url + "/health", timeout=30)
+        health = {"status": answer.status_code, "body": answer.json()}
     finally:
         if server is not None:
             code = server.stop()
@@ -290,6 +488,8 @@ def main() -> int:
     if server is not None:
         summary["server_exit_code"] = code
         summary["checks"]["server_stopped_cleanly"] = code == 0
+        if server.clip_folder is not None:
+            summary["checks"]["clip_folder_removed_at_exit"] = not server.clip_folder.exists()
         summary["passed"] = all(summary["checks"].values())
     brief = {k: v for k, v in summary.items() if k != "requests_detail"}
     print(json.dumps(brief, indent=2))

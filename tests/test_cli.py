@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -262,3 +263,22 @@ def test_bench_defaults_are_cheap_and_say_what_applies(tmp_path):
     rows = json.loads(results.read_text())["results"]
     assert [r["ranks"] for r in rows] == [4]
     assert seconds < 90
+
+
+@pytest.mark.slow  # ~80 s on the loaded 2-core machine: three CLI runs, one of them 2 ranks
+def test_generate_with_a_step_cache_over_two_ranks_matches_one_process(tmp_path):
+    """`--cache fbcache:0.5` on the embedded DiT: 2 ranks in sync mode take one process's decisions (the same
+    count of computed calls in the summary) and give its image (float32 reduction order: within 1/255); an
+    unknown cache is refused in one line."""
+    images, summaries = [], []
+    for nproc in (1, 2):
+        out = tmp_path / f"cached_{nproc}.png"
+        args = ["generate", "--model", "embedded-dit", "--nproc", str(nproc), "--mode", "sync", "--height", "32"]
+        proc, _ = run_cli(*args, "--width", "32", "--steps", "5", "--cache", "fbcache:0.5", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries.append(re.search(r"fbcache:0.5: (\d) of 5 calls computed", proc.stdout).group(1))
+        images.append(np.asarray(Image.open(out)).astype(int))
+    assert summaries[0] == summaries[1] and int(summaries[0]) < 5
+    assert np.abs(images[0] - images[1]).max() <= 1
+    proc, _ = run_cli("generate", "--cache", "teacache:2")
+    assert proc.returncode == 2 and "unknown cache 'teacache'" in proc.stderr

@@ -9,10 +9,8 @@
   2.5e-5). Before the fix each of them failed ("mat1 and mat2 must have the same dtype", "Int8Tensor
   dispatch: ... aten.cat"). Group offloading here moves weights from the CPU to the CPU: the hooks run and
   the engine's layers sit beneath them, but no weight changes device (checked on a GPU: not yet).
-- Hooks that decide from the data a rank sees (the first-block cache, MagCache while it calibrates) are
-  refused by name on every rank before any collective: over 2 gloo ranks, with inputs on which the ranks'
-  strips would decide differently (before: one rank skipped the remaining blocks, the other did not, and gloo
-  failed with a collective mismatch). A cache on a fixed schedule (pyramid attention broadcast) stays exact.
+- A cache on a fixed schedule (pyramid attention broadcast) stays exact, enabled before or after `parallelize`.
+  Caches that decide from the data (first-block cache, MagCache calibration): tests/test_caches.py.
 """
 
 from __future__ import annotations
@@ -22,10 +20,10 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import BLOCK, run_ranks, tiny_model
+from helpers import BLOCK, tiny_model
 from helpers import denoise as unet_denoise
-from transformer_helpers import call_inputs, image_shape, tiny_transformer
 from transformer_helpers import denoise as transformer_denoise
+from transformer_helpers import tiny_transformer
 
 import distrifusion
 from distrifusion.measure.simulate import simulate_ranks
@@ -118,62 +116,6 @@ def test_quantised_conv_weights_are_refused_by_name():
 # ----------------------------------------------------------------------------- cache hooks
 
 ROWS, COLS = 6, 4
-
-
-def _flux_call(model, scale_bottom: float) -> torch.Tensor:
-    """One Flux call on fixed noise whose bottom half (the second rank's strip) is scaled by `scale_bottom`."""
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(1, *image_shape("flux", ROWS, COLS), generator=g, dtype=torch.float64)
-    x[:, ROWS * COLS // 2 :] *= scale_bottom
-    t = torch.full((1,), 0.5, dtype=torch.float64)
-    with torch.no_grad(), model.cache_context("cond"):  # as a pipeline calls a model with a cache
-        return model(hidden_states=x, timestep=t, return_dict=False, **call_inputs("flux", 1, ROWS, COLS))[0]
-
-
-def _first_block_cache_job(order: str) -> dict:
-    from diffusers import FirstBlockCacheConfig
-
-    model = tiny_transformer("flux")
-    # The second call doubles the bottom strip: the first block's residual moves by 0.043 of its size on the
-    # top strip and by 0.149 on the bottom one, so with a threshold of 0.1 the top rank alone would skip the
-    # remaining blocks and the bottom rank would not.
-    config = FirstBlockCacheConfig(threshold=0.1)
-    out = {}
-    if order == "before":
-        model.enable_cache(config)
-    try:
-        distrifusion.parallelize(model, distrifusion.ParallelConfig(mode="sync", timeout_s=60))
-        if order == "after":
-            model.enable_cache(config)
-        _flux_call(model, 1.0)
-        _flux_call(model, 2.0)
-    except ValueError as refusal:
-        out["refusal"] = str(refusal)
-    if order == "after":  # without the cache, the model runs again
-        model.disable_cache()
-        out["after disable"] = _flux_call(model, 2.0)
-    return out
-
-
-@pytest.mark.parametrize("order", ["before", "after"])
-def test_a_data_dependent_cache_is_refused_on_every_rank(order):
-    results = run_ranks(2, _first_block_cache_job, order)
-    for result in results:
-        assert "first-block cache (FirstBlockCacheConfig)" in result["refusal"]
-        assert "disable_cache()" in result["refusal"]
-    if order == "after":
-        expected = _flux_call(tiny_transformer("flux"), 2.0)
-        for result in results:
-            assert _relative(result["after disable"], expected) <= 1e-9
-
-
-def test_magcache_calibration_is_refused():
-    from diffusers import MagCacheConfig
-
-    model = tiny_transformer("flux")
-    model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=3))
-    with pytest.raises(ValueError, match=r"MagCache calibration \(MagCacheConfig\(calibrate=True\)\)"):
-        distrifusion.parallelize(model, distrifusion.ParallelConfig(mode="sync"))
 
 
 def test_a_cache_on_a_fixed_schedule_stays_exact_in_sync_mode():

@@ -287,18 +287,36 @@ def test_video_split_is_validated():
         distrifusion.ParallelConfig(video_split="columns")
 
 
-def test_a_cache_enabled_after_parallelize_is_refused():
-    """A diffusers cache that decides from a rank's own strip (FirstBlockCache: a residual's change) is
-    refused, also when enabled after parallelize (no module is added: the check before each image sees it)."""
+def test_a_first_block_cache_enabled_after_parallelize_equals_one_process():
+    """A diffusers cache that decides from the activations (FirstBlockCache: a residual's change), enabled after
+    parallelize (no module is added: the check before each image sees it), takes the whole video's decision on
+    every rank (`distrifusion.engine.caches`): sync mode equals one process with the same cache."""
     from diffusers import FirstBlockCacheConfig
 
+    from distrifusion.engine.caches import cache_decisions
+    from distrifusion.measure.caching import ComputedCalls
+
+    def run(model):
+        with model.cache_context("cond"):
+            return denoise(model, steps=4)
+
     base = tiny_wan("t2v")
+    reference = copy.deepcopy(base)
+    reference.enable_cache(FirstBlockCacheConfig(threshold=THRESHOLD_WAN))
+    counter = ComputedCalls(reference)
+    expected = run(reference)
+    assert 1 < counter.computed < counter.calls  # the cache skips some calls and computes others
 
     def rank(runtime):
         replica = copy.deepcopy(base)
-        distrifusion.parallelize(replica, runtime=runtime)
-        replica.enable_cache(FirstBlockCacheConfig(threshold=0.1))
-        with pytest.raises(ValueError, match="disable_cache"):
-            _bare_call()(replica)
+        distrifusion.parallelize(replica, distrifusion.ParallelConfig(mode="sync"), runtime=runtime)
+        replica.enable_cache(FirstBlockCacheConfig(threshold=THRESHOLD_WAN))
+        return run(replica), cache_decisions(replica)
 
-    simulate_ranks(2, rank)
+    results = simulate_ranks(2, rank)
+    for out, decisions in results:
+        assert decisions == results[0][1] and 1 + sum(decisions) == counter.computed
+        assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-9
+
+
+THRESHOLD_WAN = 0.1

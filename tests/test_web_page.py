@@ -1,6 +1,8 @@
 """The web page at `/` in a real headless Chromium (Debian's `chromium` and `chromium-driver`, driven by
 Selenium) against a real server: fill the form, submit, wait for the image, check it is a PNG of the asked
-size and that the page showed progress and timings; a wrong API key shows the server's message.
+size and that the page showed progress and timings; a wrong API key shows the server's message. With a
+video model (a tiny random Wan pipeline), the page makes a clip and plays it: a <video> of the asked
+size and duration whose time advances and whose frames are not blank.
 
 DISTRIFUSION_SCREENSHOT=1 also saves docs/serve_web_page.png (a 128x128 image of 20 steps then)."""
 
@@ -114,6 +116,78 @@ def test_the_page_generates_an_image_of_the_asked_size(server, browser):
 
     if SCREENSHOT:
         assert browser.save_screenshot(str(SCREENSHOT_PATH)), SCREENSHOT_PATH
+
+
+@pytest.fixture(scope="module")
+def video_server(tmp_path_factory):
+    import torch
+    from wan_helpers import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_wan_page")
+    tiny_pipeline("t2v", dtype=torch.float32).save_pretrained(folder)
+    flags = ["--model", str(folder), "--api-key", KEY, "--max-pixels", "8192", "--max-frames", "33", "--mode", "sync"]
+    s = Server(*flags)
+    yield s
+    s.close()
+
+
+# The <video>'s state, and its current frame drawn on a canvas: how far its pixels vary.
+VIDEO_STATE = """
+const v = arguments[0];
+const canvas = document.createElement("canvas");
+canvas.width = v.videoWidth; canvas.height = v.videoHeight;
+let spread = 0;
+if (v.videoWidth) {
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(v, 0, 0);
+  const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  let lo = 255, hi = 0;
+  for (let i = 0; i < data.length; i += 4) { lo = Math.min(lo, data[i]); hi = Math.max(hi, data[i]); }
+  spread = hi - lo;
+}
+return {ready: v.readyState, width: v.videoWidth, height: v.videoHeight, duration: v.duration,
+        time: v.currentTime, paused: v.paused, error: v.error && v.error.code, spread: spread};
+"""
+
+
+def test_the_page_plays_a_clip_of_the_asked_size(video_server, browser):
+    width, height, frames, fps, steps = 48, 80, 17, 16, 3
+    browser.get(video_server.url + "/")
+    assert browser.find_element(By.ID, "frames").is_displayed()
+    assert browser.find_element(By.ID, "submit").text == "Generate video"
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("a red cat")
+    Select(browser.find_element(By.ID, "mode")).select_by_value("sync")
+    fill(browser, KEY, width, height, steps, seed=1)
+    for field, value in (("frames", frames), ("fps", fps)):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(str(value))
+    browser.execute_script(RECORD_STATUS)
+    browser.find_element(By.ID, "submit").click()
+
+    video = browser.find_element(By.ID, "video")
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, WAIT_S, poll_frequency=0.25).until(lambda _: video.get_attribute("src") or error.text)
+    assert error.text == ""
+    assert video.get_attribute("src").startswith("blob:")  # fetched with the API key, then played
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script(VIDEO_STATE, video)["ready"] >= 2)
+    state = browser.execute_script(VIDEO_STATE, video)
+    assert (state["width"], state["height"], state["error"]) == (width, height, None), state
+    assert abs(state["duration"] - frames / fps) < 0.1, state
+    assert state["spread"] > 0, state  # a decoded frame, not a blank one
+    # It plays: autoplay (muted), its time moves on.
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script(VIDEO_STATE, video)["time"] > 0.2)
+    assert not browser.execute_script(VIDEO_STATE, video)["paused"]
+    assert video.is_displayed() and not browser.find_element(By.ID, "image").is_displayed()
+
+    statuses = browser.execute_script("return window.statuses")
+    progress = [s for s in statuses if s == "waiting in the queue…" or re.fullmatch(rf"step \d+ of {steps}", s)]
+    assert progress, statuses
+    status = browser.find_element(By.ID, "status").text
+    assert status == f"done: {width}x{height}, {frames} frames at {fps} fps, {steps} steps, seed 1, sync", status
+    assert re.search(r"encode \d+\.\d\d s", browser.find_element(By.ID, "timings").text)
 
 
 def test_a_refused_request_shows_the_server_message(server, browser):

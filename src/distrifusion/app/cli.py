@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..engine.config import COMPRESS_MODES, GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, VIDEO_SPLITS, ParallelConfig
 from ..measure.archs import ARCHS
+from ..measure.caching import cache_help, parse_cache
 from .cli_checks import EMBEDDED, Geometry, UsageError, check, is_vae
 from .cli_checks import check_image_size as check_image_size  # re-exported: tests call cli.check_image_size
 from .cli_checks import pipeline_geometry as pipeline_geometry  # and cli.pipeline_geometry
@@ -115,6 +116,13 @@ def _size(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+def _cache(text: str):
+    try:
+        return parse_cache(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_verbose(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument(
         "-v",
@@ -193,6 +201,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--fps", type=float, default=16.0, help="video models: frames per second of the file (default 16)")
     _add_video_args(gen)
     gen.add_argument(
+        "--cache",
+        type=_cache,
+        default=None,
+        help=f"a diffusers step cache on the denoiser ({cache_help()}); every rank takes the decision one process "
+        "would (see README, 'Step caches'); the summary says how many calls computed",
+    )
+    gen.add_argument(
         "--show-strips",
         action="store_true",
         help="also write a copy of the image with thin lines at the strip boundaries (OUT's name + .strips)",
@@ -204,9 +219,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser(
         "serve",
-        help="serve images over HTTP from one long-lived process group (API, web page, health, metrics)",
+        help="serve images or videos over HTTP from one long-lived process group (API, web page, health, metrics)",
         description="Serve images over HTTP: POST /v1/images/generations (OpenAI images shape), POST /generate "
-        "(a PNG), POST /v1/jobs + GET /v1/jobs/ID (progress), GET /health, GET /metrics, and a web page at /.",
+        "(a PNG), POST /v1/jobs + GET /v1/jobs/ID (progress), GET /health, GET /metrics, and a web page at /. "
+        "A video model (Wan) serves OpenAI's videos API instead: POST /v1/videos, GET /v1/videos/ID (progress), "
+        "GET /v1/videos/ID/content (the MP4), DELETE /v1/videos/ID.",
     )
     srv.add_argument("--model", default="embedded", help="as generate's --model (default: embedded)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -228,6 +245,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-restarts", type=int, default=3, help="restarts of a failed worker group in a row before giving up"
     )
     srv.add_argument("--default-size", type=int, default=None, help="side in px when a request gives no size")
+    srv.add_argument("--fps", type=float, default=16.0, help="video models: a clip's frames per second (default 16)")
+    srv.add_argument("--max-frames", type=int, default=129, help="video models: most frames per clip (default: 129)")
+    srv.add_argument(
+        "--clip-store-mb",
+        type=float,
+        default=2048.0,
+        help="video models: finished clips kept, in MiB, in a folder of the server's own that goes when it stops; "
+        "the oldest are removed beyond it (default: 2048)",
+    )
+    srv.add_argument(
+        "--clip-ttl", type=float, default=3600.0, help="video models: seconds a finished clip is kept (default: 3600)"
+    )
+    _add_video_args(srv)
     _add_dtype(srv)
     _add_parallel_args(srv)
     _add_verbose(srv)
@@ -639,6 +669,12 @@ def generate(args: argparse.Namespace) -> int:
             prompt=prompt, height=height, width=width, num_inference_steps=args.steps, generator=generator, **extra
         )
     denoiser = denoiser_of(pipe)
+    computed = None
+    if args.cache is not None:  # after parallelize: the engine feeds the hooks the whole image's statistic
+        from ..measure.caching import ComputedCalls, enable_cache
+
+        enable_cache(denoiser, args.cache)
+        computed = ComputedCalls(denoiser)
     state = denoiser._distrifusion_state
     runtime = state.runtime
     clock = [0.0]
@@ -710,6 +746,10 @@ def generate(args: argparse.Namespace) -> int:
     world = runtime.world_size
     mode = state.config.mode + (f" + {state.config.compress}" if state.config.compress else "")
     mode += " (auto)" if args.mode == "auto" else ""
+    if computed is not None:
+        mode += f", {args.cache}"
+        if args.cache.kind == "fbcache":  # pab and taylorseer skip inside calls that still run every block
+            mode += f": {computed.computed} of {computed.calls} calls computed"
     size = f"{width}x{height}"
     if video:
         size += f", {len(image)} frames at {args.fps:g} fps, split in {config.video_split}"

@@ -422,10 +422,11 @@ def check_generate(args) -> list[str]:
 def check_serve(args) -> list[str]:
     _common_parallel_checks(args)
     _positive("--warmup-steps", args.warmup_steps, 0)
-    for flag in ("queue_size", "max_pixels", "max_steps", "max_images"):
+    for flag in ("queue_size", "max_pixels", "max_steps", "max_images", "max_frames"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
     _positive("--max-restarts", args.max_restarts, 0)
-    _finite("--request-timeout", args.request_timeout, positive=True)
+    for flag in ("request_timeout", "fps", "clip_store_mb", "clip_ttl"):
+        _finite("--" + flag.replace("_", "-"), getattr(args, flag), positive=True)
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.model in EMBEDDED:

@@ -24,6 +24,8 @@ from diffusers import (
 from diffusers.utils import BaseOutput
 from safetensors.torch import load_file
 
+from ..measure.caching import cache_context, reset_cache
+
 EMBEDDED = Path(__file__).parent.parent / "data" / "textures"
 EMBEDDED_DIT = Path(__file__).parent.parent / "data" / "textures_dit"
 EMBEDDED_VIDEO = Path(__file__).parent.parent / "data" / "textures_video"
@@ -75,8 +77,10 @@ class TexturePipeline(DiffusionPipeline):
         # Drawn on the generator's device (CPU by default) so that every rank and device agrees.
         image = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.device)
         self.scheduler.set_timesteps(num_inference_steps)
+        reset_cache(self.unet)  # a step cache (diffusers' hooks) starts afresh with each image
         for t in self.progress_bar(self.scheduler.timesteps):
-            noise = self.unet(image, t, class_labels=labels).sample
+            with cache_context(self.unet, "cond"):
+                noise = self.unet(image, t, class_labels=labels).sample
             image = self.scheduler.step(noise, t, image).prev_sample
         return _output(image, output_type)
 
@@ -176,17 +180,23 @@ class TextureDiTPipeline(DiffusionPipeline):
         image = torch.randn((len(labels), channels, height, width), generator=generator, dtype=dtype)
         tokens = self.pack(image).to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        reset_cache(self.transformer)  # a step cache (diffusers' hooks) starts afresh with each image
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             t_batch = (t / 1000).expand(len(labels)).to(dtype)
-            velocity = self.transformer(
-                hidden_states=tokens,
-                timestep=t_batch,
-                encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=pooled_projections,
-                txt_ids=txt_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )[0]
+            # Where the loop is, for diffusers' step caches (as FluxPipeline tells them).
+            where = dict(
+                step_index=i, num_inference_steps=num_inference_steps, sigma=float(self.scheduler.sigmas[i]), timestep=t
+            )
+            with self.transformer.cache_context("cond", **where):
+                velocity = self.transformer(
+                    hidden_states=tokens,
+                    timestep=t_batch,
+                    encoder_hidden_states=encoder_hidden_states,
+                    pooled_projections=pooled_projections,
+                    txt_ids=txt_ids,
+                    img_ids=img_ids,
+                    return_dict=False,
+                )[0]
             tokens = self.scheduler.step(velocity, t, tokens, return_dict=False)[0]
         return _output(self.unpack(tokens, height, width), output_type)
 

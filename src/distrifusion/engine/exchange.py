@@ -57,6 +57,11 @@ class Exchange:
     it, so the same buffers serve every later step, image and CUDA graph. In displaced steps a
     bucket's gather starts once its last payload is written and the layer that wrote it has
     read its context, and is waited for right before the bucket's first use in the next step.
+
+    A layer call that did not run in the first step (a step cache skipped it there, on every rank
+    alike) gets a buffer of its own, uncompressed, when it first runs, through a blocking exchange
+    (also in a displaced step: there is no previous context to read). A layer that a step skips
+    sends nothing: its slot keeps the context of the last step that ran it.
     """
 
     def __init__(self, comm: Communicator, bucket_bytes: int, codec: BlockCodec | None = None) -> None:
@@ -117,8 +122,11 @@ class Exchange:
         as the previous step left them (and, with `keep_own`, a copy of this rank's old row)."""
         self._send_ready()
         slot = self.slots.get(key)
-        if slot is None or not self.fixed:
+        if not self.fixed:
             raise _unknown_layer(key)
+        if slot is None:  # first run of a layer skipped so far (class docstring): exchanged now, nothing older
+            view = self.gather_now(key, payload, alone=True)
+            return (view, view[self.comm.rank].clone()) if keep_own else view
         self._check(key, slot, payload)
         view = self.view(key)
         old_own = view[self.comm.rank].clone() if keep_own else None
@@ -157,7 +165,7 @@ class Exchange:
             self._check(key, slot, payload)
             return slot
         if self.fixed:
-            raise _unknown_layer(key)
+            return self._place_late(key, payload)
         self._device = payload.device
         nbytes = payload.numel() * payload.element_size()
         compressed = self.codec is not None and payload.numel() >= MIN_ELEMENTS
@@ -173,6 +181,17 @@ class Exchange:
         self._filled[index] += payload.numel()
         self._last_key[index] = key
         self.slots[key] = slot
+        return slot
+
+    def _place_late(self, key: str, payload: torch.Tensor) -> _Slot:
+        """A buffer of its own for a layer call first seen after the layout was fixed (class docstring)."""
+        if payload.is_cuda and torch.cuda.is_current_stream_capturing():  # a graph must not allocate its buffers
+            raise _unknown_layer(key)
+        index = self._new_buffer(key)
+        with normal_tensors():
+            self.buffers[index] = payload.new_empty(self.comm.size, payload.numel())
+        self._filled[index] = payload.numel()
+        slot = self.slots[key] = _Slot(index, 0, payload.numel(), payload.shape, payload.dtype)
         return slot
 
     def _new_buffer(self, key: str, compressed: bool = False) -> int:

@@ -89,12 +89,14 @@ class CudaGraphs:
         """Watches that replays finish (with collectives inside, a dead rank would hang them forever)."""
         self._graphs: dict[Any, Any] = {}
         self._pool = None
+        self.eager = False
+        """Run every call eagerly (the model has hooks that decide in Python at each call, such as a step cache)."""
         self.stale = False
         """This rank found that its graphs no longer match the model; acted on where the ranks agree."""
         _LIVE.add(self)
 
     def __call__(self, key: Any, fn: Callable[[dict], tuple[torch.Tensor, Any]], inputs: dict):
-        if torch.is_grad_enabled() or torch.is_autocast_enabled(self.device.type):
+        if self.eager or torch.is_grad_enabled() or torch.is_autocast_enabled(self.device.type):
             return fn(inputs)
         try:
             key = (key, _signature(inputs))

@@ -12,11 +12,11 @@ post-forward around the module's own computation. Three consequences for the eng
   hook (diffusers' or accelerate's) anywhere in the model, plain floating parameters (not a quantised
   tensor subclass, not float8 storage, not on the meta device) — `weights_direct`. Otherwise it calls
   the modules, as the model would.
-- A hook that decides from the data a rank sees (whether to skip the remaining blocks, from this rank's
-  strip) would decide differently on different ranks: their collectives would then not match (an error
-  in gloo, a hang in NCCL), and an image would be silently wrong if they happened to. Such hooks are
-  refused by name (`refuse_hooks`) until the ranks are made to agree. Hooks on fixed schedules (a
-  step count, a timestep range) take the same decision on every rank and are kept.
+- A cache hook that decides from the data a rank sees (whether to skip the remaining blocks, from this rank's
+  strip) would decide differently on different ranks: their collectives would then not match (an error in
+  gloo, a hang in NCCL), and an image would be silently wrong if they happened to. `distrifusion.engine.caches`
+  feeds such hooks the whole image's statistic, and refuses by name those it cannot feed. Hooks on fixed
+  schedules (a step count, a timestep range) take the same decision on every rank and are kept.
 """
 
 from __future__ import annotations
@@ -25,19 +25,6 @@ import types
 
 from torch import nn
 
-DATA_DEPENDENT_HOOKS = {
-    "fbc_leader_block_hook": "first-block cache (FirstBlockCacheConfig)",
-    "fbc_block_hook": "first-block cache (FirstBlockCacheConfig)",
-    "sea_cache_root": "SeaCache (SeaCacheConfig)",
-    "sea_cache_leader_block": "SeaCache (SeaCacheConfig)",
-    "sea_cache_block": "SeaCache (SeaCacheConfig)",
-    "sea_cache_post_norm": "SeaCache (SeaCacheConfig)",
-}
-"""diffusers hooks (by registry name, diffusers 0.41-0.42) whose decisions depend on the values a rank sees:
-the first-block cache skips the remaining blocks when the first block's residual changed little, SeaCache
-when its spectral indicator did. MagCache decides from its given ratios (a fixed schedule), but while it
-calibrates (`calibrate=True`) it measures them from each rank's strip: refused too (`_magcache_calibrating`)."""
-_MAGCACHE_HOOKS = ("mag_cache_leader_block_hook", "mag_cache_block_hook")
 _CONTEXT_PARALLEL = ("cp_input---", "cp_output---")
 """diffusers' own context parallelism (`enable_parallelism`): the sequence split another way."""
 
@@ -50,8 +37,8 @@ def hook_names(module: nn.Module) -> tuple[str, ...]:
 
 def refuse_hooks(model: nn.Module) -> None:
     """Raise a ValueError naming the first hook of `model` the engine cannot run under (module docstring):
-    a data-dependent cache, MagCache while it calibrates, diffusers' context parallelism, accelerate's
-    offloading hooks. Cheap enough to run before each image (one pass over the modules)."""
+    diffusers' context parallelism, accelerate's offloading hooks (caches: `distrifusion.engine.caches`).
+    Cheap enough to run before each image (one pass over the modules)."""
     for name, module in model.named_modules():
         where = f"on {name!r}" if name else "on the model"
         if hasattr(module, "_hf_hook"):
@@ -61,27 +48,11 @@ def refuse_hooks(model: nn.Module) -> None:
                 "whole model on its device, or use diffusers' group offloading (enable_group_offload)"
             )
         for hook in hook_names(module):
-            what = DATA_DEPENDENT_HOOKS.get(hook)
-            if what is None and hook in _MAGCACHE_HOOKS and _magcache_calibrating(module, hook):
-                what = "MagCache calibration (MagCacheConfig(calibrate=True))"
-            if what is not None:
-                raise ValueError(
-                    f"distrifusion: diffusers' {what} (hook {hook!r} {where}) decides from the values each rank "
-                    "sees, so ranks that see different strips would decide differently; not supported on a "
-                    "parallelised model yet: model.disable_cache() (calibrate MagCache in one process, then pass "
-                    "its mag_ratios), or use a cache on a fixed schedule (TaylorSeer, FasterCache, pyramid "
-                    "attention broadcast, MagCache with mag_ratios)"
-                )
             if hook.startswith(_CONTEXT_PARALLEL):
                 raise ValueError(
                     f"distrifusion: diffusers' context parallelism (hook {hook!r} {where}) splits the same tokens "
                     "another way; use it or distrifusion, not both"
                 )
-
-
-def _magcache_calibrating(module: nn.Module, hook: str) -> bool:
-    config = getattr(module._diffusers_hook.hooks.get(hook), "config", None)
-    return bool(getattr(config, "calibrate", False))
 
 
 def plain_parameters(module: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..engine.caches import refuse_caches
 from ..engine.config import ParallelConfig
 from ..engine.hooks import inner_forward, refuse_hooks, set_inner_forward
 from ..engine.layers import PatchProcessor
@@ -73,6 +74,7 @@ class ModelAdapter:
         for name, module in model.named_modules():
             refuse_row_crossing(name, module, self.halo_convs)
         refuse_hooks(model)
+        refuse_caches(model)
         self.check(model)
 
     def entries(self, model: nn.Module) -> list[tuple[str, ModelAdapter]]:

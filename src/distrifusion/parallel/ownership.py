@@ -25,6 +25,7 @@ import weakref
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
+from ..engine.caches import bind_caches, refuse_caches, stateful_caches
 from ..engine.hooks import inner_forward, refuse_hooks, weights_direct
 from ..engine.state import ParallelState
 from ..models import ModelAdapter
@@ -66,13 +67,20 @@ class Ownership:
 
     def check_hooks(self) -> ValueError | None:
         """Before each image: the refusal of a hook the engine cannot run under, enabled since it last looked
-        (`distrifusion.engine.hooks.refuse_hooks`), for every rank to raise alike; and whether the layers may
-        still read weights directly (a hook or quantisation added since)."""
+        (`distrifusion.engine.hooks.refuse_hooks`, `distrifusion.engine.caches.refuse_caches`), for every rank to
+        raise alike; cache hooks fed the whole image's statistics (`bind_caches`) and steps run eagerly while
+        there are any (a CUDA graph would replay one call's decisions); and whether the layers may still read
+        weights directly (a hook or quantisation added since)."""
+        state = self.state
         try:
             refuse_hooks(self.model)
+            refuse_caches(self.model, split_cfg=bool(state.config.split_cfg) and state.runtime.world_size % 2 == 0)
         except ValueError as refusal:
             return refusal
-        self.state.direct_weights = weights_direct(self.model)
+        bind_caches(self.model, state)
+        if state.graphs is not None:
+            state.graphs.eager = stateful_caches(self.model)
+        state.direct_weights = weights_direct(self.model)
         return None
 
     def intact(self) -> bool:

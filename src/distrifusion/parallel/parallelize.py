@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from ..engine.caches import stateful_caches, unbind_caches
 from ..engine.comm import Runtime, init_runtime
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
@@ -232,6 +233,7 @@ def _remove_model(model: nn.Module) -> bool:
         return False
     state.release()
     state.ownership.close()
+    unbind_caches(model)
 
     _give_back_processors(model)  # first: the loop below deletes whatever else holds this state
 
@@ -369,6 +371,8 @@ class _ParallelForward:
             # A number would be baked into the graph: make it the tensor the model itself would make of it.
             inputs[timestep] = adapter.timestep_tensor(self.model, inputs[timestep])
         if state.runtime.world_size == 1:
+            if state.step == 0:  # a step cache decides in Python at each call: no graph may replay one call's choice
+                state.graphs.eager = stateful_caches(self.model)
             if state.graphs.stale:  # no other rank to agree with
                 state.graphs.clear()
                 state.graphs.stale = False
