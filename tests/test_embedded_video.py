@@ -1,7 +1,7 @@
 """The embedded video model (`generate --model embedded-video`): a pixel-space WanTransformer3DModel trained
 by training/train_texture_video.py, shipped in the package. Its defaults are the size it was trained at, a
 clip written by generate decodes back to the frames and size asked, its strips (rows or frames) in sync mode
-equal one process, and the commands that make images refuse it at once."""
+equal one process, and quality and plan (images only) refuse it at once."""
 
 from __future__ import annotations
 
@@ -101,7 +101,6 @@ def test_sync_strips_of_the_trained_model_equal_one_process(pipe, split, mode):
         (["generate", "--height", "15"], ["image height of 15 px must be a multiple"]),
         (["generate", "--out", "x.png"], ["--out x.png"]),
         (["quality"], ["quality is for image models; the embedded video model makes videos"]),
-        (["serve"], ["serve is for image models", "generate --frames N"]),
         (["plan"], ["plan --model is for image models"]),
     ],
 )

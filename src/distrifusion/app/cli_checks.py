@@ -433,7 +433,6 @@ def check_serve(args) -> list[str]:
         args.geometry = embedded_geometry(args.model, EMBEDDED[args.model])
     else:
         args.geometry = pipeline_geometry(args.model, None)
-    _images_only(args.geometry, "serve", "use generate --frames N --out clip.mp4")
     if args.default_size is not None:
         _positive("--default-size", args.default_size)
         if args.geometry is not None:
