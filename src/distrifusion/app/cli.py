@@ -162,8 +162,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--model",
         default="embedded",
         help="'embedded' (the built-in texture UNet, no download), 'embedded-dit' (the built-in texture "
-        "model with the Flux transformer architecture), or a diffusers pipeline folder or hub id (SD 1.5 / 2.1, "
-        "SDXL, SD3, Flux.1, PixArt)",
+        "model with the Flux transformer architecture), 'embedded-video' (the built-in moving-texture video "
+        "model with the Wan transformer architecture, 64x64, 17 frames), or a diffusers pipeline folder or hub id "
+        "(SD 1.5 / 2.1, SDXL, SD3, Flux.1, PixArt, Wan)",
     )
     gen.add_argument(
         "--prompt", default=None, help="text prompt; for the embedded models, the texture class (default: gravel)"
@@ -172,7 +173,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--height",
         type=int,
         default=None,
-        help="image height in pixels (default: 1024; embedded-dit: 128; a pipeline: its model's size)",
+        help="image height in pixels (default: 1024; embedded-dit: 128; embedded-video: 64; a pipeline: its "
+        "model's size)",
     )
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: as height's)")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")

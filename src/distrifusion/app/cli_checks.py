@@ -18,7 +18,11 @@ from ..measure.archs import ARCHS, arch_config_path
 from .video import VIDEO_SUFFIXES, is_frame_folder
 
 DATA = Path(__file__).parent.parent / "data"
-EMBEDDED = {"embedded": DATA / "textures", "embedded-dit": DATA / "textures_dit"}
+EMBEDDED = {
+    "embedded": DATA / "textures",
+    "embedded-dit": DATA / "textures_dit",
+    "embedded-video": DATA / "textures_video",
+}
 
 
 class UsageError(ValueError):
@@ -67,6 +71,7 @@ def _unet_levels(config: dict) -> int:
 def embedded_geometry(kind: str, folder: Path) -> Geometry:
     """The texture models: a pixel-space UNet2DModel, or a Flux transformer on 2x2-packed pixels."""
     name = "the embedded model" if folder == EMBEDDED.get(kind) else f"the texture model in {folder}"
+    name = name.replace("embedded", "embedded video") if kind == "embedded-video" else name
     if (folder / "transformer").is_dir():
         config = _read_json(folder / "transformer" / "config.json")
         if config.get("_class_name") == "WanTransformer3DModel":  # a pixel-space video model
@@ -467,6 +472,12 @@ def check_serve(args) -> list[str]:
     return _cores_note(args.nproc)
 
 
+def _images_only(geo: Geometry | None, command: str, instead: str) -> None:
+    """Refuse a video model for a command that makes or measures images only."""
+    if geo is not None and geo.time_factor > 0:
+        raise UsageError(f"{command} is for image models; {geo.name} makes videos ({instead})")
+
+
 def _cores_note(nproc: int) -> list[str]:
     """More local ranks than cores on a CPU run: allowed, but worth a word."""
     cores = os.cpu_count() or 1
@@ -488,6 +499,7 @@ def check_quality(args) -> list[str]:
         if not ((folder / "unet").is_dir() or (folder / "transformer").is_dir()):
             raise UsageError(f"{args.model} is not a texture model folder (no unet/ or transformer/ in it)")
     geo = embedded_geometry(args.model, folder)
+    _images_only(geo, "quality", "its table is made by benchmarks/quality_video.py")
     for side, value in (("height", args.height), ("width", args.width)):
         if 0 < value < 7:
             raise UsageError(f"image {side} of {value} px is too small for SSIM's 7x7 window; use at least 8")
@@ -558,6 +570,8 @@ def check_plan(args) -> list[str]:
         geo = bench_geometry(args.arch)  # first: it names the known architectures
         if is_vae(args.arch):
             raise UsageError("plan is for denoisers; a VAE is always split synchronously (bench --arch times it)")
+    if args.model:
+        _images_only(geo, "plan --model", "bench --arch wan21_t2v_1_3b --frames 17 times a Wan denoiser")
     _positive("--height", args.height)
     _positive("--width", args.width)
     args.height = args.height or (geo.default_px if args.model and geo else 1024 if cuda else 256)

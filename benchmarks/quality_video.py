@@ -1,0 +1,160 @@
+"""QUALITY.md's video table: the embedded video model (a pixel-space WanTransformer3DModel trained on moving
+textures, `distrifusion.app.pipelines.TextureVideoPipeline`) split over N simulated ranks
+(`simulate_ranks`: the real layers and exchanges, threads instead of processes), against one process.
+
+    OMP_NUM_THREADS=1 python benchmarks/quality_video.py --split rows --ranks 8 2 4 \\
+        --size 32 --frames 17 --steps 20 --prompt brick --out benchmarks/quality_video/rows.json
+
+For each method (sync, naive, displaced with warm-up 0/1/2/4) and rank count it writes, per clip:
+- PSNR (dB) and SSIM of every frame against the one-process clip (mean and worst frame);
+- a temporal measure, tPSNR (dB): the PSNR of the frame-to-frame change (frame t minus frame t-1) against
+  the one-process clip's change. An error that stands still (the same seam in every frame) leaves the change
+  as it was (high tPSNR); an error that moves or flickers from frame to frame lowers it.
+Results are appended to the JSON file after each row (a long run keeps what it finished) and the clips of
+the largest N are kept in a .npz beside it (1.2 MB, not committed), for `--picture`:
+
+    python benchmarks/quality_video.py --picture docs/quality_video_N8.png \\
+        --from benchmarks/quality_video/rows.json benchmarks/quality_video/frames.json
+
+draws frames side by side (rows: the one-process clip, then naive and displaced per split; columns: frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from distrifusion.app.pipelines import load_texture_video_pipeline
+from distrifusion.engine.config import ParallelConfig
+from distrifusion.measure.quality import psnr, ssim
+from distrifusion.measure.simulate import simulate_ranks
+from distrifusion.parallel.parallelize import parallelize, remove
+
+METHODS = {
+    "sync (exact)": dict(mode="sync"),
+    "naive patches": dict(mode="naive"),
+    **{f"displaced, warm-up {w}": dict(mode="displaced", warmup_steps=w) for w in (0, 1, 2, 4)},
+}
+
+
+def clip_scores(clip: np.ndarray, reference: np.ndarray) -> dict:
+    """Per-frame PSNR/SSIM (mean and worst frame) and the temporal PSNR of clips (frames, H, W, 3) in [0, 1]."""
+    p = [psnr(a, b) for a, b in zip(clip, reference, strict=True)]
+    s = [ssim(a, b) for a, b in zip(clip, reference, strict=True)]
+    change, change_ref = np.diff(clip.astype(np.float64), axis=0), np.diff(reference.astype(np.float64), axis=0)
+    return dict(
+        psnr=float(np.mean(p)), psnr_min=float(np.min(p)), ssim=float(np.mean(s)), ssim_min=float(np.min(s)),
+        tpsnr=psnr(change, change_ref) if len(clip) > 1 else float("nan"),
+    )  # fmt: skip
+
+
+def measure(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    pipe = load_texture_video_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    label = pipe.class_index(args.prompt)
+    shape = dict(num_frames=args.frames, height=args.size, width=args.size, num_inference_steps=args.steps)
+
+    def sample(p) -> np.ndarray:
+        return p(label, generator=torch.Generator().manual_seed(args.seed), **shape).frames[0]
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    reference = sample(pipe)
+    settings = dict(vars(args), reference_seconds=round(time.perf_counter() - start, 1), machine=args.machine)
+    results = dict(settings=settings, rows=[])
+    clips = {"reference": reference}
+    replicas = [copy.deepcopy(pipe) for _ in range(max(args.ranks))]  # one replica per simulated rank
+    for n in args.ranks:
+        for name, method in METHODS.items():
+            if name not in args.methods:
+                continue
+            config = ParallelConfig(split_cfg=False, video_split=args.split, **method)
+
+            def rank_fn(runtime, config=config):
+                replica = replicas[runtime.rank]
+                parallelize(replica, config, runtime=runtime)
+                try:
+                    return sample(replica)
+                finally:
+                    remove(replica)
+
+            start = time.perf_counter()
+            clip = simulate_ranks(n, rank_fn)[0]
+            row = dict(method=name, split=args.split, ranks=n, **clip_scores(clip, reference))
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            results["rows"].append(row)
+            print(
+                f"{args.split:6s} N={n} {name:22s} PSNR {row['psnr']:6.2f} dB (worst frame {row['psnr_min']:6.2f}) "
+                f"SSIM {row['ssim']:.4f} tPSNR {row['tpsnr']:6.2f} dB [{row['seconds']:.0f} s]",
+                flush=True,
+            )
+            out.write_text(json.dumps(results, indent=1))
+            if n == max(args.ranks):
+                clips[f"{name} | {args.split} | N={n}"] = clip
+                np.savez_compressed(out.with_suffix(".npz"), **clips)
+
+
+def picture(args: argparse.Namespace) -> None:
+    """Frames side by side: one row per clip (the one-process clip first), one column per `--every`-th
+    frame; with `--amplify K`, each clip's row is followed by its difference from the one-process clip x K."""
+    clips: dict[str, np.ndarray] = {}
+    for path in args.sources:
+        with np.load(Path(path).with_suffix(".npz")) as data:
+            clips.update({k: data[k] for k in data.files if k in args.rows or k == "reference"})
+    reference = clips["reference"]
+    names = ["reference"] + [r for r in args.rows if r in clips]
+    drawn = []
+    for name in names:
+        drawn.append(clips[name])
+        if args.amplify and name != "reference":
+            drawn.append(np.clip(np.abs(clips[name] - reference) * args.amplify, 0, 1))
+    cols = list(range(0, reference.shape[0], args.every))
+    cell, gap = reference.shape[1] * args.scale, 4
+    grid = np.full((len(drawn) * (cell + gap) - gap, len(cols) * (cell + gap) - gap, 3), 255, np.uint8)
+    for i, clip in enumerate(drawn):
+        for j, f in enumerate(cols):
+            img = Image.fromarray((clip[f] * 255 + 0.5).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+            top, left = i * (cell + gap), j * (cell + gap)
+            grid[top : top + cell, left : left + cell] = img
+    Image.fromarray(grid).save(args.picture, optimize=True)
+    print(f"wrote {args.picture}: rows {names}{f' (each with |difference| x {args.amplify})' * bool(args.amplify)}")
+    print(f"frames {cols}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", choices=("rows", "frames"), default="rows")
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 2, 4])
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prompt", default="brick")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--machine", default="2-core CPU shared with other jobs, no GPU")
+    p.add_argument("--out", default="benchmarks/quality_video/rows.json")
+    p.add_argument("--picture", default=None, help="draw the frames of earlier runs instead of measuring")
+    p.add_argument("--from", dest="sources", nargs="+", default=[])
+    p.add_argument("--rows", nargs="+", default=[], help="clips to draw, as stored: 'METHOD | SPLIT | N=n'")
+    p.add_argument("--every", type=int, default=4)
+    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--amplify", type=float, default=0, help="also draw |clip - one process| times this")
+    args = p.parse_args()
+    if args.picture:
+        picture(args)
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()
