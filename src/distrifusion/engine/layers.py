@@ -177,6 +177,8 @@ class PatchAttnProcessor:
         k, v = attn.to_k, attn.to_v
         if not (type(k) is nn.Linear and type(v) is nn.Linear):
             return None
+        if self.state.sharding is not None:  # whole only inside this block's forward (FSDP2): a fresh copy
+            return torch.cat([k.weight, v.weight]), None if k.bias is None else torch.cat([k.bias, v.bias])
         version = (tensor_version(k.weight), tensor_version(v.weight), k.weight.data_ptr(), v.weight.data_ptr())
         cached = self.state.fused_kv.get(self.name)
         if cached is None or cached[0] is not k or cached[1] is not v or cached[4] != version:

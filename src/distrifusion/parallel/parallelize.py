@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from ..engine.comm import Runtime, init_runtime
+from ..engine.comm import Runtime, init_runtime, shard_group
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
 from ..engine.layers import (
@@ -29,6 +29,7 @@ from ..engine.layers import (
     StripPatchEmbed,
     pad_to,
 )
+from ..engine.shard import Sharding, check_shardable
 from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
 from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
 from .ownership import Ownership
@@ -82,22 +83,66 @@ def parallelize(
     vae = _pipeline_vae(pipe_or_model, model) if config.split_vae else None
     if vae is not None:
         VAEAdapter().check_model(vae)
+    refuse_offloading(pipe_or_model)
+    if config.shard_weights is True:
+        check_shardable(model, "the denoiser's")
     runtime = runtime or init_runtime(config.timeout_s)
-    pipe_or_model.to(runtime.device)
     found = None
-    if config.mode == "auto":
+    if "auto" in (config.mode, config.shard_weights):
         if resolve_auto is None:
             raise ValueError(
-                "distrifusion: ParallelConfig(mode='auto') is planned by distrifusion.parallelize (it measures the "
-                "link and each choice); this lower-level call needs a concrete mode"
+                "distrifusion: ParallelConfig(mode='auto' or shard_weights='auto') is planned by "
+                "distrifusion.parallelize (it measures the link, each choice and the memory); this lower-level "
+                "call needs concrete values"
             )
         config, found = resolve_auto(pipe_or_model, model, config, runtime)
+    sharded = config.shard_weights is True and runtime.world_size > 1
+    if config.shard_weights is True and runtime.world_size == 1:
+        log.info("distrifusion: shard_weights has no effect on one rank")
+    # Sharded, the denoiser never goes to the device whole: FSDP2 moves one block at a time, then keeps its share.
+    _to_device(pipe_or_model, runtime.device, keep=(model,) if sharded else ())
     parallelize_model(model, config, runtime, adapter).auto_plan = found
     if vae is not None:
         parallelize_model(vae, config, runtime, VAEAdapter())
     if model is not pipe_or_model:
         _wrap_pipeline(pipe_or_model, runtime)
     return pipe_or_model
+
+
+def _to_device(pipe_or_model, device: torch.device, keep: tuple = ()) -> None:
+    """Move the pipeline (or model) to `device`, except the modules in `keep`."""
+    if not keep:
+        pipe_or_model.to(device)
+        return
+    for component in getattr(pipe_or_model, "components", {}).values():
+        if isinstance(component, nn.Module) and all(component is not k for k in keep):
+            component.to(device)
+
+
+def refuse_offloading(pipe_or_model) -> None:
+    """Refuse a pipeline or model under diffusers' offloading (`enable_model_cpu_offload`,
+    `enable_sequential_cpu_offload`: accelerate's hooks; group offloading: diffusers' hooks): parallelize
+    puts every rank's model on its device and runs it through the engine's forward, which those hooks
+    would fight. One line naming what to use instead."""
+    components = getattr(pipe_or_model, "components", None) or {"model": pipe_or_model}
+    for name, component in components.items():
+        if not isinstance(component, nn.Module):
+            continue
+        for module in component.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            hooks = getattr(registry, "hooks", {}) if registry is not None else {}
+            kind = None
+            if getattr(module, "_hf_hook", None) is not None:
+                kind = "accelerate's offloading (enable_model_cpu_offload or enable_sequential_cpu_offload)"
+            elif any("offload" in hook_name for hook_name in hooks):
+                kind = "diffusers' group offloading (enable_group_offload)"
+            if kind:
+                raise ValueError(
+                    f"distrifusion: {name} uses {kind}, which cannot run under parallelize; load the pipeline "
+                    "without offloading (pipe.remove_all_hooks() undoes model offloading) and use "
+                    "ParallelConfig(shard_weights=True) to spread a model too large for one device over the ranks, "
+                    "text_encoders='sharded' or 'cpu' for large text encoders"
+                )
 
 
 def _pipeline_vae(pipe_or_model, model: nn.Module) -> nn.Module | None:
@@ -127,7 +172,11 @@ def parallelize_model(
         # "force" is about the denoiser's CFG batch; a VAE call's batch is the images, often one.
         config = dataclasses.replace(config, mode="sync", cuda_graphs=False, split_cfg=bool(config.split_cfg))
     state = ParallelState(config, runtime, keep_buffers=not adapter.always_sync)
-    if use_cuda_graphs(config, runtime):
+    sharded = config.shard_weights is True and runtime.world_size > 1 and not adapter.always_sync
+    if sharded:
+        check_shardable(model, "the denoiser's")
+        state.sharding = Sharding(model, shard_group(runtime, config.shard_group, config.timeout_s), runtime.device)
+    if use_cuda_graphs(config, runtime, sharded):
         watchdog = ReplayWatchdog(config.timeout_s, runtime.rank) if runtime.world_size > 1 else None
         agree = partial(_everywhere, runtime)
         state.graphs = CudaGraphs(runtime.device, agree=agree, abort=state.abort_step, watchdog=watchdog)
@@ -181,10 +230,21 @@ def _everywhere(runtime: Runtime, ok: bool) -> bool:
     return bool(flags.min().item() > 0)
 
 
-def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
-    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives."""
+def use_cuda_graphs(config: ParallelConfig, runtime: Runtime, sharded: bool = False) -> bool:
+    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives, and weights
+    that stay in place (not `sharded`)."""
     comms = [runtime.world, *runtime.patch_groups.values()]
     possible = runtime.device.type == "cuda" and all(getattr(c, "capturable", False) for c in comms)
+    if sharded and possible:
+        # FSDP2 gathers a block's weights in hooks that allocate and free them on the host's say: no graph
+        # can capture that. A graphed step would also have to keep every block whole: nothing left to shard.
+        if config.cuda_graphs:
+            raise ValueError(
+                "distrifusion: cuda_graphs=True cannot be combined with sharded weights: a CUDA graph cannot "
+                "capture FSDP2's weight gathers; use cuda_graphs=None or False"
+            )
+        log.info("distrifusion: CUDA graphs are off while the weights are sharded (FSDP2's gathers cannot be captured)")
+        return False
     if config.cuda_graphs and not possible:
         raise ValueError(
             "distrifusion: cuda_graphs=True needs a CUDA device and collectives that a graph can capture "
@@ -214,6 +274,8 @@ def _remove_model(model: nn.Module) -> bool:
         return False
     state.release()
     state.ownership.close()
+    if state.sharding is not None:
+        state.sharding.gather_whole()  # collective: every rank removes alike
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
             if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
@@ -302,6 +364,16 @@ class _ParallelForward:
     # the bookkeeping and collectives here run as plain Python (their methods are marked `torch.compiler.disable`).
     @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
+        if self.state.sharding is None:
+            return self._call(*args, **kwargs)
+        try:
+            return self._call(*args, **kwargs)
+        except BaseException:
+            self.state.sharding.recover()  # no block left gathered, no gather left pending
+            raise
+
+    @torch.compiler.disable(recursive=False)
+    def _call(self, *args, **kwargs):
         state, adapter = self.state, self.adapter
         if state.runtime.world_size == 1 and state.graphs is None:  # exactly the original model
             return self.original(self.model, *args, **kwargs)

@@ -1,0 +1,151 @@
+"""Weights sharded across the ranks (ParallelConfig.shard_weights, FSDP2) against the same ranks unsharded.
+
+Float64 tiny models (a UNet, Flux, SD3) on 2, 3 and 4 gloo processes: the sharded model's images must
+equal the unsharded model's bit for bit (`torch.equal`) in sync mode and in displaced mode, for a
+second image and after a size change; `remove` must give back a whole model (plain tensors, the
+original classes, no hooks, the same bits, the same gradient flags). Each world size is one spawn of
+its ranks, in which every case runs unsharded and sharded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import denoise as unet_denoise
+from helpers import run_ranks, tiny_model
+from transformer_helpers import denoise as dit_denoise
+from transformer_helpers import tiny_transformer
+
+import distrifusion
+
+# (family, mode, ranks, shard_group, batch): each world size covers sync and displaced, uneven strips
+# (3 ranks), and the CFG split (4 ranks, batch 2) with both shard groups.
+CASES = {
+    2: [("sdxl", "sync", "world", 2), ("sd3", "sync", "world", 2)],
+    3: [("sd15", "displaced", "world", 2), ("flux", "displaced", "world", 1), ("sd3", "displaced", "world", 2)],
+    4: [("flux", "sync", "world", 2), ("flux", "sync", "cfg_group", 2), ("sdxl", "displaced", "cfg_group", 2)],
+}
+UNETS = ("sdxl", "sd15")
+
+
+def _model(family):
+    return tiny_model(family) if family in UNETS else tiny_transformer(family)
+
+
+def _images(model, family, batch):
+    """Two images of one size (a reset between them) and one of another size."""
+    out = []
+    for size in (0, 0, 1):
+        distrifusion.reset(model)
+        if family in UNETS:
+            out.append(unet_denoise(model, family, 20 + 4 * size, 16, steps=3))
+        else:
+            out.append(dit_denoise(model, family, 5 + size, 3, batch=batch, steps=3))
+    return out
+
+
+def _whole(model) -> dict:
+    """What a whole, unparallelised model looks like: its weights (bits), gradient flags, classes, hooks."""
+    return dict(
+        weights={n: p.detach().clone() for n, p in model.named_parameters()},
+        flags={n: p.requires_grad for n, p in model.named_parameters()},
+        kinds={type(p).__name__ for p in model.parameters()} | {type(p.data).__name__ for p in model.parameters()},
+        classes=[type(m).__name__ for m in model.modules()],
+        hooks=sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+        state_hooks=sum(len(m._state_dict_pre_hooks) + len(m._load_state_dict_pre_hooks) for m in model.modules()),
+    )
+
+
+def rank_job(world: int) -> dict:
+    out = {}
+    for family, mode, group, batch in CASES[world]:
+        model = _model(family)
+        next(model.parameters()).requires_grad_(False)  # a flag the user set: kept while sharded, restored after
+        before = _whole(model)
+        for shard in (False, True):
+            config = distrifusion.ParallelConfig(mode=mode, warmup_steps=1, shard_weights=shard, shard_group=group)
+            distrifusion.parallelize(model, config)
+            state = model._distrifusion_state
+            units = 0 if state.sharding is None else len(state.sharding.units)
+            sharded_kinds = {type(p).__name__ for p in model.parameters()}
+            images = _images(model, family, batch)
+            out[family, mode, group, shard] = dict(images=images, units=units, kinds=sharded_kinds)
+            distrifusion.remove(model)
+        out[family, mode, group, "after"] = _whole(model)
+        out[family, mode, group, "before"] = before
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {world: run_ranks(world, rank_job, world) for world in CASES}
+
+
+ALL = [(world, *case) for world, cases in CASES.items() for case in cases]
+
+
+@pytest.mark.parametrize("world,family,mode,group,batch", ALL)
+def test_sharded_images_equal_unsharded_bit_for_bit(results, world, family, mode, group, batch):
+    for rank in results[world]:
+        whole, sharded = rank[family, mode, group, False], rank[family, mode, group, True]
+        assert sharded["units"] > 1 and "DTensor" in sharded["kinds"]  # it did shard
+        assert whole["units"] == 0 and "DTensor" not in whole["kinds"]
+        for a, b in zip(whole["images"], sharded["images"]):
+            assert torch.equal(a, b)
+        assert torch.equal(sharded["images"][0], sharded["images"][1])  # the second image: same as the first
+        assert sharded["images"][2].shape != sharded["images"][0].shape  # the size did change
+    first = results[world][0][family, mode, group, True]["images"]
+    assert all(torch.equal(r[family, mode, group, True]["images"][0], first[0]) for r in results[world])
+
+
+@pytest.mark.parametrize("world,family,mode,group,batch", ALL)
+def test_remove_gives_back_the_whole_model(results, world, family, mode, group, batch):
+    for rank in results[world]:
+        before, after = rank[family, mode, group, "before"], rank[family, mode, group, "after"]
+        assert after["kinds"] == {"Parameter", "Tensor"}
+        assert after["classes"] == before["classes"] and after["hooks"] == before["hooks"]
+        assert after["state_hooks"] == before["state_hooks"]
+        assert after["flags"] == before["flags"] and not all(after["flags"].values())
+        assert after["weights"].keys() == before["weights"].keys()
+        assert all(torch.equal(after["weights"][n], w) for n, w in before["weights"].items())
+
+
+# -- what cannot be sharded: one line on every rank, before any collective ------------------------
+
+
+def refusal_job(problem: str) -> str:
+    model = tiny_transformer("flux")
+    if problem == "non-contiguous":
+        model.proj_out.weight.data = model.proj_out.weight.data.t().contiguous().t()
+    elif problem == "meta":
+        model.proj_out.to_empty(device="meta")
+    try:
+        distrifusion.parallelize(model, distrifusion.ParallelConfig(shard_weights=True))
+    except ValueError as refusal:
+        import torch.distributed as dist
+
+        return f"{refusal} | group: {dist.is_initialized()}"
+    return "accepted"
+
+
+@pytest.mark.parametrize("problem,message", [("non-contiguous", "not contiguous"), ("meta", "meta device")])
+def test_unshardable_weights_refused_on_every_rank_before_any_collective(problem, message):
+    answers = run_ranks(2, refusal_job, problem)
+    assert answers[0] == answers[1] and message in answers[0] and "proj_out.weight" in answers[0]
+    assert answers[0].endswith("group: False") and "\n" not in answers[0]  # no process group was even made
+
+
+def test_cuda_graphs_with_sharding_refused():
+    with pytest.raises(ValueError, match="cannot capture FSDP2"):
+        distrifusion.ParallelConfig(shard_weights=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="shard_weights"):
+        distrifusion.ParallelConfig(shard_weights="yes")
+    with pytest.raises(ValueError, match="shard_group"):
+        distrifusion.ParallelConfig(shard_group="node")
+
+
+def test_one_rank_runs_unsharded():
+    model = tiny_transformer("flux")
+    distrifusion.parallelize(model, distrifusion.ParallelConfig(shard_weights=True))
+    assert model._distrifusion_state.sharding is None
+    distrifusion.remove(model)
