@@ -113,26 +113,30 @@ def test_remove_gives_back_the_whole_model(results, world, family, mode, group, 
 # -- what cannot be sharded: one line on every rank, before any collective ------------------------
 
 
-def refusal_job(problem: str) -> str:
-    model = tiny_transformer("flux")
-    if problem == "non-contiguous":
-        model.proj_out.weight.data = model.proj_out.weight.data.t().contiguous().t()
-    elif problem == "meta":
-        model.proj_out.to_empty(device="meta")
-    try:
-        distrifusion.parallelize(model, distrifusion.ParallelConfig(shard_weights=True))
-    except ValueError as refusal:
-        import torch.distributed as dist
+def refusal_job() -> dict:
+    answers = {}
+    for problem in ("non-contiguous", "meta"):
+        model = tiny_transformer("flux")
+        if problem == "non-contiguous":
+            model.proj_out.weight.data = model.proj_out.weight.data.t().contiguous().t()
+        else:
+            model.proj_out.to_empty(device="meta")
+        try:
+            distrifusion.parallelize(model, distrifusion.ParallelConfig(shard_weights=True))
+            answers[problem] = "accepted"
+        except ValueError as refusal:
+            import torch.distributed as dist
 
-        return f"{refusal} | group: {dist.is_initialized()}"
-    return "accepted"
+            answers[problem] = f"{refusal} | group: {dist.is_initialized()}"
+    return answers
 
 
-@pytest.mark.parametrize("problem,message", [("non-contiguous", "not contiguous"), ("meta", "meta device")])
-def test_unshardable_weights_refused_on_every_rank_before_any_collective(problem, message):
-    answers = run_ranks(2, refusal_job, problem)
-    assert answers[0] == answers[1] and message in answers[0] and "proj_out.weight" in answers[0]
-    assert answers[0].endswith("group: False") and "\n" not in answers[0]  # no process group was even made
+def test_unshardable_weights_refused_on_every_rank_before_any_collective():
+    answers = run_ranks(2, refusal_job)
+    for problem, message in (("non-contiguous", "not contiguous"), ("meta", "meta device")):
+        first, second = answers[0][problem], answers[1][problem]
+        assert first == second and message in first and "proj_out.weight" in first
+        assert first.endswith("group: False") and "\n" not in first  # no process group was even made
 
 
 def test_cuda_graphs_with_sharding_refused():
@@ -149,3 +153,63 @@ def test_one_rank_runs_unsharded():
     distrifusion.parallelize(model, distrifusion.ParallelConfig(shard_weights=True))
     assert model._distrifusion_state.sharding is None
     distrifusion.remove(model)
+
+
+# -- a pipeline: the text encoders placed (ParallelConfig.text_encoders), and shard_weights="auto" ----------
+
+
+def pipeline_job() -> dict:
+    from pipeline_helpers import run_text, tiny_sdxl
+
+    import distrifusion.measure.memory as memory
+
+    out = {}
+    pipe = tiny_sdxl()
+    before = {name: _whole(getattr(pipe, name)) for name in ("text_encoder", "text_encoder_2")}
+    for shard, placement in ((False, "replicated"), (True, "sharded"), (True, "cpu"), (True, "auto")):
+        config = distrifusion.ParallelConfig(mode="sync", shard_weights=shard, text_encoders=placement)
+        distrifusion.parallelize(pipe, config)
+        kinds = {type(p).__name__ for p in pipe.text_encoder.parameters()}
+        on_cpu = type(pipe.text_encoder.__dict__.get("forward")).__name__ == "_OnCPU"
+        out[placement] = dict(result=run_text(pipe), kinds=kinds, on_cpu=on_cpu)
+        distrifusion.remove(pipe)
+    out["after"] = {name: _whole(getattr(pipe, name)) for name in ("text_encoder", "text_encoder_2")}
+    out["before"] = before
+    # shard_weights="auto": sharded only when the plan's peak does not fit the device (its size patched here).
+    for capacity in (1e15, 1e9):
+        memory.local_capacity = lambda device, capacity=capacity: capacity
+        model = tiny_transformer("flux")
+        distrifusion.parallelize(model, distrifusion.ParallelConfig(shard_weights="auto"))
+        state = model._distrifusion_state
+        out["auto", capacity] = (state.sharding is not None, state.config.shard_weights, state.auto_plan)
+        distrifusion.remove(model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_results():
+    return run_ranks(2, pipeline_job)
+
+
+def test_text_encoders_placed_and_images_unchanged(pipeline_results):
+    for rank in pipeline_results:
+        reference_latents, reference_image = rank["replicated"]["result"]
+        for placement in ("sharded", "cpu", "auto"):
+            latents, image = rank[placement]["result"]
+            assert torch.equal(latents, reference_latents) and torch.equal(image, reference_image), placement
+        assert "DTensor" in rank["sharded"]["kinds"] and not rank["sharded"]["on_cpu"]
+        assert rank["cpu"]["on_cpu"] and "DTensor" not in rank["cpu"]["kinds"]
+        # auto: tiny encoders (far below 1 GB) stay whole beside a sharded denoiser
+        assert "DTensor" not in rank["auto"]["kinds"] and not rank["auto"]["on_cpu"]
+        for name, before in rank["before"].items():
+            after = rank["after"][name]
+            assert after["kinds"] == {"Parameter", "Tensor"} and after["classes"] == before["classes"]
+            assert all(torch.equal(after["weights"][n], w) for n, w in before["weights"].items())
+
+
+def test_shard_weights_auto_shards_only_what_does_not_fit(pipeline_results):
+    for rank in pipeline_results:
+        fits_sharded, fits_value, fits_plan = rank["auto", 1e15]
+        assert not fits_sharded and fits_value is False and not fits_plan["memory"]["sharded"]
+        tight_sharded, tight_value, tight_plan = rank["auto", 1e9]
+        assert tight_sharded and tight_value is True and tight_plan["memory"]["capacity"] == 1e9

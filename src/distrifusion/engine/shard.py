@@ -37,18 +37,18 @@ SMALL_UNIT = 1 / 8
 
 
 def _fsdp():
-    """(fully_shard, FSDPModule) of this torch, or a ValueError saying what is missing."""
+    """FSDP2's `fully_shard` in this torch, or a ValueError saying what is missing."""
     try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import fully_shard
     except ImportError:
         try:
-            from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+            from torch.distributed._composable.fsdp import fully_shard
         except ImportError as missing:
             raise ValueError(
                 f"distrifusion: shard_weights needs PyTorch's FSDP2 (fully_shard), which torch {torch.__version__} "
                 "does not have; use torch >= 2.6 or shard_weights=False"
             ) from missing
-    return fully_shard, FSDPModule
+    return fully_shard
 
 
 def _is_dtensor(tensor) -> bool:
@@ -151,7 +151,7 @@ class Sharding:
     def __init__(self, model: nn.Module, group: dist.ProcessGroup, device: torch.device) -> None:
         from torch.distributed.device_mesh import DeviceMesh
 
-        fully_shard, _ = _fsdp()
+        fully_shard = _fsdp()
         self.model, self.group, self.device = model, group, device
         self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         mesh = DeviceMesh.from_group(group, device.type)
@@ -159,14 +159,15 @@ class Sharding:
         for unit in self.units:
             _freeze_if_mixed(unit)
             scalars = {p for p in unit.parameters() if p.dim() == 0}  # FSDP2 shards along dim 0: kept whole
-            fully_shard(unit, mesh=mesh, reshard_after_forward=True, ignored_params=scalars or None)
+            _keeping_class(fully_shard, unit, mesh=mesh, reshard_after_forward=True, ignored_params=scalars or None)
         # The model as FSDP2's root (one state for all units), holding no sharded weight of its own: the
         # weights outside every unit stay whole, so no gather runs before the engine validates a call.
         whole = {p for p in model.parameters() if not _is_dtensor(p)}
-        fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=whole)
+        _keeping_class(fully_shard, model, mesh=mesh, reshard_after_forward=True, ignored_params=whole)
         _move_whole(model, device)
-        for module in [*self.units, model]:
-            for param_group in module._get_fsdp_state()._fsdp_param_groups:
+        self.states = {id(m): _state(m) for m in [*self.units, model]}
+        for state in self.states.values():
+            for param_group in state._fsdp_param_groups:
                 param_group.unshard_async_op = True  # the prefetched gather runs behind the current unit
         self.order: list[nn.Module] = []
         self._recording = [u.register_forward_pre_hook(partial(self._ran, u)) for u in self.units]
@@ -195,16 +196,17 @@ class Sharding:
             log.warning("distrifusion: the ranks ran the sharded blocks in different orders; no prefetching")
             return
         for unit, following in zip(self.order, self.order[1:]):
-            if following is not unit:
-                unit.set_modules_to_forward_prefetch([following])
+            if following is not unit:  # what FSDPModule.set_modules_to_forward_prefetch sets
+                self.states[id(unit)]._states_to_forward_prefetch = [self.states[id(following)]]
 
     def recover(self) -> None:
         """After a call that raised midway: every unit sharded again, no gather left pending."""
-        reset = getattr(self.model, "reset_iter_state", None)
-        if reset is not None and self.model._get_fsdp_state()._is_root:
-            reset()
-        for unit in self.units:
-            unit.reshard()
+        root = self.states[id(self.model)]
+        if root._is_root and hasattr(root, "_reset_iter_state"):  # FSDPModule.reset_iter_state (torch >= 2.13)
+            root._reset_iter_state()
+        for state in self.states.values():
+            for param_group in state._fsdp_param_groups:
+                param_group.reshard()
 
     def gather_whole(self) -> None:
         """Give the model back whole: every weight a plain tensor again (gathered over the group: every
@@ -245,7 +247,7 @@ def _own_parameters(unit: nn.Module) -> list[nn.Parameter]:
     while stack:
         module = stack.pop()
         found.extend(p for p in module.parameters(recurse=False))
-        stack.extend(c for c in module.children() if c is unit or not hasattr(c, "_get_fsdp_state"))
+        stack.extend(c for c in module.children() if _state(c) is None)
     return found
 
 
@@ -265,16 +267,32 @@ def _move_whole(model: nn.Module, device: torch.device) -> None:
                 module._buffers[name] = b.to(device)
 
 
+def _keeping_class(fully_shard, module: nn.Module, **kwargs) -> None:
+    """`fully_shard(module)`, the module's own class put back after it. FSDP2 slips a class of its own
+    (FSDP<name>) under the module for its convenience methods; but transformers finds what to record
+    (the hidden states a pipeline asks for) by the class's name, and diffusers and the engine's checks
+    read class names. FSDP2 itself works through the hooks and the state it registers, which the class
+    does not hold; this module reaches the state directly (`_state`)."""
+    cls = type(module)
+    fully_shard(module, **kwargs)
+    module.__class__ = cls
+
+
+def _state(module: nn.Module):
+    """FSDP2's state of a module given to `fully_shard` (None for any other)."""
+    from torch.distributed._composable_state import _get_module_state
+
+    return _get_module_state(module)
+
+
 def _strip_fsdp(module: nn.Module) -> None:
-    """Undo `fully_shard` on one module (its parameters aside): its hooks, its state and its class.
-    FSDP2 has no public inverse; these are the pieces `fully_shard` adds in torch 2.4 to 2.13."""
+    """Undo `fully_shard` on one module (its parameters aside): its hooks and its state. FSDP2 has no
+    public inverse; these are the pieces `fully_shard` adds in torch 2.4 to 2.13."""
     from torch.distributed._composable_state import _module_state_mapping
 
     # The module, not the `contract` function its package exports under the same name.
     contract = importlib.import_module("torch.distributed._composable.contract")
-
-    _, FSDPModule = _fsdp()
-    state = module._get_fsdp_state()
+    state = _state(module)
     for handle in {state._pre_forward_hook_handle, state._post_forward_hook_handle}:
         handle.remove()
     for param_group in state._fsdp_param_groups:
@@ -287,4 +305,3 @@ def _strip_fsdp(module: nn.Module) -> None:
     _module_state_mapping.pop(module, None)
     module.__dict__.pop(contract.STATE_KEY, None)
     module.__dict__.pop(contract.REGISTRY_KEY, None)
-    module.__class__ = next(c for c in type(module).__bases__ if c is not FSDPModule)

@@ -33,6 +33,7 @@ from ..engine.shard import Sharding, check_shardable
 from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
 from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
 from .ownership import Ownership
+from .text_encoders import check_text_encoders, place_text_encoders, placements, restore_text_encoders
 
 log = logging.getLogger("distrifusion")
 
@@ -99,8 +100,14 @@ def parallelize(
     sharded = config.shard_weights is True and runtime.world_size > 1
     if config.shard_weights is True and runtime.world_size == 1:
         log.info("distrifusion: shard_weights has no effect on one rank")
+    chosen = placements(pipe_or_model, config, sharded, runtime.world_size) if model is not pipe_or_model else {}
+    check_text_encoders(pipe_or_model, chosen)
     # Sharded, the denoiser never goes to the device whole: FSDP2 moves one block at a time, then keeps its share.
-    _to_device(pipe_or_model, runtime.device, keep=(model,) if sharded else ())
+    keep = [model] if sharded else []
+    keep += [getattr(pipe_or_model, name) for name, placement in chosen.items() if placement != "replicated"]
+    _to_device(pipe_or_model, runtime.device, keep=tuple(keep))
+    if chosen:
+        place_text_encoders(pipe_or_model, chosen, config, runtime)
     parallelize_model(model, config, runtime, adapter).auto_plan = found
     if vae is not None:
         parallelize_model(vae, config, runtime, VAEAdapter())
@@ -261,11 +268,14 @@ def remove(pipe_or_model) -> None:
     vae = getattr(pipe_or_model, "vae", None) if model is not pipe_or_model else None
     if isinstance(vae, nn.Module):
         _remove_model(vae)
+    if model is not pipe_or_model and hasattr(model, _STATE_ATTR):
+        restore_text_encoders(pipe_or_model)
     if not _remove_model(model):
         return
     base = getattr(type(pipe_or_model), "_distrifusion_base", None)
     if base is not None:
         pipe_or_model.__class__ = base
+        pipe_or_model.__dict__.pop("_distrifusion_device", None)
 
 
 def _remove_model(model: nn.Module) -> bool:
@@ -338,7 +348,14 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
             getattr(denoiser_of(self), _STATE_ATTR).reset()
             return out
 
-        _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_distrifusion_base": cls})
+        def _execution_device(self):
+            # The rank's device, even when a text encoder placed on the CPU is the pipeline's first module
+            # (diffusers takes that one's device otherwise).
+            return self._distrifusion_device
+
+        members = {"__call__": __call__, "_distrifusion_base": cls, "_execution_device": property(_execution_device)}
+        _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), members)
+    pipe._distrifusion_device = runtime.device
     pipe.__class__ = _PIPELINE_CLASSES[cls]
     if runtime.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
