@@ -183,6 +183,18 @@ def pipeline_job() -> dict:
         state = model._distrifusion_state
         out["auto", capacity] = (state.sharding is not None, state.config.shard_weights, state.auto_plan)
         distrifusion.remove(model)
+    # A module replaced after sharding (as peft does when a LoRA is loaded): refused on every rank.
+    model = distrifusion.parallelize(tiny_transformer("flux"), distrifusion.ParallelConfig(shard_weights=True))
+    dit_denoise(model, "flux", 5, 3, steps=1)
+    model.proj_out = torch.nn.Linear(model.proj_out.in_features, model.proj_out.out_features).double()
+    distrifusion.reset(model)
+    try:
+        dit_denoise(model, "flux", 5, 3, steps=1)
+        out["changed"] = "accepted"
+    except ValueError as refusal:
+        out["changed"] = str(refusal)
+    distrifusion.remove(model)
+    out["changed kinds"] = {type(p).__name__ for p in model.parameters()}
     return out
 
 
@@ -213,3 +225,29 @@ def test_shard_weights_auto_shards_only_what_does_not_fit(pipeline_results):
         assert not fits_sharded and fits_value is False and not fits_plan["memory"]["sharded"]
         tight_sharded, tight_value, tight_plan = rank["auto", 1e9]
         assert tight_sharded and tight_value is True and tight_plan["memory"]["capacity"] == 1e9
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential", "group"])
+def test_offloading_is_refused_naming_shard_weights(offload):
+    from pipeline_helpers import tiny_sd
+
+    pipe = tiny_sd()
+    cpu = torch.device("cpu")
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=cpu)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=cpu)
+    else:
+        pipe.enable_group_offload(
+            onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
+        )
+    with pytest.raises(ValueError, match="offloading.*shard_weights=True") as refusal:
+        distrifusion.parallelize(pipe)
+    assert "\n" not in str(refusal.value)
+    assert not hasattr(pipe.unet, "_distrifusion_state")  # refused before anything was changed
+
+
+def test_modules_changed_after_sharding_refused_on_every_rank(pipeline_results):
+    assert pipeline_results[0]["changed"] == pipeline_results[1]["changed"]
+    assert "changed after parallelize(shard_weights=True)" in pipeline_results[0]["changed"]
+    assert all(r["changed kinds"] == {"Parameter"} for r in pipeline_results)  # remove still gives it back whole

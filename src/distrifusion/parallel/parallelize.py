@@ -527,6 +527,14 @@ class _ParallelForward:
         ownership = self.state.ownership
         if ownership.intact():
             return None
+        if self.state.sharding is not None and ownership.changed:
+            # New modules (a LoRA loaded, a layer replaced) inside sharded blocks: FSDP2 shards what it was
+            # given at parallelize, and peft merges LoRAs into weights that are sharded between calls.
+            return ValueError(
+                "distrifusion: the model's modules changed after parallelize(shard_weights=True) (a LoRA loaded, "
+                "a layer replaced); sharded weights cannot follow: load LoRAs before parallelize, or "
+                "distrifusion.remove() and parallelize again"
+            )
         self.state.release()
         try:
             ownership.install()
