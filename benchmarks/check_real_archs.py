@@ -4,6 +4,8 @@ process. Too heavy for CI (an SDXL UNet is 10 GB in float32); run by hand on a m
     python benchmarks/check_real_archs.py [sd15 sd21 sdxl] [--ranks 2 3]
     python benchmarks/check_real_archs.py flux_dev sd3_medium pixart_alpha --depth 2 --pixels 256 192
     python benchmarks/check_real_archs.py sdxl_vae --pixels 1024 768      (decode and encode, always exact)
+    python benchmarks/check_real_archs.py wan21_t2v_1_3b wan21_t2v_14b wan22_ti2v_5b --depth 1 --pixels 128 96 \
+        --frames 9 --video-split rows frames                               (a video, split in rows or frames)
 
 Transformers keep their published widths; `--depth` cuts them to that many blocks of each kind
 (Flux: double- and single-stream) so that they fit in memory (Flux-dev alone is 48 GB in float32).
@@ -43,14 +45,14 @@ def calls(model, inputs, timesteps):
         return [model(**{**inputs, "timestep": t}, return_dict=False)[0] for t in timesteps]
 
 
-def run_rank(runtime, model, inputs, timesteps):
+def run_rank(runtime, model, inputs, timesteps, split="rows"):
     """One simulated rank: sync-mode calls, then displaced calls on an unchanged input."""
     model = shared_copy(model)
-    sync = distrifusion.ParallelConfig(mode="sync", split_cfg=False)
+    sync = distrifusion.ParallelConfig(mode="sync", split_cfg=False, video_split=split)
     distrifusion.parallelize(model, sync, runtime=runtime)
     synced = calls(model, inputs, timesteps)
     distrifusion.remove(model)
-    displaced = distrifusion.ParallelConfig(warmup_steps=0, split_cfg=False)
+    displaced = distrifusion.ParallelConfig(warmup_steps=0, split_cfg=False, video_split=split)
     distrifusion.parallelize(model, displaced, runtime=runtime)
     frozen = calls(model, inputs, timesteps[:1] * 3)  # step 0 sync, then displaced
     return synced, frozen
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--pixels", type=int, nargs=2, default=(256, 192), help="height width (latent: /8)")
     parser.add_argument("--depth", type=int, default=2, help="blocks of each kind kept in a transformer")
+    parser.add_argument("--frames", type=int, default=None, help="video archs: pixel frames (1 + 4k)")
+    parser.add_argument("--video-split", nargs="+", default=["rows"], help="video archs: rows and/or frames")
     args = parser.parse_args()
     for arch in args.archs:
         if arch.endswith("_vae"):
@@ -115,18 +119,21 @@ def main() -> None:
         source = arch if arch in ("sd15", "sd21", "sdxl") or arch.endswith(".json") else cut_depth(arch, args.depth)
         model = build_model(source, torch.float32, torch.device("cpu"))
         # The CFG batch is kept whole (split_cfg=False) so that every rank computes strips.
-        inputs = model_inputs(model, *args.pixels)
+        inputs = model_inputs(model, *args.pixels, frames=args.frames)
         t0 = inputs["timestep"]
         timesteps = [t0 * f for f in (1.8, 1.6, 1.4)]
         reference = calls(model, inputs, timesteps)
         frozen_ref = reference[0]
         scale = max(r.abs().max().item() for r in reference)
-        for ranks in args.ranks:
-            results = simulate_ranks(ranks, partial(run_rank, model=model, inputs=inputs, timesteps=timesteps))
+        video = inputs["hidden_states"].dim() == 5 if "hidden_states" in inputs else False
+        for ranks, split in [(n, s) for n in args.ranks for s in (args.video_split if video else ["rows"])]:
+            run = partial(run_rank, model=model, inputs=inputs, timesteps=timesteps, split=split)
+            results = simulate_ranks(ranks, run)
             sync_err = max((s - r).abs().max().item() for res in results for s, r in zip(res[0], reference))
             frozen_err = max((f - frozen_ref).abs().max().item() for res in results for f in res[1])
+            what = f" x {args.frames} frames, split in {split}" if video else ""
             print(
-                f"{arch}, {ranks} ranks, {args.pixels[0]}x{args.pixels[1]} px: sync max error "
+                f"{arch}, {ranks} ranks, {args.pixels[0]}x{args.pixels[1]} px{what}: sync max error "
                 f"{sync_err / scale:.2e}, displaced on an unchanged input {frozen_err / scale:.2e} "
                 f"(of the output scale {scale:.2f}; {time.time() - start:.0f} s)",
                 flush=True,

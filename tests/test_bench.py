@@ -69,9 +69,9 @@ def test_traffic_only_counts_what_a_real_run_sends(tmp_path):
     counted = count_traffic(str(arch), [128], torch.float32, [4])
     measured = bench_step(str(arch), 128, 128, torch.float32, [4], repeats=1)
     assert counted[0]["step_bytes"] == measured[0]["step_bytes"] > 0
-    # Step 0 also has the ranks agree (inputs, refusals, layer count, config: 6 float64 from each of the 3 others),
-    # which a shape-only run skips.
-    assert measured[0]["sync_step_bytes"] - counted[0]["sync_step_bytes"] == 6 * 8 * 3
+    # Step 0 also has the ranks agree (inputs, refusals, layer count, config, graphs on and stale: 8 float64 from
+    # each of the 3 others), which a shape-only run skips.
+    assert measured[0]["sync_step_bytes"] - counted[0]["sync_step_bytes"] == 8 * 8 * 3
     out = tmp_path / "traffic.json"
     command = ["bench", "--arch", str(arch), "--sizes", "128", "--simulate", "2", "4", "--traffic-only", "--json"]
     proc = subprocess.run([sys.executable, "-m", "distrifusion", *command, str(out)], capture_output=True, text=True)

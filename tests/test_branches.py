@@ -7,6 +7,7 @@ when it is fed only that branch's calls (same config, same ranks)."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -60,8 +61,7 @@ def _sd3_calls(step: int) -> list[tuple[str, dict]]:
     return calls
 
 
-def _interleaved_equals_one_model_per_branch(runtime, make, calls_of_step) -> dict:
-    base = make()
+def _interleaved_equals_one_model_per_branch(runtime, base, calls_of_step) -> dict:
     model = copy.deepcopy(base)
     distrifusion.parallelize(model, distrifusion.ParallelConfig(**CONFIG), runtime=runtime)
     record: list[tuple[str, dict, torch.Tensor]] = []
@@ -90,16 +90,17 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_branch_keeps_its_own_stale_context(case):
     make, calls = CASES[case]
-    results = simulate_ranks(2, lambda runtime: _interleaved_equals_one_model_per_branch(runtime, make, calls))
+    base = make()  # built before the rank threads: building modules races with another thread's parallelize
+    results = simulate_ranks(2, lambda runtime: _interleaved_equals_one_model_per_branch(runtime, base, calls))
     for result in results:
         assert all(result["same"].values()), result
         assert result["branches"] == 2
 
 
-def _same_conditioning_job(runtime) -> dict:
+def _same_conditioning_job(runtime, base) -> dict:
     """One branch whatever the tensors' identity: embeddings rebuilt every call (equal values) and a
     timestep repeated by a second-order scheduler (Heun) stay the one branch, counted as steps."""
-    model = tiny_model("sd15")
+    model = copy.deepcopy(base)
     reference = copy.deepcopy(model)
     for m in (model, reference):
         distrifusion.parallelize(m, distrifusion.ParallelConfig(**CONFIG), runtime=runtime)
@@ -117,16 +118,17 @@ def _same_conditioning_job(runtime) -> dict:
 
 
 def test_rebuilt_embeddings_and_repeated_timesteps_stay_one_branch():
-    for result in simulate_ranks(2, _same_conditioning_job):
+    base = tiny_model("sd15")  # built before the rank threads (see above)
+    for result in simulate_ranks(2, partial(_same_conditioning_job, base=base)):
         assert result == dict(equal=True, branches=1, step=5)
 
 
-def _many_prompts_job(runtime) -> dict:
+def _many_prompts_job(runtime, base) -> dict:
     """A prompt edited between steps (a callback changing prompt_embeds) continues its branch; more
     conditionings within one step than MAX_BRANCHES share the branches (a taken-over one starts again)."""
     from distrifusion.engine.state import MAX_BRANCHES
 
-    model = tiny_model("sd15")
+    model = copy.deepcopy(base)
     distrifusion.parallelize(model, distrifusion.ParallelConfig(**CONFIG), runtime=runtime)
     state = model._distrifusion_state
 
@@ -151,6 +153,6 @@ def _many_prompts_job(runtime) -> dict:
 
 
 def test_edited_prompts_continue_and_branches_are_bounded():
-    for result in simulate_ranks(2, _many_prompts_job):
+    for result in simulate_ranks(2, partial(_many_prompts_job, base=tiny_model("sd15"))):
         assert result["edited"] == (1, 4)  # one branch, four steps
         assert result["crowded"] == result["limit"] and result["after_reset"] == (0, 0)

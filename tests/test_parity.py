@@ -7,6 +7,7 @@ anything a wrong halo, a misplaced strip or a stale value would give (those are 
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -68,32 +69,48 @@ def rank_job(world_size: int) -> dict:
         distrifusion.reset(model)
         out["second image"] = (first, denoise(model, "sd15", HEIGHT, WIDTH))
         distrifusion.remove(model)
-        model = tiny_model("sd15", dtype=torch.float32)
-        latent, kwargs = model_inputs(model, "sd15", HEIGHT, WIDTH, dtype=torch.float32)
-        with torch.no_grad():
-            out["float32 reference"] = model(torch.cat([latent, latent]), 500, **kwargs).sample
-            distrifusion.parallelize(model, distrifusion.ParallelConfig(mode="sync", split_cfg=False))
-            out["float32"] = model(torch.cat([latent, latent]), 500, **kwargs).sample
+        out["float32 reference"], out["float32"] = _float32_case(None)
     return out
 
 
+def _float32_case(runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float32 sync step: one process's output, then this rank's (inputs made after `parallelize`, on
+    the device it moved the model to: cuda:N on a GPU)."""
+    model = tiny_model("sd15", dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    distrifusion.parallelize(model, distrifusion.ParallelConfig(mode="sync", split_cfg=False), runtime=runtime)
+    latent, kwargs = model_inputs(model, "sd15", HEIGHT, WIDTH, dtype=torch.float32)
+    reference.to(latent.device)
+    with torch.no_grad():
+        return (
+            reference(torch.cat([latent, latent]), 500, **kwargs).sample,
+            model(torch.cat([latent, latent]), 500, **kwargs).sample,
+        )
+
+
 def _drifting_calls(model, kind):
-    """A slowly changing sequence of calls, as consecutive denoising steps of a trained model are."""
+    """A slowly changing sequence of calls, as consecutive denoising steps of a trained model are, on the
+    model's device (call it after `parallelize`, which may move the model to a GPU)."""
     latent, kwargs = model_inputs(model, kind, HEIGHT, WIDTH)
     drift = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5), dtype=latent.dtype)
+    drift = drift.to(latent.device)
     return [(torch.cat([latent + 0.02 * k * drift] * 2), 500 - 5 * k) for k in range(STEPS)], kwargs
 
 
 def _simulation_case(runtime, model=None):
     """Displaced steps with CFG split over 2x2 ranks: compared between processes and threads."""
     model = model or tiny_model("sdxl")
-    calls, kwargs = _drifting_calls(model, "sdxl")
     distrifusion.parallelize(model, distrifusion.ParallelConfig(warmup_steps=1, split_cfg=True), runtime=runtime)
+    calls, kwargs = _drifting_calls(model, "sdxl")
     with torch.no_grad():
         return torch.stack([model(x, t, **kwargs).sample for x, t in calls])
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4])
+# benchmarks/device_check.sh runs 4 ranks only (DISTRIFUSION_TEST_WORLDS=4): every launch costs seconds there.
+WORLDS = [int(n) for n in os.environ.get("DISTRIFUSION_TEST_WORLDS", "2 3 4").split()]
+
+
+@pytest.fixture(scope="module", params=WORLDS)
 def world(request):
     return request.param, run_ranks(request.param, rank_job, request.param)
 

@@ -204,3 +204,78 @@ def test_generate_mode_auto_plans_and_reports_its_choice(tmp_path):
 def test_plan_command_refuses_bad_input(args, message):
     proc, _ = run_cli("plan", "--nproc", "2", *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def _recording_plan(monkeypatch, shapes: list, real: bool):
+    """Make "auto" record the latent it plans with; with `real` it then plans, else it picks sync at once."""
+    import distrifusion.measure.planner as planner
+
+    original = planner.plan
+
+    def recording(model, inputs, runtime, candidates=None, **kwargs):
+        sample = inputs.get("hidden_states", inputs.get("sample"))
+        shapes.append(tuple(sample.shape))
+        if real:
+            return original(model, inputs, runtime, candidates, **kwargs)
+        best = dict(ranks=runtime.world_size, choice="sync", mode="sync", compress=None, predicted_s=1.0)
+        return dict(link=dict(latency_s=0.0, bytes_per_s=1.0), rows=[best], best=best)
+
+    monkeypatch.setattr(planner, "plan", recording)
+
+
+def test_auto_plans_a_bare_flux_transformer_at_the_family_size(monkeypatch):
+    # Flux's config has no sample_size (reading it failed with "'FrozenDict' object has no attribute"): a bare
+    # Flux transformer plans at FluxPipeline's default, 1024 x 1024 px = 64 x 64 tokens.
+    from transformer_helpers import tiny_transformer
+
+    shapes = []
+    _recording_plan(monkeypatch, shapes, real=False)
+
+    models = [tiny_transformer("flux") for _ in range(2)]  # built before the rank threads
+
+    def rank(runtime):
+        model = models[runtime.rank]
+        distrifusion.parallelize(model, distrifusion.ParallelConfig(mode="auto"), runtime=runtime)
+        return model._distrifusion_state.config.mode
+
+    assert simulate_ranks(2, rank) == ["sync", "sync"]
+    assert shapes == [(1, 64 * 64, 16)] * 2
+
+
+def test_auto_plans_a_flux_pipeline_at_its_default_size(monkeypatch):
+    # The pipeline's own default: default_sample_size latent cells of its VAE's factor (here 12 x 2 px,
+    # made small for the test: 24 px, 6 x 6 tokens of 4 px), planned for real, then an image.
+    from transformer_helpers import flux_prompt, tiny_flux_pipeline
+
+    shapes = []
+    _recording_plan(monkeypatch, shapes, real=True)
+
+    pipes = [tiny_flux_pipeline() for _ in range(2)]  # built before the rank threads (global RNG, module hooks)
+
+    def rank(runtime):
+        pipe = pipes[runtime.rank]
+        pipe.default_sample_size = 12
+        distrifusion.parallelize(pipe, distrifusion.ParallelConfig(mode="auto", warmup_steps=1), runtime=runtime)
+        image = pipe(
+            num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0), **flux_prompt()
+        )
+        state = pipe.transformer._distrifusion_state
+        return state.config.mode, state.auto_plan["best"]["choice"], image.images
+
+    results = simulate_ranks(2, rank)
+    assert shapes == [(1, 36, 16)] * 2
+    assert results[0][:2] == results[1][:2] and torch.equal(results[0][2], results[1][2])
+    assert results[0][2].shape == (1, 3, 24, 24) and torch.isfinite(results[0][2]).all()
+
+
+def test_auto_without_a_size_to_plan_at_asks_for_auto_size(monkeypatch):
+    # A family whose config has no sample_size and whose adapter names no default size (Flux's, taken away).
+    from transformer_helpers import tiny_transformer
+
+    from distrifusion.measure.planner import default_size
+    from distrifusion.models.flux import FluxAdapter
+
+    monkeypatch.setattr(FluxAdapter, "default_size", None)
+    model = tiny_transformer("flux")
+    with pytest.raises(ValueError, match=r"FluxTransformer2DModel has no sample_size; give ParallelConfig\(auto_size="):
+        default_size(model, model, None)

@@ -1,6 +1,6 @@
 """Weights sharded across the ranks (ParallelConfig.shard_weights, FSDP2) against the same ranks unsharded.
 
-Float64 tiny models (a UNet, Flux, SD3) on 2, 3 and 4 gloo processes: the sharded model's images must
+Float64 tiny models (UNets, Flux, SD3, Wan) on 2, 3 and 4 gloo processes: the sharded model's images must
 equal the unsharded model's bit for bit (`torch.equal`) in sync mode and in displaced mode, for a
 second image and after a size change; `remove` must give back a whole model (plain tensors, the
 original classes, no hooks, the same bits, the same gradient flags). Each world size is one spawn of
@@ -21,14 +21,23 @@ import distrifusion
 # (family, mode, ranks, shard_group, batch): each world size covers sync and displaced, uneven strips
 # (3 ranks), and the CFG split (4 ranks, batch 2) with both shard groups.
 CASES = {
-    2: [("sdxl", "sync", "world", 2), ("sd3", "sync", "world", 2)],
-    3: [("sd15", "displaced", "world", 2), ("flux", "displaced", "world", 1), ("sd3", "displaced", "world", 2)],
+    2: [("sdxl", "sync", "world", 2), ("sd3", "sync", "world", 2), ("wan", "sync", "world", 1)],
+    3: [
+        ("sd15", "displaced", "world", 2),
+        ("flux", "displaced", "world", 1),
+        ("sd3", "displaced", "world", 2),
+        ("wan", "displaced", "world", 1),
+    ],
     4: [("flux", "sync", "world", 2), ("flux", "sync", "cfg_group", 2), ("sdxl", "displaced", "cfg_group", 2)],
 }
 UNETS = ("sdxl", "sd15")
 
 
 def _model(family):
+    if family == "wan":
+        from wan_helpers import tiny_wan
+
+        return tiny_wan("t2v")
     return tiny_model(family) if family in UNETS else tiny_transformer(family)
 
 
@@ -37,7 +46,12 @@ def _images(model, family, batch):
     out = []
     for size in (0, 0, 1):
         distrifusion.reset(model)
-        if family in UNETS:
+        if family == "wan":
+            from wan_helpers import ROWS
+            from wan_helpers import denoise as wan_denoise
+
+            out.append(wan_denoise(model, steps=3, rows=ROWS - 2 * size))  # 5 token rows, then 4
+        elif family in UNETS:
             out.append(unet_denoise(model, family, 20 + 4 * size, 16, steps=3))
         else:
             out.append(dit_denoise(model, family, 5 + size, 3, batch=batch, steps=3))
@@ -227,22 +241,28 @@ def test_shard_weights_auto_shards_only_what_does_not_fit(pipeline_results):
         assert tight_sharded and tight_value is True and tight_plan["memory"]["capacity"] == 1e9
 
 
-@pytest.mark.parametrize("offload", ["model", "sequential", "group"])
+@pytest.mark.parametrize("offload", ["model", "sequential", "group", "text encoder"])
 def test_offloading_is_refused_naming_shard_weights(offload):
+    # accelerate's offloading is refused; diffusers' group offloading runs beneath the engine's layers
+    # (tests/test_model_hooks.py) but not with sharded weights: both would move the denoiser's weights.
     from pipeline_helpers import tiny_sd
 
     pipe = tiny_sd()
     cpu = torch.device("cpu")
+    config = distrifusion.ParallelConfig()
     if offload == "model":
         pipe.enable_model_cpu_offload(device=cpu)
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=cpu)
+    elif offload == "text encoder":  # accelerate's hook on a component other than the denoiser
+        from accelerate import cpu_offload_with_hook
+
+        cpu_offload_with_hook(pipe.text_encoder, execution_device=cpu)
     else:
-        pipe.enable_group_offload(
-            onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
-        )
-    with pytest.raises(ValueError, match="offloading.*shard_weights=True") as refusal:
-        distrifusion.parallelize(pipe)
+        pipe.unet.enable_group_offload(cpu, cpu, offload_type="block_level", num_blocks_per_group=1)
+        config = distrifusion.ParallelConfig(shard_weights=True)
+    with pytest.raises(ValueError, match="offload.*shard_weights=True") as refusal:
+        distrifusion.parallelize(pipe, config)
     assert "\n" not in str(refusal.value)
     assert not hasattr(pipe.unet, "_distrifusion_state")  # refused before anything was changed
 

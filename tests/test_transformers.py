@@ -7,6 +7,7 @@ process by float reduction order only (~1e-16 measured); tolerance 1e-9 of the o
 """
 
 import copy
+import os
 from functools import partial
 
 import pytest
@@ -20,7 +21,7 @@ import distrifusion
 ROWS, COLS = 5, 3
 STEPS = 5
 TOL = 1e-9
-WORLDS = [2, 3, 4]
+WORLDS = [int(n) for n in os.environ.get("DISTRIFUSION_TEST_WORLDS", "2 3 4").split()]  # device_check.sh: 4
 TEXT_MODES = {"flux": ["replicated", "sharded"], "sd3": ["replicated", "sharded"], "pixart": ["replicated"]}
 EXACT_CASES = [
     (family, mode, split, text)
@@ -247,8 +248,9 @@ def test_remove_restores_the_model(family):
     model = tiny_transformer(family)
     before = copy.deepcopy(model)
     processors = {k: type(v) for k, v in model.attn_processors.items()}
-    distrifusion.parallelize(model)
+    distrifusion.parallelize(model)  # on a GPU: moved to cuda:0, where its inputs go too
     distrifusion.remove(model)
+    before.to(next(model.parameters()).device)
     assert {k: type(v) for k, v in model.attn_processors.items()} == processors
     assert all("forward" not in m.__dict__ for m in model.modules())
     torch.manual_seed(0)
@@ -272,3 +274,33 @@ def test_more_ranks_than_text_tokens():
 
     for out in simulate_ranks(8, rank):
         assert _rel_error(out, reference) < TOL
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_sync_mode_is_bit_identical_to_one_process(family):
+    # Keys in the model's own order ([image, text] for SD3, [text, image] for Flux): the order of a softmax's
+    # terms changes its rounding (SD3 with text keys first: 2.4e-7 off in float32). Head dim 16: torch's CPU
+    # attention kernel rounds a query row differently with the number of queries at head dim 8. One thread:
+    # a matmul split among threads may round with how its rows are shared out. 6 x 4 split units: strips of at
+    # least 8 tokens (with 1 to 3 queries, that kernel rounds differently again).
+    from distrifusion.measure.simulate import simulate_ranks
+
+    overrides = dict(attention_head_dim=16, caption_projection_dim=32) if family == "sd3" else {}
+    base = tiny_transformer(family, dtype=torch.float32, **overrides)
+
+    def rank(runtime, text):
+        model = copy.deepcopy(base)
+        cfg = distrifusion.ParallelConfig(mode="sync", split_cfg=False, text_tokens=text)
+        distrifusion.parallelize(model, cfg, runtime=runtime)
+        return denoise(model, family, 6, 4, steps=3, dtype=torch.float32)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = denoise(copy.deepcopy(base), family, 6, 4, steps=3, dtype=torch.float32)
+        for world in (2, 3):
+            for text in ("replicated", "sharded"):
+                for out in simulate_ranks(world, partial(rank, text=text)):
+                    assert torch.equal(out, expected), (world, text, (out - expected).abs().max().item())
+    finally:
+        torch.set_num_threads(threads)

@@ -80,8 +80,25 @@ def image_shape(family: str, rows: int, cols: int) -> tuple[int, ...]:
     return (4, rows * BLOCK[family], cols * BLOCK[family])
 
 
-def call_inputs(family: str, batch: int, rows: int, cols: int, seed: int = 1, dtype=torch.float64) -> dict:
-    """Conditioning of one call (everything but the noisy image and the timestep)."""
+def call_inputs(family: str, batch: int, rows: int, cols: int, seed: int = 1, dtype=torch.float64, device=None) -> dict:
+    """Conditioning of one call (everything but the noisy image and the timestep), on `device` (the
+    model's: `parallelize` moves it to cuda:N on a GPU; None: the CPU)."""
+    inputs = _conditioning(family, batch, rows, cols, seed, dtype)
+    return _to(inputs, device) if device is not None else inputs
+
+
+def device_of(model) -> torch.device:
+    """Where the model's weights are: where its inputs must be."""
+    return next(model.parameters()).device
+
+
+def _to(value, device):
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _conditioning(family: str, batch: int, rows: int, cols: int, seed: int, dtype) -> dict:
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g, dtype=dtype)
     if family == "flux":
@@ -105,17 +122,20 @@ def call_inputs(family: str, batch: int, rows: int, cols: int, seed: int = 1, dt
 
 
 def call(model, family: str, x: torch.Tensor, t: float, cond: dict) -> torch.Tensor:
-    timestep = torch.full((x.shape[0],), t * (1.0 if family == "flux" else 1000.0), dtype=x.dtype)
-    return model(hidden_states=x, timestep=timestep, return_dict=False, **cond)[0]
+    """One call on the model's device (inputs made elsewhere are moved there)."""
+    device = device_of(model)
+    timestep = torch.full((x.shape[0],), t * (1.0 if family == "flux" else 1000.0), dtype=x.dtype, device=device)
+    return model(hidden_states=x.to(device), timestep=timestep, return_dict=False, **_to(cond, device))[0]
 
 
 def denoise(
     model, family: str, rows: int, cols: int, batch: int = 2, steps: int = 5, seed: int = 1, dtype=torch.float64
 ):
-    """Euler flow-matching from noise; with batch 2 the halves are guidance branches (scale 3)."""
+    """Euler flow-matching from noise; with batch 2 the halves are guidance branches (scale 3). Runs on the
+    model's device (the noise is drawn on the CPU, so the same on every device); returns the result there."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, *image_shape(family, rows, cols), generator=g, dtype=dtype)
-    cond = call_inputs(family, batch, rows, cols, seed, dtype)
+    x = torch.randn(1, *image_shape(family, rows, cols), generator=g, dtype=dtype).to(device_of(model))
+    cond = call_inputs(family, batch, rows, cols, seed, dtype, device_of(model))
     sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     with torch.no_grad():
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
@@ -125,3 +145,34 @@ def denoise(
             v = v[:1] + 3.0 * (v[1:] - v[:1]) if batch == 2 else v
             x = x + (s_next - s) * v
     return x
+
+
+def tiny_flux_pipeline():
+    """A FluxPipeline around `tiny_transformer("flux")` and the tiny two-level VAE (2 px per latent cell, so 4 px
+    per token), without text encoders: calls pass `prompt_embeds` and `pooled_prompt_embeds` (`flux_prompt`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from pipeline_helpers import tiny_vae
+
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.1)  # Flux's VAE shifts its latents
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.to(torch.float64).eval(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_transformer("flux"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_prompt(seed: int = 3) -> dict:
+    """A prompt's embeddings as FluxPipeline takes them in place of its text encoders."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        prompt_embeds=torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g, dtype=torch.float64),
+        pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g, dtype=torch.float64),
+    )

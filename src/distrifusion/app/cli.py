@@ -23,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ..engine.config import COMPRESS_MODES, GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, ParallelConfig
+from ..engine.config import COMPRESS_MODES, GROUPNORM_MODES, MODES, TEXT_TOKEN_MODES, VIDEO_SPLITS, ParallelConfig
 from ..measure.archs import ARCHS
 from .cli_checks import EMBEDDED, Geometry, UsageError, check, is_vae
 from .cli_checks import check_image_size as check_image_size  # re-exported: tests call cli.check_image_size
@@ -93,6 +93,27 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--video-split",
+        choices=VIDEO_SPLITS,
+        default=ParallelConfig.video_split,
+        help=f"video models: what a rank's strip is, a band of token rows across all frames or a run of latent "
+        f"frames (default: {ParallelConfig.video_split})",
+    )
+
+
+def _size(text: str) -> tuple[int, int]:
+    """A --sizes value: N (square) or HEIGHTxWIDTH."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or HEIGHTxWIDTH") from None
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or HEIGHTxWIDTH")
+    return (parts[0], parts[-1])
+
+
 def _add_verbose(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument(
         "-v",
@@ -154,7 +175,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--seed", type=int, default=0)
     _add_dtype(gen)
-    gen.add_argument("--out", default="image.png", help="output image path (written by rank 0)")
+    gen.add_argument(
+        "--out",
+        default=None,
+        help="output path, written by rank 0: an image (default image.png), or for a video model .mp4 (default "
+        "video.mp4), an animated .webp or .gif, or a folder/ of PNG frames",
+    )
+    gen.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="video models: frames to generate (a Wan pipeline: 1 + 4k, default 81)",
+    )
+    gen.add_argument("--fps", type=float, default=16.0, help="video models: frames per second of the file (default 16)")
+    _add_video_args(gen)
     gen.add_argument(
         "--show-strips",
         action="store_true",
@@ -243,11 +277,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     every.add_argument(
         "--sizes",
-        type=int,
+        type=_size,
         nargs="+",
         default=None,
-        help="square image sizes in pixels (default: 1024 on CUDA, 256 on a CPU); --nproc uses the first",
+        help="image sizes in pixels, N (square) or HEIGHTxWIDTH (default: 1024 on CUDA, 256 on a CPU); --nproc uses "
+        "the first",
     )
+    every.add_argument(
+        "--frames", type=int, default=None, help="video archs (Wan): frames of the video, 1 + 4k (default: 81)"
+    )
+    _add_video_args(every)
     _add_dtype(every)
     every.add_argument("--mode", choices=MODES, default="displaced")
     every.add_argument(
@@ -498,11 +537,13 @@ def main(argv: list[str] | None = None) -> int:
         _close_process_group()
         return code
     except (KeyboardInterrupt, Interrupted) as e:
+        _release_graphs()
         signum = getattr(e, "signum", signal.SIGINT)
         if _rank() == 0:
             print(f"distrifusion: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except Exception as e:  # noqa: BLE001 - every failure ends as one line and an exit code
+        _release_graphs()
         code = _exit_code(e, args.running)
         silent = None
         if code == 1 and "torch.distributed" in sys.modules:
@@ -515,7 +556,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _close_process_group() -> None:
     """A rank that exits with collectives in flight or gloo threads running can abort in C++ teardown
-    ("terminate called without an active exception"): meet the others, then close the group."""
+    ("terminate called without an active exception"): meet the others, then close the group, after
+    destroying every CUDA graph (NCCL >= 2.26 waits in the group's destruction for the graphs that hold
+    its collectives; ours live in reference cycles that only the garbage collector would end)."""
+    _release_graphs()
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
@@ -523,6 +567,14 @@ def _close_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _release_graphs() -> None:
+    """Destroy every CUDA graph of this process (no collective: also on the way out after a failure)."""
+    if "distrifusion.engine.graphs" in sys.modules:
+        from ..engine.graphs import release_all_graphs
+
+        release_all_graphs()
 
 
 # -- the commands --------------------------------------------------------------------------------
@@ -547,6 +599,7 @@ def _parallel_config(args: argparse.Namespace) -> ParallelConfig:
         split_cfg=args.split_cfg and uses_cfg,  # no CFG batch, nothing to split (and no notice saying so)
         cuda_graphs=args.cuda_graphs,
         compress=args.compress,
+        video_split=getattr(args, "video_split", ParallelConfig.video_split),
         **({"timeout_s": args.timeout} if args.timeout else {}),
         **({"auto_size": (args.height, args.width)} if getattr(args, "height", None) else {}),
     )
@@ -580,23 +633,29 @@ def generate(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
     times: dict[str, float] = {}
-    from ..measure.timing import TimedCommunicator, time_phase
-    from ..parallel.parallelize import denoiser_of
+    from ..measure.timing import DeviceSpan, TimedCommunicator, time_phase
+    from ..parallel.parallelize import denoiser_of, denoisers_of
     from .pipelines import load_pipeline
 
     pipe = load_pipeline(args.model, dtype)
+    video = getattr(args, "video", False)
+    extra = {"num_frames": args.frames} if video else {}  # a video pipeline (diffusers' Wan, an embedded one)
     if args.model in EMBEDDED:
         default_class = "gravel" if "gravel" in pipe.classes else pipe.classes[0]
         label = pipe.class_index(args.prompt or default_class)
         pipe = distrifusion.parallelize(pipe, config)
-        run = lambda: pipe(label, height=height, width=width, num_inference_steps=args.steps, generator=generator)  # noqa: E731
+        run = lambda: pipe(  # noqa: E731
+            label, height=height, width=width, num_inference_steps=args.steps, generator=generator, **extra
+        )
     else:
         pipe = distrifusion.parallelize(pipe, config)
+        device = denoiser_of(pipe)._distrifusion_state.runtime.device  # phases synchronised on CUDA
         if hasattr(pipe, "encode_prompt"):
-            time_phase(pipe, "encode_prompt", times, "text encoding")
+            time_phase(pipe, "encode_prompt", times, "text encoding", device)
         if getattr(pipe, "vae", None) is not None:
-            time_phase(pipe.vae, "decode", times, "VAE decoding")
-        extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+            time_phase(pipe.vae, "decode", times, "VAE decoding", device)
+        if args.guidance_scale is not None:
+            extra["guidance_scale"] = args.guidance_scale
         prompt = args.prompt or "a photograph of a lighthouse at dusk"
         run = lambda: pipe(  # noqa: E731
             prompt=prompt, height=height, width=width, num_inference_steps=args.steps, generator=generator, **extra
@@ -610,27 +669,32 @@ def generate(args: argparse.Namespace) -> int:
         runtime.world = TimedCommunicator(runtime.world, clock)
         runtime.patch_groups = {k: TimedCommunicator(c, clock) for k, c in runtime.patch_groups.items()}
     marks: dict[str, float] = {}
-    calls = [0]
+    # From the first denoiser call's start to the last one's end, however many calls a step makes (true
+    # CFG calls it twice): on CUDA as the device ran them (events, read after the image), not as launched.
+    span = DeviceSpan(runtime.device)
 
     def before(module, inputs):
-        if "first" not in marks:
-            marks["first"], marks["waited_before"] = time.perf_counter(), clock[0]
+        if span.first is None:
+            marks["waited_before"] = clock[0]
+            span.start()
 
     def after(module, inputs, output):
-        calls[0] += 1
-        if runtime.device.type == "cuda" and calls[0] == args.steps:
-            torch.cuda.synchronize(runtime.device)
-        marks["last"], marks["waited"] = time.perf_counter(), clock[0]  # the denoising's waits (not a split VAE's)
+        span.stop()
+        marks["waited"] = clock[0]  # the denoising's waits (not a split VAE's)
 
-    hooks = [denoiser.register_forward_pre_hook(before), denoiser.register_forward_hook(after)]
+    hooks = []
+    for model in denoisers_of(pipe):  # Wan 2.2 A14B: both experts' steps
+        hooks += [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
     args.running = True
     start = time.perf_counter()
     startup = time.time() - args.t0
-    image = run().images[0]
+    result = run()
+    image = result.frames[0] if video else result.images[0]
     seconds = time.perf_counter() - start
     for hook in hooks:
         hook.remove()
-    denoising = marks.get("last", start + seconds) - marks.get("first", start)
+    denoising = span.seconds()
+    denoising = seconds if denoising is None else denoising
     waited = marks.get("waited", clock[0]) - marks.get("waited_before", 0.0)
     mine = dict(denoising=denoising, wait=waited, peak_mb=peak_memory_mb(runtime.device))
     everyone = [mine]
@@ -642,7 +706,12 @@ def generate(args: argparse.Namespace) -> int:
     if _rank() != 0:
         return 0
     out = Path(args.out)
-    _save(image, out)
+    if video:
+        from .video import write_video
+
+        write_video(image, args.out, args.fps)
+    else:
+        _save(image, out)
     if args.show_strips:
         note = _save_strips(image, strips_path(args.out), state, runtime.world_size)
         if note:
@@ -663,8 +732,11 @@ def generate(args: argparse.Namespace) -> int:
     world = runtime.world_size
     mode = state.config.mode + (f" + {state.config.compress}" if state.config.compress else "")
     mode += " (auto)" if args.mode == "auto" else ""
+    size = f"{width}x{height}"
+    if video:
+        size += f", {len(image)} frames at {args.fps:g} fps, split in {config.video_split}"
     print(
-        f"wrote {args.out} ({width}x{height}, {args.steps} steps, {mode}, {world} rank{'s' * (world > 1)}) "
+        f"wrote {args.out} ({size}, {args.steps} steps, {mode}, {world} rank{'s' * (world > 1)}) "
         f"in {total:.1f} s: {', '.join(phases)}; peak memory per rank {memory} GB",
         flush=True,
     )
@@ -755,18 +827,18 @@ def bench(args: argparse.Namespace) -> int:
 
     cuda = torch.cuda.is_available()
     args.arch = args.arch or ("sdxl" if cuda else "sd15")
-    args.sizes = args.sizes or [1024 if cuda else 256]
+    args.sizes = args.sizes or [(1024, 1024) if cuda else (256, 256)]
     args.repeats = args.repeats or (3 if cuda else 1)
     args.steps = args.steps or 10
     dtype = _dtype(args.dtype)
     graph_choices = [{"auto": None, "on": True, "off": False}[g] for g in dict.fromkeys(args.graphs)]
 
     def images() -> dict:  # whole images at the first size (--nproc runs use the first --graphs choice)
-        size, graphs = args.sizes[0], graph_choices[0]
+        (height, width), graphs = args.sizes[0], graph_choices[0]
         return bench_images(
             args.arch,
-            size,
-            size,
+            height,
+            width,
             dtype,
             args.steps,
             args.repeats,
@@ -774,6 +846,7 @@ def bench(args: argparse.Namespace) -> int:
             graphs,
             text_tokens=args.text_tokens,
             compress=args.compress,
+            frames=args.frames,
         )
 
     args.running = True
@@ -791,15 +864,17 @@ def bench(args: argparse.Namespace) -> int:
     if is_vae(args.arch):
         if args.traffic_only or args.nproc > 1:
             raise UsageError("a VAE arch measures the decode alone: --traffic-only and --nproc do not apply")
-        for size in args.sizes:
-            for row in bench_vae(args.arch, size, size, dtype, args.simulate, args.repeats, share_only=args.share_only):
+        for height, width in args.sizes:
+            share = args.share_only
+            decodes = bench_vae(args.arch, height, width, dtype, args.simulate, args.repeats, share_only=share)
+            for row in decodes:
                 share_only = row["time_vs_full"] is None
                 print(
                     f"{row['arch']} decode {row['height']}x{row['width']} {row['dtype']} on {row['card']}, "
                     f"{row['ranks']} rank(s): {row['decode_s'] * 1e3:.0f} ms"
                     + ("" if share_only else f" ({row['time_vs_full']:.3f} of the whole decode)")
                     + f", activation memory {row['activation_mb']:.0f} MB"
-                    + ("" if share_only else f" ({row['memory_vs_full']:.3f})")
+                    + ("" if row["memory_vs_full"] is None else f" ({row['memory_vs_full']:.3f})")
                     + f", received {row['received_bytes'] / 1e6:.1f} MB"
                     + (
                         f"; whole decode not run (it needs at least {row['full_min_mb'] / 1024:.1f} GiB: "
@@ -829,10 +904,21 @@ def bench(args: argparse.Namespace) -> int:
         save(rows)
         return 0
     if args.traffic_only:
-        traffic = count_traffic(args.arch, args.sizes, dtype, args.simulate, args.mode, args.text_tokens, args.compress)
+        traffic = count_traffic(
+            args.arch,
+            args.sizes,
+            dtype,
+            args.simulate,
+            args.mode,
+            args.text_tokens,
+            args.compress,
+            args.frames,
+            args.video_split,
+        )
         for row in traffic:
+            frames = f" x {row['frames']} frames ({row['video_split']} strips)" if row.get("frames") else ""
             print(
-                f"{row['arch']} {row['height']}x{row['width']} {row['dtype']}, {row['ranks']} ranks "
+                f"{row['arch']} {row['height']}x{row['width']}{frames} {row['dtype']}, {row['ranks']} ranks "
                 f"({row['cfg_groups']} CFG groups, {row['text_tokens']} text): received per rank "
                 f"{row['step_bytes'] / 1e9:.3f} GB per {row['mode']} step, {row['sync_step_bytes'] / 1e9:.3f} GB per "
                 f"synchronous step; Ulysses would receive {row['ulysses_step_bytes'] / 1e9:.3f} GB per step",
@@ -843,12 +929,12 @@ def bench(args: argparse.Namespace) -> int:
         return 0
     device = torch.device("cuda" if cuda else "cpu")
     model = build_model(args.arch, dtype, device)
-    for size in args.sizes:
+    for height, width in args.sizes:
         for graphs in graph_choices:
             for row in bench_step(
                 args.arch,
-                size,
-                size,
+                height,
+                width,
                 dtype,
                 args.simulate,
                 args.repeats,
@@ -859,6 +945,8 @@ def bench(args: argparse.Namespace) -> int:
                 text_tokens=args.text_tokens,
                 compiled=args.compile,
                 compress=args.compress,
+                frames=args.frames,
+                video_split=args.video_split,
             ):
                 print(format_row(row), flush=True)
                 rows.append(row)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..engine.config import ParallelConfig
 from ..measure.archs import ARCHS, PIPELINES, arch_config_path
+from .video import VIDEO_SUFFIXES, is_frame_folder
 
 DATA = Path(__file__).parent.parent / "data"
 EMBEDDED = {"embedded": DATA / "textures", "embedded-dit": DATA / "textures_dit"}
@@ -43,6 +44,12 @@ class Geometry:
     cfg: bool
     """Whether every model call carries a CFG batch (unconditional and conditional halves)."""
     default_px: int
+    time_factor: int = 0
+    """A video model: frames per latent frame (a Wan VAE: 4, its videos have 1 + 4k frames; a pixel-space
+    model: 1, any count); 0: an image model."""
+    default_frames: int = 0
+    default_width_px: int = 0
+    """The default width when it differs from the default height (Wan: 832 x 480); 0: square."""
 
 
 def _read_json(path: Path) -> dict:
@@ -61,7 +68,10 @@ def embedded_geometry(kind: str, folder: Path) -> Geometry:
     """The texture models: a pixel-space UNet2DModel, or a Flux transformer on 2x2-packed pixels."""
     name = "the embedded model" if folder == EMBEDDED.get(kind) else f"the texture model in {folder}"
     if (folder / "transformer").is_dir():
-        patch = _read_json(folder / "transformer" / "config.json").get("patch_size", 1) or 1
+        config = _read_json(folder / "transformer" / "config.json")
+        if config.get("_class_name") == "WanTransformer3DModel":  # a pixel-space video model
+            return wan_geometry(name, config, None)
+        patch = config.get("patch_size", 1) or 1
         px = 2 * patch
         note = f"2x2 pixels per token{f', {patch}x{patch} tokens per patch' if patch > 1 else ''}"
         return Geometry(name, px, px, f"one token row of {px} px", note, False, 128)
@@ -71,6 +81,21 @@ def embedded_geometry(kind: str, folder: Path) -> Geometry:
 
 
 PIPELINE_CFG = {"UNet2DConditionModel": True, "SD3Transformer2DModel": True, "PixArtTransformer2DModel": True}
+VIDEO_SPLITS_NOTE = "--video-split rows: bands of token rows across all frames; frames: runs of latent frames"
+
+
+def wan_geometry(name: str, transformer: dict, vae: dict | None) -> Geometry:
+    """A Wan transformer behind a Wan VAE (diffusers' `scale_factor_spatial`/`_temporal`, 8 and 4 for Wan
+    2.1, 16 and 4 for the Wan 2.2 TI2V VAE; a config without them: Wan 2.1's) or in pixel space (vae None).
+    The pipelines call it once per guidance branch: no CFG batch."""
+    patch = transformer.get("patch_size") or (1, 2, 2)
+    spatial = (vae or {}).get("scale_factor_spatial", 8) if vae is not None else 1
+    temporal = (vae or {}).get("scale_factor_temporal", 4) if vae is not None else patch[0]
+    px = spatial * patch[1]
+    note = f"one token row: {patch[1]} latent rows of {spatial} px" if vae is not None else f"{px} px per token row"
+    if vae is None:
+        return Geometry(name, px, px, note, note, False, 64, time_factor=temporal, default_frames=17)
+    return Geometry(name, px, px, note, note, False, 480, time_factor=temporal, default_frames=81, default_width_px=832)
 
 
 def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | None:
@@ -103,6 +128,9 @@ def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | No
     config = _read_json(config_path)
     cls = (index.get(kind) or [None, None])[1]
     vae_path = read("vae/config.json")
+    if cls == "WanTransformer3DModel":
+        vae_config = _read_json(vae_path) if vae_path else {}
+        return wan_geometry(f"this {index.get('_class_name', 'pipeline')}", config, vae_config)
     vae = 2 ** (len(_read_json(vae_path).get("block_out_channels", (0,) * 4)) - 1) if vae_path else 8
     pipe = index.get("_class_name", "pipeline")
     name = f"this {pipe}"
@@ -138,6 +166,9 @@ def bench_geometry(arch: str | None) -> Geometry:
         raise UsageError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHS)} or a config .json path")
     config = _read_json(path)
     cls = config.get("_class_name", "UNet2DConditionModel")
+    if cls == "WanTransformer3DModel":  # bench feeds it latents of its VAE's scale (workload.model_inputs)
+        spatial = 16 if config.get("in_channels") == 48 else 8  # Wan 2.2 TI2V's VAE, else Wan 2.1's
+        return wan_geometry(f"--arch {arch}", config, {"scale_factor_spatial": spatial})
     if cls == "AutoencoderKL":  # a decode: any whole number of latent rows
         return Geometry(f"--arch {arch}", 8, 8, "one latent row of 8 px", "8 px per latent row", False, 1024)
     if cls == "FluxTransformer2DModel":
@@ -192,6 +223,31 @@ def check_image_size(geo: Geometry, height: int, width: int, ranks: int, split_c
     return patch
 
 
+def check_video(geo: Geometry, frames: int, height: int, width: int, ranks: int, split: str, what: str = "") -> None:
+    """Refuse a frame count the model cannot take, and a video that does not split into the ranks' strips:
+    bands of token rows (`split` "rows": as an image's height) or runs of latent frames ("frames")."""
+    factor = geo.time_factor
+    if frames < 1:
+        raise UsageError(f"--frames must be >= 1, got {frames}{what}")
+    if factor > 1 and (frames - 1) % factor:
+        below = max(1, (frames - 1) // factor * factor + 1)
+        raise UsageError(
+            f"--frames {frames}: {geo.name} makes 1 + {factor}k frames (its VAE compresses time {factor}x); "
+            f"use {below} or {below + factor}{what}"
+        )
+    if split == "rows":
+        check_image_size(geo, height, width, ranks, what=what)
+        return
+    check_image_size(geo, height, width, 1, what=what)  # the sizes alone; the split is in frames
+    latent = (frames - 1) // max(factor, 1) + 1
+    if latent < ranks:
+        most = 1 + (ranks - 1) * max(factor, 1)
+        raise UsageError(
+            f"--frames {frames} are {latent} latent frame(s), too few to split over {ranks} ranks (a run of whole "
+            f"latent frames each); use --frames {most} or more, fewer ranks, or --video-split rows{what}"
+        )
+
+
 # -- the checks of each command -------------------------------------------------------------------
 
 
@@ -229,6 +285,40 @@ def _check_image_path(out: str, flag: str = "--out") -> None:
     _writable_folder(path.parent if str(path.parent) else Path("."), f"{flag} {out}")
 
 
+def _check_video_path(out: str) -> None:
+    path = Path(out)
+    if is_frame_folder(out):  # written as frame_00000.png, ... (the folder is made if its parent exists)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out {out} is a file, not a folder")
+        _writable_folder(path if path.exists() else path.parent, f"--out {out}")
+        return
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UsageError(f"--out {out}: unknown video format {path.suffix!r}; use .mp4, .webp, .gif or a folder/")
+    _writable_folder(path.parent if str(path.parent) else Path("."), f"--out {out}")
+
+
+def _check_output(args, geo: Geometry | None) -> None:
+    """A video model writes a video (.mp4, animated .webp/.gif, a folder of PNG frames), an image model an
+    image; --frames, --fps and --video-split are for videos only. Sets args.video and the default --out."""
+    video = geo.time_factor > 0 if geo is not None else args.frames is not None
+    name = geo.name if geo is not None else args.model
+    args.video = video
+    if args.out is None:
+        args.out = "video.mp4" if video else "image.png"
+    if not video:
+        if args.frames is not None:
+            raise UsageError(f"--frames: {name} makes images, not videos; leave --frames out")
+        if Path(args.out).suffix.lower() == ".mp4" or is_frame_folder(args.out):
+            raise UsageError(f"--out {args.out}: {name} makes images; name an image file (.png, .jpg, .webp, ...)")
+        _check_image_path(args.out)
+        return
+    if args.show_strips:
+        raise UsageError("--show-strips draws strips on an image; it does not apply to videos")
+    _finite("--fps", args.fps, positive=True)
+    _check_video_path(args.out)
+    args.frames = args.frames if args.frames is not None else (geo.default_frames if geo is not None else 81)
+
+
 def _world(args) -> int:
     """Ranks of this run: torchrun's (or our launcher's) world size, else --nproc."""
     return int(os.environ["WORLD_SIZE"]) if "LOCAL_RANK" in os.environ else args.nproc
@@ -245,7 +335,7 @@ def _common_parallel_checks(args) -> None:
     ParallelConfig(  # its own checks (warmup_steps >= 0, ...), named by their flags
         **{
             k: getattr(args, k)
-            for k in ("mode", "groupnorm", "text_tokens", "cuda_graphs")
+            for k in ("mode", "groupnorm", "text_tokens", "cuda_graphs", "video_split")
             if getattr(args, k, None) is not None
         }
     )
@@ -271,7 +361,6 @@ def check_generate(args) -> list[str]:
     _finite("--guidance-scale", args.guidance_scale)
     if not -(2**63) <= args.seed < 2**64:
         raise UsageError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
-    _check_image_path(args.out)
     if args.model in EMBEDDED:
         folder = EMBEDDED[args.model]
         geo = embedded_geometry(args.model, folder)
@@ -284,12 +373,16 @@ def check_generate(args) -> list[str]:
     else:
         geo = pipeline_geometry(args.model, args.guidance_scale)
     args.geometry = geo
+    _check_output(args, geo)
     if args.height is None:
         args.height = geo.default_px if geo else 1024
+        args.width = args.width or (geo.default_width_px if geo else 0) or None
     if args.width is None:
         args.width = args.height
     world = _world(args)
-    if geo is not None:
+    if geo is not None and args.video:
+        check_video(geo, args.frames, args.height, args.width, world, args.video_split)
+    elif geo is not None:
         check_image_size(geo, args.height, args.width, world, args.split_cfg)
     else:
         for side, value in (("height", args.height), ("width", args.width)):
@@ -359,10 +452,18 @@ def check_bench(args) -> list[str]:
     for n in args.simulate:
         _positive("--simulate", n)
     geo = bench_geometry(args.arch)
-    sizes = args.sizes or [1024 if _cuda_likely() else 256]
-    for i, size in enumerate(sizes):
+    sizes = args.sizes or [(1024, 1024) if _cuda_likely() else (256, 256)]
+    if geo.time_factor:
+        args.frames = args.frames if args.frames is not None else geo.default_frames
+    elif args.frames is not None:
+        raise UsageError(f"--frames: {geo.name} is an image model; leave --frames out")
+    for i, (height, width) in enumerate(sizes):
         for n in sorted({*args.simulate, args.nproc if i == 0 else 1}, reverse=True):
-            check_image_size(geo, size, size, n, what=f" (--sizes {size})")
+            what = f" (--sizes {height}x{width})"
+            if geo.time_factor:
+                check_video(geo, args.frames, height, width, n, args.video_split, what=what)
+            else:
+                check_image_size(geo, height, width, n, what=what)
     if args.share_only and not (args.arch and is_vae(args.arch) and any(n > 1 for n in args.simulate)):
         raise UsageError("--share-only needs a VAE arch and --simulate N with N > 1")
     if args.json:
@@ -372,6 +473,16 @@ def check_bench(args) -> list[str]:
             notes.append("--steps applies to --nproc's whole images only; the other timings are of single steps")
         if args.traffic_only and (args.repeats or args.nproc > 1 or args.graphs != ["auto"]):
             notes.append("--traffic-only times nothing: --repeats, --graphs and --nproc are ignored")
+    if args.compile:  # a compiled model cannot also run as distrifusion's CUDA graphs (see bench_step)
+        if "on" in args.graphs:
+            raise UsageError(
+                "--compile times torch.compile(model) without distrifusion's CUDA graphs (the two do not compose); "
+                "use --graphs off or auto"
+            )
+        if "auto" in args.graphs:
+            args.graphs = list(dict.fromkeys("off" if g == "auto" else g for g in args.graphs))
+            if _cuda_likely() and "LOCAL_RANK" not in os.environ:
+                notes.append("--compile: our runs are timed without distrifusion's CUDA graphs (--graphs off)")
     return notes + _cores_note(args.nproc if not args.traffic_only else 1)
 
 

@@ -16,8 +16,10 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ log = logging.getLogger("distrifusion")
 
 _WARMED = object()  # used once eagerly: captured at the next use
 _EAGER = object()  # its capture failed on some rank: always eager
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every CudaGraphs of this process, for release_all_graphs
 
 
 @dataclass
@@ -65,6 +68,11 @@ class CudaGraphs:
     for a key whose capture failed: `agree(ok)` tells every rank whether all ranks captured it
     (a collective, so that no rank replays collectives the others do not), and `abort()` undoes
     what the aborted capture did to the caller's Python state before the eager rerun.
+
+    Whether to drop the graphs (weights replaced, `reset(drop_graphs=True)`) is each rank's own
+    finding, but NCCL requires every rank of a communicator to launch its collectives alike, captured
+    or not: a rank sets `stale`, and the graphs go on every rank at once at the next image's first
+    call, where the ranks already agree on everything else (`parallelize`'s step-0 agreement).
     """
 
     def __init__(
@@ -81,6 +89,9 @@ class CudaGraphs:
         """Watches that replays finish (with collectives inside, a dead rank would hang them forever)."""
         self._graphs: dict[Any, Any] = {}
         self._pool = None
+        self.stale = False
+        """This rank found that its graphs no longer match the model; acted on where the ranks agree."""
+        _LIVE.add(self)
 
     def __call__(self, key: Any, fn: Callable[[dict], tuple[torch.Tensor, Any]], inputs: dict):
         if torch.is_grad_enabled() or torch.is_autocast_enabled(self.device.type):
@@ -124,10 +135,35 @@ class CudaGraphs:
         return sum(isinstance(e, _Captured) for e in self._graphs.values())
 
     def clear(self, keep: Callable[[Any], bool] = lambda key: False) -> None:
-        """Drop every graph, or those whose caller's key `keep` rejects."""
-        self._graphs = {k: v for k, v in self._graphs.items() if keep(k[0])}
+        """Drop every graph, or those whose caller's key `keep` rejects. A dropped graph is destroyed
+        now (`CUDAGraph.reset`), not whenever the garbage collector finds it: NCCL (>= 2.26) will not
+        destroy a communicator while a graph that holds its collectives is alive."""
+        kept, dropped = {}, []
+        for key, entry in self._graphs.items():
+            if keep(key[0]):
+                kept[key] = entry
+            else:
+                dropped.append(entry)
+        self._graphs = kept
+        for entry in dropped:
+            if isinstance(entry, _Captured) and hasattr(entry.graph, "reset"):
+                entry.graph.reset()
         if not self._graphs:
             self._pool = None
+
+
+def release_all_graphs() -> int:
+    """Destroy every CUDA graph of this process (every parallelised model's); returns how many.
+
+    For the moment before `torch.distributed.destroy_process_group()`: NCCL >= 2.26 waits, in the
+    communicator's destruction, until every graph holding its collectives is destroyed, and a model's
+    graphs live in reference cycles (model -> wrapper -> state -> graphs) that only the garbage
+    collector would end, in no particular order: the process would hang at exit. No collective."""
+    count = 0
+    for graphs in list(_LIVE):
+        count += len(graphs)
+        graphs.clear()
+    return count
 
 
 class ReplayWatchdog:
@@ -137,19 +173,25 @@ class ReplayWatchdog:
     never sees them), so a rank that died would leave the others waiting forever. A background thread
     polls an event recorded after each replay, and past the deadline calls `on_timeout(message)`,
     which by default logs the message and exits with status 1: the launcher then reports the rank.
+
+    The thread first makes `device` its current CUDA device (`bind`): a new thread's is GPU 0, and its
+    first CUDA call (an event query) would create a context there, ~0.5 GiB of GPU 0 per rank.
     """
 
     def __init__(
         self,
         timeout_s: float,
         rank: int,
+        device: torch.device | None = None,
         make_event: Callable[[], Any] | None = None,
         on_timeout: Callable[[str], None] | None = None,
         poll_s: float = 0.05,
+        bind: Callable[[], None] | None = None,
     ) -> None:
         self.timeout_s, self.rank, self.poll_s = timeout_s, rank, poll_s
         self.make_event = make_event or _recorded_cuda_event
         self.on_timeout = on_timeout or _exit_hung
+        self.bind = bind or partial(_bind_device, device)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -161,6 +203,7 @@ class ReplayWatchdog:
         self._queue.put((self.make_event(), time.monotonic() + self.timeout_s))
 
     def _run(self) -> None:
+        self.bind()
         while True:
             event, deadline = self._queue.get()
             while not event.query():
@@ -172,6 +215,11 @@ class ReplayWatchdog:
                     )
                     return
                 time.sleep(self.poll_s)
+
+
+def _bind_device(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _recorded_cuda_event():

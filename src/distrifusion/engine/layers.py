@@ -18,6 +18,7 @@ from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embe
 from torch import nn
 
 from .exchange import normal_tensors, tensor_version
+from .shard import is_sharded_parameter
 from .state import ParallelState
 
 
@@ -29,6 +30,20 @@ def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def refuse_packed_weights(module: nn.Module, what: str, why: str) -> None:
+    """A layer that computes with its module's weights itself (beneath the module's hooks, which have cast or
+    onloaded them by then) needs ordinary tensors: refuse a quantised tensor subclass by name."""
+    # Meta parameters are plain here: traffic counting and memory plans build these layers on the meta device.
+    # The engine's own FSDP2 shards are whole, plain tensors whenever the layer runs (inside its unit).
+    params = [p for p in module._parameters.values() if p is not None and not is_sharded_parameter(p)]
+    kinds = sorted({type(p).__name__ for p in params if type(p) is not nn.Parameter})
+    if kinds:
+        raise TypeError(
+            f"distrifusion: {what} holds {', '.join(kinds)} weights (quantised?), and {why}: not supported; "
+            "leave such layers unquantised (e.g. quantise linear layers only)"
+        )
 
 
 class PatchConv2d:
@@ -54,6 +69,7 @@ class PatchConv2d:
                 f"distrifusion: conv {name!r} (kernel {kernel}, stride {stride}, padding {pad}) "
                 "does not map strips to strips"
             )
+        refuse_packed_weights(conv, f"conv {name!r}", "its halo rows are convolved with its weight")
         self.conv, self.name, self.state = conv, name, state
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +113,7 @@ class PatchGroupNorm:
     """
 
     def __init__(self, norm: nn.GroupNorm, name: str, state: ParallelState) -> None:
+        refuse_packed_weights(norm, f"GroupNorm {name!r}", "its affine weights are applied to the merged statistics")
         self.norm, self.name, self.state = norm, name, state
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +192,9 @@ class PatchAttnProcessor:
         plain linears (e.g. LoRA-wrapped); rebuilt when either is replaced or modified, and re-read
         at every new image (`ParallelState.reset`)."""
         k, v = attn.to_k, attn.to_v
-        if not (type(k) is nn.Linear and type(v) is nn.Linear):
+        # Through the modules when a hook, a quantised weight or a storage dtype stands between them and their
+        # weights (layerwise casting, offloading, torchao/bitsandbytes/GGUF): as the model computes.
+        if not (self.state.direct_weights and type(k) is nn.Linear and type(v) is nn.Linear):
             return None
         if self.state.sharding is not None:  # whole only inside this block's forward (FSDP2): a fresh copy
             return torch.cat([k.weight, v.weight]), None if k.bias is None else torch.cat([k.bias, v.bias])
@@ -314,8 +333,9 @@ class PatchJointAttnProcessor:
     The queries are this rank's tokens; the keys/values are every strip's image tokens (this
     strip's fresh, the others' fresh in a synchronous step and a step old in a displaced one)
     plus the text tokens: all of them on every rank, or, with sharded text, this rank's fresh
-    and the others' exchanged like image tokens. Softmax attention does not depend on the order
-    of the keys, so only the queries keep the model's own order of text and image tokens.
+    and the others' exchanged like image tokens. Queries and keys keep the model's own order of
+    text and image tokens (softmax attention does not depend on the order of the keys, but its
+    rounding does: in that order a synchronous step is bit-identical to one process).
 
     One processor serves every joint-attention family; the adapter says the text's place:
     `text_first` (Flux: [text, image]; SD3: [image, text]) and `text_in_hidden` (Flux's
@@ -367,16 +387,21 @@ class PatchJointAttnProcessor:
             query, kv = q_img, kv_img
         else:
             sharded = state.config.text_tokens == "sharded" and not state.naive
-            n_keys = sum(partition.text) if sharded else n_text
-            # [text keys, image keys]. The image part is copied in *now*: it may be a view of an exchange
-            # buffer, which the text's exchange call below sends off (in a displaced step the others'
-            # fresh rows then land in it while this step still needs their previous ones).
-            kv = kv_img.new_empty(kv_img.shape[0], n_keys + kv_img.shape[1], kv_img.shape[2])
-            kv[:, n_keys:] = kv_img
+            n_keys, n_img = (sum(partition.text) if sharded else n_text), kv_img.shape[1]
+            # Keys in the model's own order ([text, image] or [image, text]): the order of a softmax's terms
+            # changes its rounding, and synchronous steps must compute what one process does. The image part
+            # is copied in *now*: it may be a view of an exchange buffer, which the text's exchange call below
+            # sends off (in a displaced step the others' fresh rows then land in it while this step still
+            # needs their previous ones).
+            kv = kv_img.new_empty(kv_img.shape[0], n_keys + n_img, kv_img.shape[2])
+            at_text, at_image = (
+                (slice(0, n_keys), slice(n_keys, None)) if self.text_first else (slice(n_img, None), slice(0, n_img))
+            )
+            kv[:, at_image] = kv_img
             q_txt, kv_txt = _qkv(attn, text, *_joint_projections(attn, self.original, added), text_rotary)
             if sharded:
                 kv_txt = gather_tokens(state, self.name + ".text", kv_txt, list(partition.text))
-            kv[:, :n_keys] = kv_txt
+            kv[:, at_text] = kv_txt
             query = torch.cat([q_txt, q_img] if self.text_first else [q_img, q_txt], 1)
         key, value = kv.unflatten(-1, (attn.heads, -1)).transpose(1, 2).chunk(2, -1)  # (batch, heads, tokens, d)
         out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value)
@@ -393,6 +418,38 @@ class PatchJointAttnProcessor:
         if getattr(attn, "to_add_out", None) is not None:
             out_txt = attn.to_add_out(out_txt.contiguous())
         return out_img, out_txt
+
+
+class PatchTokenAttnProcessor:
+    """Self-attention of a strip's tokens over every strip's keys/values, for attention classes that
+    compute their queries, keys and values their own way (Wan: a norm across heads, its own rotary
+    layout): the adapter gives `project(attn, hidden_states, *args) -> (query, key, value)`, each
+    (batch, tokens, heads, head_dim) exactly as the model's processor computes them (norms and
+    rotations applied), and `finish(attn, out) -> output`, the processor's output projection.
+
+    Keys/values are exchanged after their norm and rotation, so each carries its own position and
+    their order among the keys does not matter; this strip's are fresh, the others' fresh in a
+    synchronous step and a step old in a displaced one (`gather_tokens`). Calls with
+    `encoder_hidden_states` (cross-attention, local to a strip) and unsplit calls run the original.
+    """
+
+    def __init__(self, attn: nn.Module, name: str, state: ParallelState, original, *, project, finish) -> None:
+        self.name, self.state, self.original = name, state, original
+        self.project, self.finish = project, finish
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        state = self.state
+        if not state.split or encoder_hidden_states is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if attention_mask is not None:
+            raise ValueError(f"distrifusion: a self-attention mask in {self.name!r} cannot be split into strips")
+        query, key, value = self.project(attn, hidden_states, *args, **kwargs)
+        kv = torch.cat([key, value], -1).flatten(2)  # (batch, tokens, heads * 2 * head_dim)
+        if not state.naive:
+            kv = gather_tokens(state, self.name, kv, state.sizes(hidden_states.shape[1]))
+        key, value = kv.unflatten(-1, (query.shape[2], -1)).transpose(1, 2).chunk(2, -1)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value)
+        return self.finish(attn, out.transpose(1, 2).flatten(2).type_as(query))
 
 
 def _qkv(attn, x, fused, to_q, to_k, to_v, norm_q, norm_k, rotary):
@@ -519,6 +576,7 @@ class PatchFreeU:
     def __init__(self, block: nn.Module, name: str, state: ParallelState) -> None:
         self.block, self.name, self.state = block, name, state
         self.signature = inspect.signature(type(block).forward)
+        self._bases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, *args, **kwargs):
         block, forward = self.block, type(self.block).forward
@@ -542,9 +600,7 @@ class PatchFreeU:
         top, height, width = sum(sizes[: state.partition.patch_rank]), sum(sizes), x.shape[3]
         real = torch.float64 if x.dtype == torch.float64 else torch.float32  # diffusers filters in float32
         complex_ = torch.complex128 if real == torch.float64 else torch.complex64
-        rows = _fourier_basis(_box(height, self.THRESHOLD), torch.arange(top, top + x.shape[2]), height, x.device)
-        cols = _fourier_basis(_box(width, self.THRESHOLD), torch.arange(width), width, x.device)
-        rows, cols = rows.to(complex_), cols.to(complex_)
+        rows, cols = self._basis(top, x.shape[2], height, width, x.device, complex_)
         partial_spectrum = torch.einsum("bchw,kh,lw->bckl", x.to(complex_), rows, cols)
         if state.naive:
             spectrum = partial_spectrum
@@ -554,16 +610,39 @@ class PatchFreeU:
         lowpass = torch.einsum("bckl,kh,lw->bchw", spectrum, rows.conj(), cols.conj()).real / (height * width)
         return (x.to(real) + (scale - 1) * lowpass).to(x.dtype)
 
+    def _basis(self, top: int, rows: int, height: int, width: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Fourier bases of this strip's rows and of the columns, on `device`. Made once per strip
+        shape by kernels on the device (no copy from the host: inside a CUDA graph's capture a copy from
+        pageable memory fails) and kept, so the captured step reads the tensors an eager step made.
+        Nothing is kept from inside a capture: a tensor made there holds its values only in replays."""
+        key = (top, rows, height, width, str(device), dtype)
+        bases = self._bases.get(key)
+        if bases is None:
+            bases = (
+                _fourier_basis(_box(height, self.THRESHOLD, device), top, rows, height).to(dtype),
+                _fourier_basis(_box(width, self.THRESHOLD, device), 0, width, width).to(dtype),
+            )
+            if not _capturing(device):
+                self._bases[key] = bases
+        return bases
 
-def _box(size: int, threshold: int) -> torch.Tensor:
+
+def _capturing(device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _box(size: int, threshold: int, device=None) -> torch.Tensor:
     """The frequencies that FreeU's mask scales along a dimension of `size`: shifted indices
-    [size//2 - t, size//2 + t) (Python slice semantics, as diffusers indexes its mask)."""
-    shifted = torch.fft.fftshift(torch.fft.fftfreq(size) * size).round().long()
+    [size//2 - t, size//2 + t), sliced as diffusers slices its mask (a tensor slice: a negative start
+    counts from the end)."""
+    shifted = torch.fft.fftshift(torch.fft.fftfreq(size, device=device) * size).round().long()
     centre = size // 2
-    return shifted[list(range(size))[centre - threshold : centre + threshold]]
+    return shifted[centre - threshold : centre + threshold]
 
 
-def _fourier_basis(freqs: torch.Tensor, positions: torch.Tensor, size: int, device) -> torch.Tensor:
-    """exp(-2 pi i f p / size) for every frequency f (rows) and position p (columns), in float64."""
-    angle = -2 * torch.pi * freqs[:, None].double() * positions[None, :].double() / size
-    return torch.polar(torch.ones_like(angle), angle).to(device)
+def _fourier_basis(freqs: torch.Tensor, start: int, count: int, size: int) -> torch.Tensor:
+    """exp(-2 pi i f p / size) for every frequency f (rows) and position p in [start, start + count)
+    (columns), in float64, on the device of `freqs`."""
+    positions = torch.arange(start, start + count, device=freqs.device, dtype=torch.float64)
+    angle = -2 * torch.pi * freqs[:, None].double() * positions[None, :] / size
+    return torch.polar(torch.ones_like(angle), angle)

@@ -29,8 +29,9 @@ log = logging.getLogger("distrifusion")
 
 UNIT_FRACTION = 0.1
 """A module holding more than this fraction of a rank's share of the weights (the model's weights over
-the shard ranks) is split into its children: the largest gathered unit, counted twice (the current one
-and the next, prefetched), then stays within 20% of the share."""
+the shard ranks) is split into its children: the largest gathered unit, counted three times (FSDP2 in a
+forward holds the running unit's parameters, its all-gather buffer and the next unit's), then stays
+within 30% of the share."""
 
 SMALL_UNIT = 1 / 8
 """Children smaller than this fraction of the unit limit stay with their parent (one gather fewer)."""
@@ -49,6 +50,15 @@ def _fsdp():
                 "does not have; use torch >= 2.6 or shard_weights=False"
             ) from missing
     return fully_shard
+
+
+_SHARDED_ATTR = "_distrifusion_sharded"
+
+
+def is_sharded_parameter(param) -> bool:
+    """Whether `param` is one of the engine's FSDP2 shards (a DTensor that FSDP2 swaps for the whole
+    parameter while its unit runs), as opposed to a DTensor or tensor subclass the user brought."""
+    return bool(getattr(param, _SHARDED_ATTR, False))
 
 
 def _is_dtensor(tensor) -> bool:
@@ -163,6 +173,9 @@ class Sharding:
         # The model as FSDP2's root (one state for all units), holding no sharded weight of its own: the
         # weights outside every unit stay whole, so no gather runs before the engine validates a call.
         whole = {p for p in model.parameters() if not _is_dtensor(p)}
+        for p in model.parameters():
+            if _is_dtensor(p):
+                setattr(p, _SHARDED_ATTR, True)  # the engine's layers may take these (whole when they run)
         _keeping_class(fully_shard, model, mesh=mesh, reshard_after_forward=True, ignored_params=whole)
         _move_whole(model, device)
         self.states = {id(m): _state(m) for m in [*self.units, model]}

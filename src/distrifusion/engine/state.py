@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .compress import make_codec
 from .config import ParallelConfig
@@ -20,7 +21,7 @@ KEPT_SIZES = 4
 MAX_BRANCHES = 4
 """Guidance branches (see `ParallelState.enter_branch`) that keep their own context; beyond, the least
 recently used one is taken over (its next call is synchronous)."""
-_BRANCH_FIELDS = ("step", "partition", "exchange", "_exchanges", "_calls", "cross_kv")
+_BRANCH_FIELDS = ("step", "partition", "exchange", "_exchanges", "_calls", "cross_kv", "_time")
 
 
 def identity(value) -> object:
@@ -57,13 +58,21 @@ def same_values(a, b) -> bool:
     return a == b
 
 
+def first_time(t) -> float | None:
+    """A call's timestep as one number: the number, or the first entry of a tensor of it per batch entry
+    (calls of one step may have different batches: SD3's skip-layer call takes only the positive half).
+    None when the call has none. Reads a device tensor's value (one small copy to the host)."""
+    if t is None:
+        return None
+    t = torch.as_tensor(t)
+    return float(t.reshape(-1)[0]) if t.numel() and t.device.type != "meta" else None
+
+
 def _same_time(a, b) -> bool:
-    """Whether two calls' timesteps are the same moment: a number, or a tensor of it per batch entry
-    (calls of one step may have different batches: SD3's skip-layer call takes only the positive half)."""
+    """Whether two calls' timesteps are the same moment (see `first_time`)."""
     if a is None or b is None:
         return a is b
-    first = lambda t: float(torch.as_tensor(t).reshape(-1)[0]) if torch.as_tensor(t).numel() else None  # noqa: E731
-    return first(a) == first(b)
+    return first_time(a) == first_time(b)
 
 
 @dataclass
@@ -148,6 +157,9 @@ class ParallelState:
         """(address, version) of every weight when the graphs were last checked (see `reset`)."""
         self.cross_kv: dict[str, tuple] = {}
         """Cross-attention keys/values per layer, computed once per image (see PatchAttnProcessor)."""
+        self.direct_weights = True
+        """Whether layers may compute with the model's weights themselves (`distrifusion.engine.hooks.weights_direct`),
+        as the fused key/value projection does; else they call the modules."""
         self.fused_kv: dict[str, list] = {}
         """Per attention: [to_k, to_v, their weights side by side, biases, version] (see PatchAttnProcessor)."""
         self.sharding = None
@@ -164,6 +176,10 @@ class ParallelState:
         self._this_step: list[int] = []  # branches called in the current step, in order
         self._last_step: list[int] = []
         self._last_timestep: object = None
+        self._time: tuple[float, int, bool] | None = None
+        """The current branch's last timestep in this image, how many calls in a row had it, and whether the
+        first of them opened the image (see `begins_image`)."""
+        self._image_calls = 0  # calls of any branch since the image began
 
     # -- step bookkeeping ------------------------------------------------------------------
     @torch.compiler.disable
@@ -175,6 +191,7 @@ class ParallelState:
             self._branches[index].key = self._branches[index].conditioning = None
         self._switch(0)
         self._this_step, self._last_step, self._last_timestep = [], [], None
+        self._image_calls = 0
 
     def _reset_branch(self) -> None:
         if self.exchange is not None and self.exchange.fixed:
@@ -185,13 +202,54 @@ class ParallelState:
         self.step = 0
         self._calls.clear()
         self.cross_kv.clear()
+        self._time = None
+
+    # -- where an image begins ---------------------------------------------------------------
+    # A pipeline that was given to `parallelize` restarts the count at each call. Any other caller
+    # of the denoiser does not: a pipeline made from the parallelised one's components (`from_pipe`,
+    # `Cls(**pipe.components)`, AutoPipeline), a bare-model loop. So the call sequence itself tells
+    # where a new image begins, per guidance branch: within an image a branch's timesteps never rise,
+    # and an image starts above where the previous one ended (img2img starts mid-schedule, still above
+    # the last image's near-zero end). The rule, for a call of a branch whose previous call in this
+    # image had timestep p:
+    # - t > p: a new image (the schedule starts again);
+    # - t < p: the same image, next step;
+    # - t == p: the same image only for the second call in a row at p, and only if p did not open the
+    #   image: second-order schedulers (Heun, DPM-SDE, FlowMatchHeun) call twice at each timestep but
+    #   the first. A one-step image (turbo/LCM at 1 step) repeats the previous image's only timestep:
+    #   that opened its image, so it is a new one; so is a third call at one timestep.
+    # A new image that starts no higher than the previous one ended (a hand-off's second half run as
+    # another image, a schedule that rises within an image such as an inversion) is not seen by the
+    # rule: the first is continued, the second restarts at each rise (synchronous, exact, slower).
+    # `distrifusion.reset` before an image is always right.
+    def begins_image(self, t: float | None) -> bool:
+        """Whether this call of the current branch, at timestep `t` (`first_time`), begins a new image
+        (the rule above)."""
+        if t is None or self._time is None:
+            return False
+        last, calls, opened = self._time
+        return t > last or (t == last and (calls > 1 or opened))
+
+    def note_time(self, t: float | None) -> None:
+        """Remember this call's timestep `t` for the current branch (after `begins_image`)."""
+        if t is not None:
+            same = self._time is not None and self._time[0] == t
+            self._time = (t, self._time[1] + 1, self._time[2]) if same else (t, 1, self._image_calls == 0)
+        self._image_calls += 1
 
     @torch.no_grad()
     def refresh_fused_kv(self) -> None:
         """Re-read the fused key/value weights (`distrifusion.reset`, before each image): weights changed
         through `.data` (peft's fuse_lora merges so) keep their address and version. In place: a CUDA
-        graph reads these tensors."""
-        for k, v, weight, bias, _ in self.fused_kv.values():
+        graph reads these tensors. A pair whose weights can no longer be read directly (quantised, cast to a
+        storage dtype or moved by a hook since) is dropped: its attention calls the modules."""
+        for name, (k, v, weight, bias, _) in list(self.fused_kv.items()):
+            if not all(
+                type(w) is nn.Parameter and (w.dtype, w.device) == (weight.dtype, weight.device)
+                for w in (k.weight, v.weight)
+            ):
+                del self.fused_kv[name]
+                continue
             torch.cat([k.weight, v.weight], out=weight)
             if bias is not None:
                 torch.cat([k.bias, v.bias], out=bias)
@@ -264,7 +322,7 @@ class ParallelState:
         self._branches[self.branch].saved = {name: getattr(self, name) for name in _BRANCH_FIELDS}
         saved = self._branches[index].saved
         if saved is None:  # a new branch: nothing laid out yet
-            saved = dict(step=0, partition=None, exchange=None, _exchanges={}, _calls={}, cross_kv={})
+            saved = dict(step=0, partition=None, exchange=None, _exchanges={}, _calls={}, cross_kv={}, _time=None)
         for name in _BRANCH_FIELDS:
             setattr(self, name, saved[name])
         self._branches[index].saved = None

@@ -18,6 +18,17 @@ ARCHS = {
     "flux_dev": "flux_dev_transformer.json",
     "sd3_medium": "sd3_medium_transformer.json",
     "pixart_alpha": "pixart_alpha_transformer.json",
+    # Wan: the project's shared/configs files, written from the model cards; every key checked against
+    # WanTransformer3DModel's signature (diffusers 0.41.0/0.42.1: no unknown key; pos_embed_seq_len, FLF2V
+    # only, left at None) and the widths against the Wan team's own configs (wan_t2v_14B, wan_t2v_1_3B,
+    # wan_i2v_14B, Wan2.2 wan_ti2v_5B: dim, ffn_dim, heads, layers, patch (1, 2, 2), freq_dim 256, eps 1e-6,
+    # qk/cross-attn norms; 2.2 TI2V: VAE stride (4, 16, 16); its 48 latent channels are the model card's, not
+    # checked in a config). Built on the meta device they have
+    # 14.29B, 1.42B, 16.39B (with the image cross-attention) and 5.00B parameters.
+    "wan21_t2v_14b": "wan21_t2v_14b_transformer.json",
+    "wan21_t2v_1_3b": "wan21_t2v_1_3b_transformer.json",
+    "wan21_i2v_14b": "wan21_i2v_14b_transformer.json",
+    "wan22_ti2v_5b": "wan22_ti2v_5b_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
 }

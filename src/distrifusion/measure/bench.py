@@ -14,7 +14,7 @@ import torch
 
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs
-from ..parallel.parallelize import parallelize, remove, reset
+from ..parallel.parallelize import parallelize, remove, reset, use_cuda_graphs
 from .simulate import loopback_runtime
 from .timing import (
     current_memory_mb,
@@ -27,7 +27,16 @@ from .timing import (
 from .traffic import count_traffic, counting_loopback_runtime, first_steps_traffic
 from .workload import build_model, model_inputs
 
-__all__ = ["bench_step", "bench_vae", "bench_images", "count_traffic", "format_row", "format_table", "LINKS"]
+__all__ = [
+    "bench_step",
+    "bench_vae",
+    "graphs_with_compile",
+    "bench_images",
+    "count_traffic",
+    "format_row",
+    "format_table",
+    "LINKS",
+]
 
 # Nominal one-direction bandwidths, bytes per second.
 LINKS = {
@@ -90,7 +99,8 @@ def bench_vae(
     full = None if share_only else rows[0]
     for row in rows:  # None: the whole decode was not run
         row["time_vs_full"] = None if full is None else row["decode_s"] / full["decode_s"]
-        row["memory_vs_full"] = None if full is None else row["activation_mb"] / full["activation_mb"]
+        # (a whole decode too small for the CPU's page-granular gauge reads 0 MB: no ratio then)
+        row["memory_vs_full"] = row["activation_mb"] / full["activation_mb"] if full and full["activation_mb"] else None
     return rows
 
 
@@ -124,8 +134,12 @@ def bench_step(
     graphs: bool | None = None,
     model=None,
     text_tokens: str = "sharded",
-    compiled: bool = False,
+    compiled: bool | str = False,
     compress: str | None = None,
+    frames: int | None = None,
+    video_split: str = "rows",
+    full_step: str = "all",
+    time_sync_step: bool = True,
 ) -> list[dict]:
     """Full-step times for one size, then one rank's share of each N in `simulate` (N > 1): one
     row per N (or one row without a share), with traffic per step and peak memory. With `compress`
@@ -133,16 +147,26 @@ def bench_step(
 
     `graphs` is `ParallelConfig.cuda_graphs` for our runs (None: on where possible, i.e. CUDA);
     plain diffusers is timed eagerly and, on CUDA, also as a CUDA graph. With `compiled`, our runs
-    are `torch.compile(model)` after `parallelize` (compilation happens in the untimed warm-up calls).
+    are `torch.compile(model)` after `parallelize` (compilation happens in the untimed warm-up calls;
+    a string names the backend) and never distrifusion's CUDA graphs (`graphs_with_compile`).
+    `full_step`: "all" (the three full steps above), "eager" (plain diffusers eagerly only: a size whose
+    graphs may not fit, or whose other variants would only repeat it) or "none" (the shares alone, for
+    sizes whose full step costs too much: the rows' full-step figures and speedups are None).
+    `time_sync_step=False` leaves a share's synchronous step untimed (None), for sizes where each call
+    costs seconds.
     """
+    if full_step not in ("all", "eager", "none"):
+        raise ValueError(f"full_step must be 'all', 'eager' or 'none', got {full_step!r}")
+    graphs = graphs_with_compile(graphs, compiled)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model or build_model(arch, dtype, device)
-    inputs = model_inputs(model, height, width)
+    inputs = model_inputs(model, height, width, frames=frames)
     step = lambda: model(**inputs)  # noqa: E731
     row = dict(
         arch=arch,
         height=height,
         width=width,
+        **({"frames": frames, "video_split": video_split} if frames else {}),
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
         card=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
@@ -153,22 +177,12 @@ def bench_step(
     )
     reset_peak_memory(device)
     with torch.no_grad():
-        row["diffusers_eager_s"] = time_calls(step, device, repeats)
-        row["diffusers_graph_s"] = None  # CUDA graphs exist on CUDA only
-        if device.type == "cuda":
-            graphed = CudaGraphs(device)
-            plain = lambda i: (model(**i, return_dict=False)[0], None)  # noqa: E731
-            row["diffusers_graph_s"] = time_calls(lambda: graphed("plain", plain, inputs), device, repeats, warmup=2)
-            del graphed
-            free_cached_memory(device)
-        parallelize(model, ParallelConfig(mode="sync", cuda_graphs=graphs), runtime=loopback_runtime(1, device=device))
-        row["graphs"] = model._distrifusion_state.graphs is not None
-        ours = torch.compile(model) if compiled else model
-        row["ours_world1_s"] = time_calls(lambda: ours(**inputs), device, repeats, warmup=2)
-        remove(model)
-        free_cached_memory(device)
-        # Against the fastest way to run the whole step on one device, so that the ratio is honest.
-        row["full_step_s"] = min(row[k] for k in ("diffusers_eager_s", "diffusers_graph_s", "ours_world1_s") if row[k])
+        row.update(dict.fromkeys(("diffusers_eager_s", "diffusers_graph_s", "ours_world1_s", "full_step_s")))
+        row["graphs"] = use_cuda_graphs(ParallelConfig(cuda_graphs=graphs), loopback_runtime(1, device=device))
+        if full_step == "all":
+            _time_full_step(row, model, inputs, step, repeats, device, graphs, compiled)
+        elif full_step == "eager":
+            row["diffusers_eager_s"] = row["full_step_s"] = time_calls(step, device, repeats)
         row["peak_memory_mb"] = peak_memory_mb(device)
         rows = []
         for ranks in [n for n in simulate if n > 1] or [1]:
@@ -179,16 +193,68 @@ def bench_step(
             share = dict(
                 row,
                 **_bench_share(
-                    model, inputs, ranks, repeats, mode, device, graphs, text_tokens, compiled, compress=compress
+                    model,
+                    inputs,
+                    ranks,
+                    repeats,
+                    mode,
+                    device,
+                    graphs,
+                    text_tokens,
+                    compiled,
+                    compress=compress,
+                    video_split=video_split,
+                    time_sync_step=time_sync_step,
                 ),
             )
-            share["compute_speedup"] = row["full_step_s"] / share["share_step_s"]
+            full = row["full_step_s"]
+            share["compute_speedup"] = full / share["share_step_s"] if full else None
             need = share["step_bytes"] / share["share_step_s"]
             share["bandwidth_needed_GBps"] = need / 1e9
             share["links_that_hide_it"] = [name for name, bw in LINKS.items() if bw >= need]
             share["peak_memory_mb"] = peak_memory_mb(device)
             rows.append(share)
     return rows
+
+
+def graphs_with_compile(graphs: bool | None, compiled: bool | str) -> bool | None:
+    """`graphs` for a compiled run: distrifusion's CUDA graphs do not compose with a compiled model (the
+    wrapper refuses it), so "where possible" (None) means off; asking for both is refused."""
+    if not compiled:
+        return graphs
+    if graphs:
+        raise ValueError(
+            "distrifusion: a compiled model cannot also run as distrifusion's CUDA graphs; time it with graphs off "
+            "(None picks off)"
+        )
+    return False
+
+
+def _compiled(model, compiled: bool | str):
+    if not compiled:
+        return model
+    return torch.compile(model, backend=compiled) if isinstance(compiled, str) else torch.compile(model)
+
+
+def _time_full_step(row: dict, model, inputs: dict, step, repeats: int, device, graphs, compiled) -> None:
+    """The full step on one device: plain diffusers eagerly and (CUDA) as a CUDA graph, ours with one rank."""
+    row["diffusers_eager_s"] = time_calls(step, device, repeats)
+    row["diffusers_graph_s"] = None  # CUDA graphs exist on CUDA only
+    if device.type == "cuda":
+        graphed = CudaGraphs(device)
+        plain = lambda i: (model(**i, return_dict=False)[0], None)  # noqa: E731
+        row["diffusers_graph_s"] = time_calls(lambda: graphed("plain", plain, inputs), device, repeats, warmup=2)
+        graphed.clear()
+        del graphed
+        free_cached_memory(device)
+    parallelize(model, ParallelConfig(mode="sync", cuda_graphs=graphs), runtime=loopback_runtime(1, device=device))
+    row["graphs"] = model._distrifusion_state.graphs is not None
+    ours = _compiled(model, compiled)
+    row["ours_world1_s"] = time_calls(lambda: ours(**inputs), device, repeats, warmup=2)
+    remove(model)
+    free_cached_memory(device)
+    # Against the fastest way to run the whole step on one device, so that the ratio is honest.
+    row["full_step_s"] = min(row[k] for k in ("diffusers_eager_s", "diffusers_graph_s", "ours_world1_s") if row[k])
 
 
 def _bench_share(
@@ -203,17 +269,25 @@ def _bench_share(
     compiled=False,
     compress=None,
     split_cfg=True,
+    video_split="rows",
+    time_sync_step=True,
 ) -> dict:
     """One rank's share of `ranks`: this process plays the largest strip with loopback collectives
     (a displaced step with `compress` encodes its row and decodes the others', as a real rank does)."""
     counter = {"bytes": 0}
     runtime = counting_loopback_runtime(ranks, device, counter)
     config = ParallelConfig(
-        mode=mode, warmup_steps=0, split_cfg=split_cfg, cuda_graphs=graphs, text_tokens=text_tokens, compress=compress
+        mode=mode,
+        warmup_steps=0,
+        split_cfg=split_cfg,
+        cuda_graphs=graphs,
+        text_tokens=text_tokens,
+        compress=compress,
+        video_split=video_split,
     )
     parallelize(model, config, runtime=runtime)
     state = model._distrifusion_state
-    ours = torch.compile(model) if compiled else model
+    ours = _compiled(model, compiled)
     step = lambda: ours(**inputs)  # noqa: E731
 
     def sync_step() -> None:
@@ -221,30 +295,42 @@ def _bench_share(
         step()
 
     row = dict(ranks=ranks, **first_steps_traffic(model, inputs, counter, mode))
-    row["sync_step_s"] = time_calls(sync_step, device, repeats, warmup=2)
-    sync_step()  # from here on displaced steps (or sync, with mode="sync")
-    row["share_step_s"] = time_calls(step, device, repeats, warmup=2)
+    # A graph: its eager use, then its capture; compiled: compilation, then a check of its guards; eager: one.
+    warmup = 2 if state.graphs is not None or compiled else 1
+    row["sync_step_s"] = None
+    if time_sync_step:
+        row["sync_step_s"] = time_calls(sync_step, device, repeats, warmup=warmup)
+        sync_step()  # from here on displaced steps (or sync, with mode="sync"); the traffic's step 1 was one
+    row["share_step_s"] = time_calls(step, device, repeats, warmup=warmup)
     remove(model)
     free_cached_memory(device)
     return row
 
 
 def format_row(row: dict) -> str:
+    how = f"{', graphs' if row['graphs'] else ''}{', compiled' if row.get('compiled') else ''}"
+    frames = f" x {row['frames']} frames" if row.get("frames") else ""
     text = (
-        f"{row['arch']} {row['height']}x{row['width']} {row['dtype']} on {row['card']}, {row['threads']} threads: "
-        f"diffusers eager {row['diffusers_eager_s'] * 1e3:.0f} ms, "
-        + (f"diffusers CUDA graph {row['diffusers_graph_s'] * 1e3:.0f} ms, " if row["diffusers_graph_s"] else "")
-        + f"ours (1 rank{', graphs' if row['graphs'] else ''}{', compiled' if row.get('compiled') else ''}) "
-        f"{row['ours_world1_s'] * 1e3:.0f} ms"
+        f"{row['arch']} {row['height']}x{row['width']}{frames} {row['dtype']} on {row['card']}, "
+        f"{row['threads']} threads: "
     )
+    if row["diffusers_eager_s"] is None:
+        text += f"full step not timed (shares only{how})"
+    else:
+        text += (
+            f"diffusers eager {row['diffusers_eager_s'] * 1e3:.0f} ms, "
+            + (f"diffusers CUDA graph {row['diffusers_graph_s'] * 1e3:.0f} ms, " if row["diffusers_graph_s"] else "")
+            + (f"ours (1 rank{how}) {row['ours_world1_s'] * 1e3:.0f} ms" if row["ours_world1_s"] else "ours not timed")
+        )
     if "ranks" in row:
+        speedup = row["compute_speedup"]
         text += (
             f"\n  one rank's share of {row['ranks']} ({row['cfg_groups']} CFG groups, strip of "
             f"{row['largest_strip_rows']} rows): {row['share_step_s'] * 1e3:.0f} ms per step"
             + (f" (exchange coded {row['compress']})" if row.get("compress") else "")
-            + f" -> compute-bound speedup {row['compute_speedup']:.2f}x over the fastest full step; "
-            f"sync step {row['sync_step_s'] * 1e3:.0f} ms"
-            f"\n  received per rank: {row['step_bytes'] / 1e9:.3f} GB per displaced step, "
+            + (f" -> compute-bound speedup {speedup:.2f}x over the fastest full step" if speedup else "")
+            + (f"; sync step {row['sync_step_s'] * 1e3:.0f} ms" if row["sync_step_s"] is not None else "")
+            + f"\n  received per rank: {row['step_bytes'] / 1e9:.3f} GB per displaced step, "
             f"{row['sync_step_bytes'] / 1e9:.3f} GB per synchronous step; hiding it needs "
             f"{row['bandwidth_needed_GBps']:.2f} GB/s: " + (", ".join(row["links_that_hide_it"]) or "no listed link")
         )
@@ -263,7 +349,7 @@ def format_table(rows: list[dict]) -> str:
         if "diffusers_eager_s" not in r:
             continue
         share = "ranks" in r
-        speedup = f"{r['compute_speedup']:.2f}x" if share else "–"
+        speedup = f"{r['compute_speedup']:.2f}x" if share and r["compute_speedup"] else "–"
         received = f"{r['step_bytes'] / 1e9:.3f}" if share else "–"
         compiled = ", compiled" if r.get("compiled") else ""
         lines.append(
@@ -286,6 +372,7 @@ def bench_images(
     graphs: bool | None = None,
     text_tokens: str = "sharded",
     compress: str | None = None,
+    frames: int | None = None,
 ) -> dict:
     """Whole-image latency (every denoising step of one image, with the pipeline's batch: CFG for
     UNets, SD3 and PixArt) in this process or under torchrun. The update between steps is a plain
@@ -297,7 +384,7 @@ def bench_images(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(arch, dtype, device)
     parallelize(model, config)  # one process: the original model (as a CUDA graph where graphs are on)
-    inputs = model_inputs(model, height, width)
+    inputs = model_inputs(model, height, width, frames=frames)
     key = find_denoiser(model)[1].sample_arg
     reset_peak_memory(device)
 

@@ -19,8 +19,14 @@ a bucket sent mid-step hides behind the rest of that step and the next step's la
 and a bucket sent at the end and read at the start of the next step hides behind nothing. Fewer ranks
 are predicted the same way (their share and timeline measured, this link assumed); "auto" chooses
 among the modes and compressions of all the ranks (fewer ranks need another launch, so the table only
-shows them): the most faithful choice predicted within 10% of the fastest (`choose`). Steps are planned
-and measured eagerly (no CUDA graphs).
+shows them): the most faithful choice predicted within 10% of the fastest (`choose`).
+
+The timeline model is that of eager steps, and steps are planned and measured eagerly (no CUDA graphs).
+A step replayed as a CUDA graph may leave nothing in flight, so each of its exchanges is settled at the
+end of its own step: it hides behind the rest of that step only, not behind the next step's layers before
+its use. On CUDA the plan also gives that prediction (`predicted_graphs_s`: the same eager work, every
+collective of a step arrived before the next begins); the graph's shorter work (no launch gaps) is not
+measured, and "auto" chooses from the eager predictions.
 """
 
 from __future__ import annotations
@@ -143,14 +149,16 @@ def choices(ranks: int, compressions=COMPRESS_MODES) -> list[Choice]:
 _COUNTS = ("step_blocking_bytes", "step_blocking_calls", "step_async_bytes", "step_async_calls")
 
 
-def simulate_step(events: list, work: float, link: Link, steps: int = 40) -> float:
+def simulate_step(events: list, work: float, link: Link, steps: int = 40, graphed: bool = False) -> float:
     """A steady-state step's seconds: the recorded `events` (module docstring) replayed against `link`.
 
     Runs `steps` consecutive steps in time: the link moves one collective at a time, in issue order; a
     step stalls at a blocking collective until the others have arrived (`Link.skew_s`) and it has moved,
     and at a wait until that collective of the
-    previous step has arrived, and everything after a stall happens later (the sends too). Returns the
-    mean of the last quarter of the steps (a link-bound exchange can settle into alternating lengths)."""
+    previous step has arrived, and everything after a stall happens later (the sends too). `graphed`: a
+    step as a CUDA graph, which settles its sends at its own end (it may leave nothing in flight), so
+    that step ends when the last of them has arrived. Returns the mean of the last quarter of the steps
+    (a link-bound exchange can settle into alternating lengths)."""
     free, arrived, start, lengths = 0.0, {}, 0.0, []
     for _ in range(steps):
         shift, sent = 0.0, {}
@@ -163,6 +171,8 @@ def simulate_step(events: list, work: float, link: Link, steps: int = 40) -> flo
                 shift += arrived[ident] - now
             elif kind == "send":
                 free = sent[ident] = max(now, free) + link.seconds(nbytes, 1)
+        if graphed and sent:
+            shift = max(shift, max(sent.values()) - start - work)
         arrived = sent
         lengths.append(work + shift)
         start += work + shift
@@ -170,9 +180,9 @@ def simulate_step(events: list, work: float, link: Link, steps: int = 40) -> flo
     return sum(last) / len(last)
 
 
-def predict(row: dict, link: Link) -> float:
+def predict(row: dict, link: Link, graphed: bool = False) -> float:
     """A step's seconds from its measured work and recorded exchange (`simulate_step`)."""
-    return simulate_step(row.get("timeline", []), row["share_step_s"], link)
+    return simulate_step(row.get("timeline", []), row["share_step_s"], link, graphed=graphed)
 
 
 def _slowest(comm: Communicator, device: torch.device, *values: float) -> list[float]:
@@ -256,8 +266,14 @@ def plan(
     predictions = _slowest(runtime.world, runtime.device, *(predict(row, link) for row in rows))
     for row, predicted in zip(rows, predictions):
         row["predicted_s"] = predicted
+    graphs = runtime.device.type == "cuda"  # where steps would run as CUDA graphs: their exchange settles early
+    if graphs:
+        graphed = _slowest(runtime.world, runtime.device, *(predict(row, link, graphed=True) for row in rows))
+        for row, predicted in zip(rows, graphed):
+            row["predicted_graphs_s"] = predicted
     rows.sort(key=lambda r: r["predicted_s"])
-    return dict(link=dataclasses.asdict(link), rows=rows, best=choose(rows, runtime.world_size))
+    best = choose(rows, runtime.world_size)
+    return dict(link=dataclasses.asdict(link), rows=rows, best=best, timeline="eager", graphs=graphs)
 
 
 FIDELITY = (
@@ -321,7 +337,7 @@ def resolve_sharding(pipe_or_model, model, config: ParallelConfig, runtime: Runt
     if runtime.world_size == 1:
         return dataclasses.replace(config, shard_weights=False), {}
     scale = None if model is pipe_or_model else pixels_per_latent(pipe_or_model)
-    parts = live_parts(pipe_or_model, model, _default_size(model, scale))
+    parts = live_parts(pipe_or_model, model, config.auto_size or default_size(pipe_or_model, model, scale))
     height, width = config.auto_size or parts.pipeline.size
     found = memory_plan(parts, height, width, parts.pipeline.frames, [runtime.world_size], config.mode, cards_gb=())
     row = next(r for r in found["rows"] if not r["sharded"] and r["text_encoders"] == "replicated")
@@ -349,7 +365,7 @@ def _resolve_mode(pipe_or_model, model, config: ParallelConfig, runtime: Runtime
     scale = None if model is pipe_or_model else pixels_per_latent(pipe_or_model)
     if runtime.world_size == 1:
         return dataclasses.replace(config, mode="sync"), {}
-    height, width = config.auto_size or _default_size(model, scale)
+    height, width = config.auto_size or default_size(pipe_or_model, model, scale)
     inputs = model_inputs(model, height, width, scale=scale)
     # Only what "auto" may run: all the ranks, the choices in FIDELITY (the rest would only cost time).
     candidates = [c for c in choices(runtime.world_size) if c.ranks == runtime.world_size and c.name in FIDELITY]
@@ -380,15 +396,29 @@ def pixels_per_latent(pipe) -> int:
     return getattr(pipe, "vae_scale_factor", 8) if getattr(pipe, "vae", None) else 1
 
 
-def _default_size(model, scale: int | None) -> tuple[int, int]:
-    """The pixel size a model was made for: sample_size latent cells of `scale` pixels (None: 1 for a
-    pixel-space UNet2DModel, else 8)."""
+def default_size(pipe_or_model, model, scale: int | None) -> tuple[int, int]:
+    """The (height, width) in pixels that "auto" plans at without `auto_size`: what the pipeline makes by
+    default (its `default_sample_size`, else its denoiser's `sample_size`, in latent cells of `scale`
+    pixels); for a bare model its config's `sample_size` (latent cells of 8 pixels; 1 for a pixel-space
+    UNet2DModel), else what the family's pipelines make (`ModelAdapter.default_size`). A ValueError asking
+    for `auto_size` when none of them says."""
     from diffusers import UNet2DModel
 
-    size = model.config.get("sample_size", 128)  # Flux has none: its pipeline default, 1024 px
-    size = size if isinstance(size, int) else size[0]
-    size *= scale or (1 if isinstance(model, UNet2DModel) else 8)
-    return size, size
+    from ..models import find_denoiser
+
+    cells = getattr(pipe_or_model, "default_sample_size", None) if model is not pipe_or_model else None
+    cells = cells or getattr(model.config, "sample_size", None)
+    if cells is None:
+        size = find_denoiser(model)[1].default_size
+        if size is None:
+            raise ValueError(
+                f"distrifusion: ParallelConfig(mode='auto') needs a size to plan at and {type(model).__name__} "
+                "has no sample_size; give ParallelConfig(auto_size=(height, width)) in pixels"
+            )
+        return size
+    rows, cols = (cells, cells) if isinstance(cells, int) else tuple(cells)
+    scale = scale or (1 if isinstance(model, UNet2DModel) else 8)
+    return rows * scale, cols * scale
 
 
 def measure(model, inputs: dict, runtime: Runtime, choice: Choice, repeats: int = 3, **config) -> float:
@@ -412,11 +442,21 @@ def measure(model, inputs: dict, runtime: Runtime, choice: Choice, repeats: int 
 def format_plan(found: dict, measured: dict | None = None) -> str:
     """The plan as a table: one line per choice, fastest first, and the link it assumed."""
     link = found["link"]
+    graphs = found.get("graphs", False)
     lines = [
         f"link: {link['latency_s'] * 1e3:.3f} ms per collective, "
         f"{link['bytes_per_s'] / 1e9:.3f} GB/s received per rank, "
         f"{link.get('skew_s', 0.0) * 1e3:.3f} ms waiting for the others at a blocking collective",
+        "timeline model: eager steps (work timed without CUDA graphs; an exchange hides behind the rest of its "
+        "step and the next step's layers before its use)"
+        + (
+            "; 'graphs': the same work as CUDA graphs would run it, every exchange settled at the end of its own "
+            "step (their shorter launch gaps not measured)"
+            if graphs
+            else ""
+        ),
         f"{'ranks':>5}  {'choice':<26}{'work/step':>11}{'MB/step':>10}{'behind':>8}{'predicted':>11}"
+        + (f"{'graphs':>10}" if graphs else "")
         + (f"{'measured':>10}{'error':>8}" if measured else ""),
     ]
     for row in found["rows"]:
@@ -426,6 +466,8 @@ def format_plan(found: dict, measured: dict | None = None) -> str:
             f"{row['ranks']:>5}  {row['choice']:<26}{row['share_step_s'] * 1e3:>9.1f}ms{mb:>10.2f}{hidden:>8.0%}"
             f"{row['predicted_s'] * 1e3:>9.1f}ms"
         )
+        if graphs:
+            line += f"{row['predicted_graphs_s'] * 1e3:>8.1f}ms"
         key = (row["ranks"], row["choice"])
         if measured and key in measured:
             real = measured[key]

@@ -46,18 +46,64 @@ class TimedWait:
         return out
 
 
-def time_phase(obj, attr: str, times: dict, phase: str) -> None:
-    """Add the seconds of every call of `obj.attr` to `times[phase]`."""
+def time_phase(obj, attr: str, times: dict, phase: str, device: torch.device | None = None) -> None:
+    """Add the seconds of every call of `obj.attr` to `times[phase]`. With a CUDA `device` the device is
+    synchronised before and after each call, so that the phase holds its own GPU work, not the work queued
+    before it nor only the launch of its own (a text encoder or a VAE decode runs once per image: two
+    synchronisations cost nothing measurable)."""
     original = getattr(obj, attr)
 
     def timed(*args, **kwargs):
+        if device is not None:
+            sync_device(device)
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
+            if device is not None:
+                sync_device(device)
             times[phase] = times.get(phase, 0.0) + time.perf_counter() - start
 
     setattr(obj, attr, timed)
+
+
+class DeviceSpan:
+    """The seconds from the start of the first of a series of calls to the end of the last, on the
+    device's own timeline: on CUDA two events recorded in the current stream (`start` at the first call,
+    `stop` after every call: the last one counts), read once at the end, so no call waits for the device;
+    elsewhere the host clock. However many calls a step makes (a pipeline may call its denoiser twice per
+    step), the span ends where the last call's work ends."""
+
+    def __init__(self, device: torch.device, mark=None) -> None:
+        self.cuda = device.type == "cuda"
+        self.mark = mark or (_cuda_mark if self.cuda else time.perf_counter)
+        self.first = self.last = None
+        self.calls = 0
+
+    def start(self) -> None:
+        """Marks the start (the first time only)."""
+        if self.first is None:
+            self.first = self.mark()
+
+    def stop(self) -> None:
+        """Marks the end of a call: the latest mark is the span's end."""
+        self.last = self.mark()
+        self.calls += 1
+
+    def seconds(self) -> float | None:
+        """The span, None before a call ended (on CUDA, waits for the last call's work)."""
+        if self.first is None or self.last is None:
+            return None
+        if self.cuda:
+            self.last.synchronize()
+            return self.first.elapsed_time(self.last) / 1e3
+        return self.last - self.first
+
+
+def _cuda_mark():
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def sync_device(device: torch.device) -> None:

@@ -77,14 +77,17 @@ def counting_loopback_runtime(ranks: int, device: torch.device, counter: dict):
 
 def count_traffic(
     arch: str,
-    sizes: list[int],
+    sizes: list[int | tuple[int, int]],
     dtype: torch.dtype,
     ranks: list[int],
     mode: str = "displaced",
     text_tokens=None,
     compress: str | None = None,
+    frames: int | None = None,
+    video_split: str = "rows",
 ):
-    """Bytes each rank receives per synchronous and per displaced step, for every size and N, and
+    """Bytes each rank receives per synchronous and per displaced step, for every size (square, or
+    (height, width)) and N (and a video model's `frames`), and
     what Ulysses sequence parallelism would receive for the same attention calls.
 
     Traffic depends on shapes only, so the model runs on the meta device: no weights, no compute,
@@ -94,7 +97,8 @@ def count_traffic(
     model = build_model(arch, dtype, device)
     rows = []
     for size in sizes:
-        inputs = model_inputs(model, size, size)
+        height, width = (size, size) if isinstance(size, int) else size
+        inputs = model_inputs(model, height, width, frames=frames)
         calls = attention_calls(model, inputs)
         for n in ranks:
             counter = {"bytes": 0}
@@ -105,6 +109,7 @@ def count_traffic(
                 cuda_graphs=False,
                 text_tokens=text_tokens or "sharded",
                 compress=compress,
+                video_split=video_split,
             )
             parallelize(model, config, runtime=counting_loopback_runtime(n, device, counter))
             with torch.no_grad():
@@ -114,7 +119,8 @@ def count_traffic(
             dtype_name = str(dtype).removeprefix("torch.")
             ulysses = ulysses_bytes(calls, n // groups, groups, torch.finfo(dtype).bits // 8)
             rows.append(
-                dict(arch=arch, height=size, width=size, dtype=dtype_name, mode=mode, ranks=n, **traffic)
+                dict(arch=arch, height=height, width=width, dtype=dtype_name, mode=mode, ranks=n, **traffic)
+                | ({"frames": frames, "video_split": video_split} if frames else {})
                 | dict(text_tokens=config.text_tokens, compress=compress, ulysses_step_bytes=ulysses)
             )
     return rows

@@ -58,23 +58,33 @@ def byte_tokenizer(max_length: int):
         return CLIPTokenizer.from_pretrained(d, model_max_length=max_length)
 
 
-def model_inputs(model, height: int, width: int, batch: int | None = None, scale: int | None = None) -> dict:
+def model_inputs(
+    model, height: int, width: int, batch: int | None = None, scale: int | None = None, frames: int | None = None
+) -> dict:
     """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller), as the
     model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3 and PixArt; one image
     with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no latents). Text
     lengths are the pipelines' defaults (CLIP 77, SD3 333, PixArt 120, Flux 512). `scale`: pixels per
-    latent cell (None: 1 for a UNet2DModel, else 8; a pixel-space transformer takes 1)."""
+    latent cell (None: 1 for a UNet2DModel, else 8; a pixel-space transformer takes 1).
+
+    Wan (a video): one video per call (the pipelines call the model once per guidance branch), `frames`
+    pixel frames (default 81) in 1 + (frames - 1) // 4 latent frames; 512 text tokens; Wan 2.1 I2V's 257
+    CLIP image tokens; Wan 2.2 TI2V (48 latent channels: its VAE's 16x16 pixels per latent cell unless
+    `scale` says otherwise) with its per-token timestep."""
     from diffusers import (
         AutoencoderKL,
         FluxTransformer2DModel,
         PixArtTransformer2DModel,
         SD3Transformer2DModel,
         UNet2DModel,
+        WanTransformer3DModel,
     )
 
     cfg, p = model.config, next(model.parameters())
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g) if p.device.type != "meta" else torch.empty(shape)  # noqa: E731
+    if isinstance(model, WanTransformer3DModel):
+        return _to_model(_wan_inputs(model, height, width, batch or 1, scale, frames or 81, rand), p)
     scale = scale or (1 if isinstance(model, UNet2DModel) else 8)
     h, w = height // scale, width // scale
     if isinstance(model, FluxTransformer2DModel):
@@ -131,6 +141,24 @@ def model_inputs(model, height: int, width: int, batch: int | None = None, scale
                 "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch),
             }
     return _to_model(inputs, p)
+
+
+def _wan_inputs(model, height: int, width: int, batch: int, scale: int | None, frames: int, rand) -> dict:
+    cfg = model.config
+    ti2v = cfg.in_channels == 48  # Wan 2.2 TI2V: the Wan 2.2 VAE's 48 channels, 16x16 pixels per cell
+    scale = scale or (16 if ti2v else 8)
+    shape = (1 + (frames - 1) // 4, height // scale, width // scale)
+    inputs = dict(
+        hidden_states=rand(batch, cfg.in_channels, *shape),
+        timestep=torch.full((batch,), 500.0),
+        encoder_hidden_states=rand(batch, 512, cfg.text_dim),
+    )
+    if ti2v:  # one timestep per token, as its pipelines pass it (expand_timesteps)
+        p_t, p_h, p_w = cfg.patch_size
+        inputs["timestep"] = torch.full((batch, shape[0] // p_t * (shape[1] // p_h) * (shape[2] // p_w)), 500.0)
+    if cfg.image_dim is not None:  # Wan 2.1 I2V: 257 CLIP image tokens
+        inputs["encoder_hidden_states_image"] = rand(batch, 257, cfg.image_dim)
+    return inputs
 
 
 def _to_model(value, p: torch.Tensor):

@@ -7,6 +7,7 @@ and the tests it adds: docs/ARCHITECTURE.md, "To add a model family").
 | Flux.1 | `flux.FluxAdapter` | FluxTransformer2DModel |
 | SD3 / SD3.5 | `sd3.SD3Adapter` | SD3Transformer2DModel |
 | PixArt-α/Σ | `pixart.PixArtAdapter` | PixArtTransformer2DModel |
+| Wan 2.1 / 2.2 | `wan.WanAdapter` | WanTransformer3DModel (video: strips of rows or of frames) |
 | VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
 """
 
@@ -20,12 +21,29 @@ from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .vae import VAEAdapter
+from .wan import WanAdapter
 
-__all__ = ["ADAPTERS", "ModelAdapter", "VAEAdapter", "find_denoiser", "supported_names"]
+__all__ = [
+    "ADAPTERS",
+    "ModelAdapter",
+    "VAEAdapter",
+    "denoiser_modules",
+    "find_denoiser",
+    "find_denoisers",
+    "supported_names",
+]
 
-ADAPTERS: tuple[ModelAdapter, ...] = (UNetAdapter(), FluxAdapter(), SD3Adapter(), PixArtAdapter(), VAEAdapter())
-DENOISER_ATTRS = ("unet", "transformer")
-"""Where a pipeline keeps its denoising model."""
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    UNetAdapter(),
+    FluxAdapter(),
+    SD3Adapter(),
+    PixArtAdapter(),
+    WanAdapter(),
+    VAEAdapter(),
+)
+DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
+"""Where a pipeline keeps its denoising models (Wan 2.2 A14B: a second expert, `transformer_2`, for the
+low-noise steps)."""
 
 
 def supported_names() -> str:
@@ -35,16 +53,29 @@ def supported_names() -> str:
 def find_denoiser(pipe_or_model) -> tuple[nn.Module, ModelAdapter]:
     """The denoising model of a pipeline (its `.unet` or `.transformer`) or a bare model, and its
     adapter; a TypeError naming the supported classes for anything else."""
-    model = pipe_or_model
-    for attr in DENOISER_ATTRS:
-        if isinstance(getattr(pipe_or_model, attr, None), nn.Module):
-            model = getattr(pipe_or_model, attr)
-            break
+    return find_denoisers(pipe_or_model)[0]
+
+
+def find_denoisers(pipe_or_model) -> list[tuple[nn.Module, ModelAdapter]]:
+    """Every denoising model of a pipeline (`.unet`, `.transformer`, `.transformer_2`: each once) or the
+    bare model, each with its adapter; a TypeError naming the supported classes for anything else."""
+    return [(model, _adapter(pipe_or_model, model)) for model in denoiser_modules(pipe_or_model)]
+
+
+def denoiser_modules(pipe_or_model) -> list[nn.Module]:
+    """A pipeline's denoising models (`.unet`, `.transformer`, `.transformer_2`: each once, in this order),
+    or `[pipe_or_model]` itself when it has none."""
+    found = [getattr(pipe_or_model, a, None) for a in DENOISER_ATTRS]
+    found = [m for m in found if isinstance(m, nn.Module)]
+    return list({id(m): m for m in found}.values()) or [pipe_or_model]
+
+
+def _adapter(pipe_or_model, model: nn.Module) -> ModelAdapter:
     for adapter in ADAPTERS:
         if isinstance(model, adapter.models):
-            return model, adapter
+            return adapter
     inside = f" with a {type(model).__name__}" if model is not pipe_or_model else ""
     raise TypeError(
-        f"distrifusion supports {supported_names()} and pipelines whose .unet or .transformer is one of them; "
-        f"got {type(pipe_or_model).__name__}{inside}"
+        f"distrifusion supports {supported_names()} and pipelines whose .unet, .transformer or .transformer_2 is one "
+        f"of them; got {type(pipe_or_model).__name__}{inside}"
     )

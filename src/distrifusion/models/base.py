@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor
+from ..engine.config import ParallelConfig
+from ..engine.hooks import inner_forward, refuse_hooks, set_inner_forward
+from ..engine.layers import PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor
 from ..engine.state import ParallelState, Partition
 
-PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
+PATCH_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
 
 
 class ModelAdapter:
@@ -29,6 +31,8 @@ class ModelAdapter:
     """The dimension of the output along which strips are stacked (2: rows of a map, 1: tokens)."""
     row_unit: str = "rows"
     """What the split's rows are, for error messages (rows of the model's input, or token rows)."""
+    split_axis: str = "image height"
+    """The extent that is split into strips, for error messages ("image height"; a video's frames)."""
     joint_text: bool = False
     """Whether image and text tokens attend jointly (so text tokens can be sharded among ranks)."""
     conditioning_args: tuple[str, ...] = ()
@@ -39,21 +43,35 @@ class ModelAdapter:
     always_sync: bool = False
     """Whether every call is synchronous whatever the config's mode (a VAE: one call per image,
     no previous step to borrow from)."""
+    default_size: tuple[int, int] | None = None
+    """(height, width) in pixels that the family's pipelines make by default, for `mode="auto"` on a bare
+    model whose config has no `sample_size` (None: such a model needs `ParallelConfig.auto_size`)."""
     halo_convs: bool = False
     """Whether the adapter gives every conv taller than one row its halo rows (UNets, VAEs); else
     only convs whose windows do not overlap (a transformer's patch embedding) are accepted."""
 
+    def configured(self, model: nn.Module, config: ParallelConfig) -> ModelAdapter:
+        """The adapter for this model and config (a video family: split in rows or in frames, `video_split`)."""
+        return self
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse the model, before anything runs, if a layer cannot be split into strips: the
-        family's own rules (`check`) and, for every family, the layers that read across rows."""
+        family's own rules (`check`) and, for every family, the layers that read across rows and the hooks
+        whose decisions depend on a rank's strip (`distrifusion.engine.hooks`)."""
         for name, module in model.named_modules():
             refuse_row_crossing(name, module, self.halo_convs)
+        refuse_hooks(model)
         self.check(model)
 
     def entries(self, model: nn.Module) -> list[tuple[str, ModelAdapter]]:
         """The model's methods that each run one split call, with the adapter that splits it
         (a denoiser: its forward; a VAE: its encode and decode)."""
         return [("forward", self)]
+
+    def check_pipeline_call(self, pipe, arguments: dict) -> None:
+        """Refuse a pipeline call (its arguments, defaults filled in) that the pipeline would take but
+        silently change into another (Wan: a frame count that is not 1 + 4k): raised on every rank alike,
+        before any work."""
 
     def runs_whole(self, model: nn.Module, inputs: dict) -> bool:
         """Whether this call must run unsplit on every rank (e.g. a VAE with diffusers' tiling on,
@@ -168,10 +186,11 @@ def check_kwargs_dict(family: str, inputs: dict, name: str) -> None:
 
 
 def install_forward(module: nn.Module, layer: type, name: str, state: ParallelState) -> None:
-    """Make `layer(module, name, state)` the module's forward, unless this state's already is."""
-    current = module.__dict__.get("forward")
+    """Make `layer(module, name, state)` the module's forward (beneath its diffusers hooks, if any), unless
+    this state's already is."""
+    current = inner_forward(module)
     if not (isinstance(current, layer) and current.state is state):
-        module.forward = layer(module, name, state)
+        set_inner_forward(module, layer(module, name, state))
 
 
 def install_processor(attn: nn.Module, state: ParallelState, make: Callable) -> None:

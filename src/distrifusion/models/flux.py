@@ -31,6 +31,7 @@ class FluxAdapter(ModelAdapter):
     output_dim = 1
     row_unit = "token rows"
     joint_text = True
+    default_size = (1024, 1024)  # FluxPipeline: default_sample_size 128 latent cells of 8 px; no sample_size
 
     def check(self, model: nn.Module) -> None:
         for name, module in model.named_modules():

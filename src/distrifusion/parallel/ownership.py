@@ -25,6 +25,7 @@ import weakref
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
+from ..engine.hooks import inner_forward, refuse_hooks, weights_direct
 from ..engine.state import ParallelState
 from ..models import ModelAdapter
 
@@ -57,10 +58,22 @@ class Ownership:
         self._modules = weakref.WeakSet(modules)
         attentions = [m for m in modules if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None]
         self._processors = [(m, m.processor) for m in attentions]
-        owned = [m.__dict__.get("forward") for m in modules] + [p for _, p in self._processors]
+        owned = [inner_forward(m) for m in modules] + [p for _, p in self._processors]
         self.layers = sum(getattr(layer, "state", None) is self.state for layer in owned)
         self._switches = self.adapter.switches(self.model)
+        self.state.direct_weights = weights_direct(self.model)
         self.changed = False
+
+    def check_hooks(self) -> ValueError | None:
+        """Before each image: the refusal of a hook the engine cannot run under, enabled since it last looked
+        (`distrifusion.engine.hooks.refuse_hooks`), for every rank to raise alike; and whether the layers may
+        still read weights directly (a hook or quantisation added since)."""
+        try:
+            refuse_hooks(self.model)
+        except ValueError as refusal:
+            return refusal
+        self.state.direct_weights = weights_direct(self.model)
+        return None
 
     def intact(self) -> bool:
         """Whether the model is as the engine left it (cheap: a flag, one identity per attention, the switches)."""

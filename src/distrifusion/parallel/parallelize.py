@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 import warnings
 import zlib
 from collections.abc import Callable
@@ -19,19 +20,21 @@ from torch import nn
 from ..engine.comm import Runtime, init_runtime, shard_group
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
+from ..engine.hooks import hook_names, inner_forward, set_inner_forward
 from ..engine.layers import (
     PatchAttnProcessor,
     PatchConv2d,
     PatchFreeU,
     PatchGroupNorm,
     PatchJointAttnProcessor,
+    PatchTokenAttnProcessor,
     PatchZeroPadDownsample,
     StripPatchEmbed,
     pad_to,
 )
 from ..engine.shard import Sharding, check_shardable
-from ..engine.state import ParallelState, Partition, identity, split_rows, tensor_version
-from ..models import DENOISER_ATTRS, ModelAdapter, VAEAdapter, find_denoiser
+from ..engine.state import ParallelState, Partition, first_time, identity, split_rows, tensor_version
+from ..models import ModelAdapter, VAEAdapter, denoiser_modules, find_denoiser, find_denoisers
 from .ownership import Ownership
 from .text_encoders import check_text_encoders, place_text_encoders, placements, restore_text_encoders
 
@@ -39,7 +42,7 @@ log = logging.getLogger("distrifusion")
 
 _STATE_ATTR = "_distrifusion_state"
 _LAYERS = (PatchConv2d, PatchGroupNorm, PatchFreeU, StripPatchEmbed, PatchZeroPadDownsample)
-_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor)
+_PROCESSORS = (PatchAttnProcessor, PatchJointAttnProcessor, PatchTokenAttnProcessor)
 
 
 ResolveAuto = Callable[[object, nn.Module, ParallelConfig, Runtime], tuple[ParallelConfig, dict]]
@@ -63,8 +66,10 @@ def parallelize(
     runs alone and its results are unchanged.
 
     The model keeps its call signature: every rank passes the full inputs (same seed on every
-    rank) and receives the full output. A bare model counts its calls as denoising steps; call
-    `reset` before each new image. A pipeline restarts its count at every call.
+    rank) and receives the full output. A bare model counts its calls as denoising steps; the pipeline
+    given here restarts its count at every call, and any other caller (a pipeline made from its components,
+    a bare-model loop) starts a new image when the timestep rises again (`ParallelState.begins_image`);
+    `reset` before a new image is always right.
 
     `ParallelConfig(mode="auto")` needs `resolve_auto`, which the public `distrifusion.parallelize`
     gives (the planner, `distrifusion.measure.planner.resolve_auto`): the engine never imports the tools.
@@ -72,10 +77,12 @@ def parallelize(
     config = config or ParallelConfig()
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"config must be a distrifusion.ParallelConfig, got {type(config).__name__}")
-    model, adapter = find_denoiser(pipe_or_model)
-    if hasattr(model, _STATE_ATTR):
-        raise ValueError("this model is already parallelised; call distrifusion.remove() first")
-    adapter.check_model(model)
+    denoisers = find_denoisers(pipe_or_model)  # a pipeline's experts too (Wan 2.2's transformer_2)
+    for model, adapter in denoisers:
+        if hasattr(model, _STATE_ATTR):
+            raise ValueError("this model is already parallelised; call distrifusion.remove() first")
+        adapter.configured(model, config).check_model(model)
+    model, adapter = denoisers[0]
     if not adapter.uses_groupnorm and config.groupnorm != ParallelConfig.groupnorm:
         warnings.warn(
             f"distrifusion: ParallelConfig.groupnorm has no effect on {type(model).__name__} (no GroupNorm)",
@@ -84,9 +91,10 @@ def parallelize(
     vae = _pipeline_vae(pipe_or_model, model) if config.split_vae else None
     if vae is not None:
         VAEAdapter().check_model(vae)
-    refuse_offloading(pipe_or_model)
+    refuse_offloading(pipe_or_model, config)
     if config.shard_weights is True:
-        check_shardable(model, "the denoiser's")
+        for each, _ in denoisers:
+            check_shardable(each, "the denoiser's")
     runtime = runtime or init_runtime(config.timeout_s)
     found = None
     if "auto" in (config.mode, config.shard_weights):
@@ -103,12 +111,14 @@ def parallelize(
     chosen = placements(pipe_or_model, config, sharded, runtime.world_size) if model is not pipe_or_model else {}
     check_text_encoders(pipe_or_model, chosen)
     # Sharded, the denoiser never goes to the device whole: FSDP2 moves one block at a time, then keeps its share.
-    keep = [model] if sharded else []
+    keep = [each for each, _ in denoisers] if sharded else []
     keep += [getattr(pipe_or_model, name) for name, placement in chosen.items() if placement != "replicated"]
     _to_device(pipe_or_model, runtime.device, keep=tuple(keep))
     if chosen:
         place_text_encoders(pipe_or_model, chosen, config, runtime)
     parallelize_model(model, config, runtime, adapter).auto_plan = found
+    for expert, expert_adapter in denoisers[1:]:  # each its own state: its own steps and stale context
+        parallelize_model(expert, config, runtime, expert_adapter)
     if vae is not None:
         parallelize_model(vae, config, runtime, VAEAdapter())
     if model is not pipe_or_model:
@@ -126,23 +136,25 @@ def _to_device(pipe_or_model, device: torch.device, keep: tuple = ()) -> None:
             component.to(device)
 
 
-def refuse_offloading(pipe_or_model) -> None:
-    """Refuse a pipeline or model under diffusers' offloading (`enable_model_cpu_offload`,
-    `enable_sequential_cpu_offload`: accelerate's hooks; group offloading: diffusers' hooks): parallelize
-    puts every rank's model on its device and runs it through the engine's forward, which those hooks
-    would fight. One line naming what to use instead."""
+def refuse_offloading(pipe_or_model, config: ParallelConfig) -> None:
+    """Refuse offloading that cannot run under parallelize, in one line naming what to use instead:
+    accelerate's hooks (`enable_model_cpu_offload`, `enable_sequential_cpu_offload`) on any component (the
+    denoiser's own are refused by `engine.hooks.refuse_hooks`, this covers the text encoders and the VAE:
+    parallelize puts each rank's components on its device, which those hooks would fight); and diffusers'
+    group offloading together with `shard_weights` (both would move the denoiser's weights; group
+    offloading alone runs beneath the engine's layers, `engine.hooks`)."""
     components = getattr(pipe_or_model, "components", None) or {"model": pipe_or_model}
+    denoisers = [each for each, _ in find_denoisers(pipe_or_model)]
     for name, component in components.items():
         if not isinstance(component, nn.Module):
             continue
+        sharded = config.shard_weights is not False and any(component is each for each in denoisers)
         for module in component.modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            hooks = getattr(registry, "hooks", {}) if registry is not None else {}
             kind = None
             if getattr(module, "_hf_hook", None) is not None:
                 kind = "accelerate's offloading (enable_model_cpu_offload or enable_sequential_cpu_offload)"
-            elif any("offload" in hook_name for hook_name in hooks):
-                kind = "diffusers' group offloading (enable_group_offload)"
+            elif sharded and any("offload" in hook for hook in hook_names(module)):
+                kind = f"diffusers' group offloading (enable_group_offload) with shard_weights={config.shard_weights!r}"
             if kind:
                 raise ValueError(
                     f"distrifusion: {name} uses {kind}, which cannot run under parallelize; load the pipeline "
@@ -174,7 +186,7 @@ def parallelize_model(
     Everything else (1x1 convs, linears, per-token norms, activations, skips, embeddings) is
     already local to a strip.
     """
-    adapter = adapter or find_denoiser(model)[1]
+    adapter = (adapter or find_denoiser(model)[1]).configured(model, config)
     if adapter.always_sync:
         # "force" is about the denoiser's CFG batch; a VAE call's batch is the images, often one.
         config = dataclasses.replace(config, mode="sync", cuda_graphs=False, split_cfg=bool(config.split_cfg))
@@ -184,14 +196,18 @@ def parallelize_model(
         check_shardable(model, "the denoiser's")
         state.sharding = Sharding(model, shard_group(runtime, config.shard_group, config.timeout_s), runtime.device)
     if use_cuda_graphs(config, runtime, sharded):
-        watchdog = ReplayWatchdog(config.timeout_s, runtime.rank) if runtime.world_size > 1 else None
+        watchdog = ReplayWatchdog(config.timeout_s, runtime.rank, runtime.device) if runtime.world_size > 1 else None
         agree = partial(_everywhere, runtime)
         state.graphs = CudaGraphs(runtime.device, agree=agree, abort=state.abort_step, watchdog=watchdog)
     setattr(model, _STATE_ATTR, state)
     state.ownership = Ownership(model, adapter, state)
     state.ownership.install()
     for method, entry in adapter.entries(model):
-        setattr(model, method, _ParallelForward(model, state, entry, method))
+        split = _ParallelForward(model, state, entry, method)
+        if method == "forward":  # beneath diffusers' hooks on the model (a cache's, offloading's), as they wrap forward
+            set_inner_forward(model, split)
+        else:
+            setattr(model, method, split)
     if hasattr(type(model), "set_default_attn_processor"):
         model.set_default_attn_processor = _WithOriginalProcessors(model, "set_default_attn_processor")
     return state
@@ -239,7 +255,14 @@ def _everywhere(runtime: Runtime, ok: bool) -> bool:
 
 def use_cuda_graphs(config: ParallelConfig, runtime: Runtime, sharded: bool = False) -> bool:
     """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives, and weights
-    that stay in place (not `sharded`)."""
+    that stay in place (not `sharded`).
+
+    With several ranks, also NCCL's graph mixing (`NCCL_GRAPH_MIXING_SUPPORT`, on by default): between
+    two replays a rank issues eager collectives on the same communicators (the step-0 agreement, an eager
+    step's gathers), which NCCL supports only with mixing on. One graph holds collectives of two
+    communicators under CFG split (the halves' exchange, the world's output gather); NCCL's hangs with
+    mixing on were seen when one thread launches the graphs of several ranks, which never happens here
+    (one rank per process), so mixing stays on and nothing is set for NCCL."""
     comms = [runtime.world, *runtime.patch_groups.values()]
     possible = runtime.device.type == "cuda" and all(getattr(c, "capturable", False) for c in comms)
     if sharded and possible:
@@ -258,19 +281,29 @@ def use_cuda_graphs(config: ParallelConfig, runtime: Runtime, sharded: bool = Fa
             f"(nccl, or one rank); this rank runs on {runtime.device} with "
             f"{', '.join(sorted({type(c).__name__ for c in comms}))}. Use cuda_graphs=None or False."
         )
+    if possible and runtime.world_size > 1 and os.environ.get("NCCL_GRAPH_MIXING_SUPPORT", "1").strip() == "0":
+        if config.cuda_graphs:
+            raise ValueError(
+                "distrifusion: cuda_graphs=True with several ranks needs NCCL's graph mixing (eager collectives "
+                "run between replays on the same communicators), and NCCL_GRAPH_MIXING_SUPPORT=0 turns it off. "
+                "Unset it, or use cuda_graphs=None or False."
+            )
+        if runtime.rank == 0:
+            log.warning("distrifusion: NCCL_GRAPH_MIXING_SUPPORT=0: steps run eagerly (CUDA graphs need it on)")
+        possible = False
     return possible if config.cuda_graphs is None else config.cuda_graphs
 
 
 def remove(pipe_or_model) -> None:
     """Undo `parallelize`: restore the original forwards and attention processors (of the
     pipeline's VAE too)."""
-    model = denoiser_of(pipe_or_model)
-    vae = getattr(pipe_or_model, "vae", None) if model is not pipe_or_model else None
+    models = denoisers_of(pipe_or_model)
+    vae = getattr(pipe_or_model, "vae", None) if models[0] is not pipe_or_model else None
     if isinstance(vae, nn.Module):
         _remove_model(vae)
-    if model is not pipe_or_model and hasattr(model, _STATE_ATTR):
+    if models[0] is not pipe_or_model and hasattr(models[0], _STATE_ATTR):
         restore_text_encoders(pipe_or_model)
-    if not _remove_model(model):
+    if not [_remove_model(model) for model in models][0]:
         return
     base = getattr(type(pipe_or_model), "_distrifusion_base", None)
     if base is not None:
@@ -286,9 +319,16 @@ def _remove_model(model: nn.Module) -> bool:
     state.ownership.close()
     if state.sharding is not None:
         state.sharding.gather_whole()  # collective: every rank removes alike
+
+    def ours(value, name: str = "forward") -> bool:  # the engine's layers, and an adapter's own forwards
+        engine = isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors))
+        return engine or (name == "forward" and getattr(value, "state", None) is state)
+
     for module in model.modules():
+        if ours(inner_forward(module)):
+            set_inner_forward(module, None)
         for name, value in list(module.__dict__.items()):
-            if isinstance(value, (*_LAYERS, _ParallelForward, _WithOriginalProcessors)):
+            if ours(value, name):
                 delattr(module, name)
     _give_back_processors(model)
     delattr(model, _STATE_ATTR)
@@ -296,11 +336,14 @@ def _remove_model(model: nn.Module) -> bool:
 
 
 def denoiser_of(pipe_or_model) -> nn.Module:
-    """A pipeline's denoising model (its `.unet` or `.transformer`), or `pipe_or_model` itself."""
-    for attr in DENOISER_ATTRS:
-        if isinstance(getattr(pipe_or_model, attr, None), nn.Module):
-            return getattr(pipe_or_model, attr)
-    return pipe_or_model
+    """A pipeline's (first) denoising model (its `.unet` or `.transformer`), or `pipe_or_model` itself."""
+    return denoisers_of(pipe_or_model)[0]
+
+
+def denoisers_of(pipe_or_model) -> list[nn.Module]:
+    """A pipeline's denoising models (`.unet`, `.transformer`, and Wan 2.2's second expert `.transformer_2`),
+    or `[pipe_or_model]` itself."""
+    return denoiser_modules(pipe_or_model)
 
 
 def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
@@ -311,18 +354,29 @@ def reset(pipe_or_model, *, drop_graphs: bool = False) -> None:
     changed (see `distrifusion.ownership`: LoRAs loaded, processors set, FreeU's factors); other
     changes that alter the computation without touching a weight or a module need `drop_graphs=True`.
     """
-    model = denoiser_of(pipe_or_model)
+    for model in denoisers_of(pipe_or_model):
+        _reset_model(model, drop_graphs)
+
+
+def _reset_model(model: nn.Module, drop_graphs: bool) -> None:
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("reset() needs a model or pipeline returned by distrifusion.parallelize()")
+    _new_image(model, state, drop_graphs)
+
+
+def _new_image(model: nn.Module, state: ParallelState, drop_graphs: bool = False) -> None:
+    """`reset`'s work: by a pipeline call, by the user, or when the calls themselves show that a new image
+    began (`ParallelState.begins_image`)."""
     state.reset()
     state.refresh_fused_kv()
     if state.graphs is not None:
         # Graphs read the weights' memory: replaced or modified weights need new graphs (and the fused
-        # key/value projections a refresh, which the first eager step does).
+        # key/value projections a refresh, which the first eager step does). This rank's finding; the
+        # graphs go on every rank at once, at the next call's step-0 agreement (`_ParallelForward.agree`).
         weights = tuple((p.data_ptr(), tensor_version(p)) for p in model.parameters()) + _adapter_settings(model)
         if weights != state.graph_weights or drop_graphs:
-            state.graphs.clear()
+            state.graphs.stale = True
             state.graph_weights = weights
 
 
@@ -341,11 +395,13 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
     if cls not in _PIPELINE_CLASSES:
 
         def __call__(self, *args, **kwargs):
+            _check_call(self, cls, args, kwargs)
             reset(self)
             out = cls.__call__(self, *args, **kwargs)
             # The last step's exchanges are still in flight: finish them now, not at the next image,
             # so that no collective outlives the image (a process may exit right after it).
-            getattr(denoiser_of(self), _STATE_ATTR).reset()
+            for model in denoisers_of(self):
+                getattr(model, _STATE_ATTR).reset()
             return out
 
         def _execution_device(self):
@@ -362,6 +418,17 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
 
 
 _PIPELINE_CLASSES: dict[type, type] = {}
+
+
+def _check_call(pipe, cls: type, args: tuple, kwargs: dict) -> None:
+    """The adapters' refusals of a pipeline call (`ModelAdapter.check_pipeline_call`), before any work."""
+    try:
+        bound = inspect.signature(cls.__call__).bind(pipe, *args, **kwargs)
+    except TypeError:
+        return  # the pipeline's own call raises its own error
+    bound.apply_defaults()
+    for _, adapter in find_denoisers(pipe):
+        adapter.check_pipeline_call(pipe, bound.arguments)
 
 
 class _ParallelForward:
@@ -405,6 +472,9 @@ class _ParallelForward:
             # A number would be baked into the graph: make it the tensor the model itself would make of it.
             inputs["timestep"] = adapter.timestep_tensor(self.model, inputs["timestep"])
         if state.runtime.world_size == 1:
+            if state.graphs.stale:  # no other rank to agree with
+                state.graphs.clear()
+                state.graphs.stale = False
             full, kind = state.graphs("solo", self.run_local, inputs)
             return self.output(full, kind)
         if adapter.runs_whole(self.model, inputs):  # every rank computes the whole call, unsplit
@@ -427,7 +497,15 @@ class _ParallelForward:
         state, adapter = self.state, self.adapter
         problem = self.refresh()
         conditioning = {name: inputs.get(name) for name in adapter.conditioning_args}
-        state.enter_branch(identity(conditioning), conditioning, inputs.get("timestep"))
+        key, timestep = identity(conditioning), inputs.get("timestep")
+        state.enter_branch(key, conditioning, timestep)
+        t = first_time(timestep)
+        if state.begins_image(t):  # whichever pipeline object calls: its own count starts again
+            _new_image(self.model, state)
+            state.enter_branch(key, conditioning, timestep)
+        state.note_time(t)
+        if state.step == 0 and problem is None:  # each image: hooks enabled since the last one
+            problem = state.ownership.check_hooks()
         partition = self.partition(inputs)
         state.begin_step(partition)
         if state.step == 0:
@@ -491,16 +569,16 @@ class _ParallelForward:
             )
             self.noticed_no_split = True
         patch_size = world // cfg_groups
-        block, unit = self.block, adapter.row_unit
+        block, unit, axis = self.block, adapter.row_unit, adapter.split_axis
         if height % block:
             raise ValueError(
-                f"distrifusion: image height of {height} {unit} must be a multiple of the model's block of "
-                f"{block} {unit}"
+                f"distrifusion: {axis} of {height} {unit} must be a multiple of the model's block of {block} {unit}"
             )
         if height < patch_size * block:
             raise ValueError(
-                f"distrifusion: image height of {height} {unit} is too small to split over {patch_size} ranks; the "
-                f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger height or fewer ranks."
+                f"distrifusion: {axis} of {height} {unit} is too small to split over {patch_size} ranks; the "
+                f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger {axis.split()[-1]} or "
+                "fewer ranks."
             )
         text, sharded = (), False
         if adapter.joint_text:
@@ -536,6 +614,8 @@ class _ParallelForward:
                 "distrifusion.remove() and parallelize again"
             )
         self.state.release()
+        if self.state.graphs is not None:
+            self.state.graphs.stale = True  # dropped here; the step-0 agreement drops the other ranks' too
         try:
             ownership.install()
         except (TypeError, ValueError) as refusal:
@@ -545,15 +625,21 @@ class _ParallelForward:
     def agree(self, sample: torch.Tensor, timestep, problem: Exception | None) -> None:
         """Before an image's first collective of its layers, every rank learns whether each rank
         accepts the call: no refusal of a changed model, as many patch-parallel layers, the same
-        inputs (e.g. latents drawn with a shared seed). Then all raise, or none."""
+        inputs (e.g. latents drawn with a shared seed), steps as CUDA graphs on all or none. Then all
+        raise, or none. And whether any rank's graphs went stale: then every rank drops its graphs, so
+        that all capture (and launch their collectives captured or eager) alike, as NCCL requires."""
+        graphs = self.state.graphs
         if sample.device.type == "meta":  # a shape-only run (bench counting traffic) has no values to compare
             if problem is not None:
                 raise problem
             return
         t = torch.as_tensor(0 if timestep is None else timestep, device=sample.device).double().sum()
         layers = float(self.state.ownership.layers)
+        graphed = [float(graphs is not None), float(graphs is not None and graphs.stale)]
         flags = torch.tensor(
-            [float(problem is None), layers, _fingerprint(self.state.config)], dtype=torch.float64, device=sample.device
+            [float(problem is None), layers, _fingerprint(self.state.config), *graphed],
+            dtype=torch.float64,
+            device=sample.device,
         )
         summary = torch.cat([torch.stack([sample.double().sum(), sample.double().abs().sum(), t]), flags])
         gathered = self.state.runtime.world.all_gather(summary).wait()
@@ -573,6 +659,14 @@ class _ParallelForward:
                 "distrifusion: the ranks run with different ParallelConfig settings (mode, compress, warm-up, ...); "
                 "give every rank the same config"
             )
+        if gathered[:, 6].amin() != gathered[:, 6].amax():
+            raise ValueError(
+                "distrifusion: some ranks run steps as CUDA graphs and others eagerly (cuda_graphs, the backend or "
+                "NCCL_GRAPH_MIXING_SUPPORT differ); set them alike on every rank"
+            )
+        if graphs is not None and gathered[:, 7].amax() > 0:
+            graphs.clear()
+            graphs.stale = False
         sums = gathered[:, :3]
         if not ((sums == sums[0]) | (sums.isnan() & sums[0].isnan())).all():  # NaN inputs are alike too
             raise ValueError(
