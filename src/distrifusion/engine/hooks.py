@@ -25,6 +25,8 @@ import types
 
 from torch import nn
 
+from .shard import is_sharded_parameter
+
 DATA_DEPENDENT_HOOKS = {
     "fbc_leader_block_hook": "first-block cache (FirstBlockCacheConfig)",
     "fbc_block_hook": "first-block cache (FirstBlockCacheConfig)",
@@ -88,8 +90,12 @@ def _magcache_calibrating(module: nn.Module, hook: str) -> bool:
 def plain_parameters(module: nn.Module) -> bool:
     """Whether the module's own parameters are ordinary tensors the engine may compute with as the module
     would: `nn.Parameter`s (not a quantised tensor subclass such as torchao's, bitsandbytes' or GGUF's), not
-    on the meta device. Their dtype may be a storage dtype that a hook casts (see `weights_direct`)."""
-    return all(p is None or (type(p) is nn.Parameter and not p.is_meta) for p in module._parameters.values())
+    on the meta device. Their dtype may be a storage dtype that a hook casts (see `weights_direct`). The
+    engine's own FSDP2 shards count as plain: they are whole, plain tensors whenever the module runs."""
+    return all(
+        p is None or is_sharded_parameter(p) or (type(p) is nn.Parameter and not p.is_meta)
+        for p in module._parameters.values()
+    )
 
 
 def weights_direct(model: nn.Module) -> bool:
