@@ -36,7 +36,7 @@ def rank_main(setting: dict) -> dict:
     import distrifusion
     from distrifusion.engine.comm import init_runtime
     from distrifusion.measure.timing import current_memory_mb, peak_memory_mb, reset_peak_memory, return_freed_memory
-    from distrifusion.measure.workload import build_model, model_inputs
+    from distrifusion.measure.workload import build_model
 
     cpu = torch.device("cpu")
     return_freed_memory()
@@ -49,9 +49,7 @@ def rank_main(setting: dict) -> dict:
     )
     distrifusion.parallelize(model, config)
     weights = current_memory_mb(cpu) - base
-    inputs = model_inputs(model, setting["size"], setting["size"], batch=setting["batch"])
-    text = setting["text"]  # fewer text tokens than the pipeline's 512: a CPU step in seconds
-    inputs.update(encoder_hidden_states=inputs["encoder_hidden_states"][:, :text], txt_ids=inputs["txt_ids"][:text])
+    inputs = _inputs(model, setting)
     reset_peak_memory(cpu)
     times = []
     with torch.no_grad():
@@ -75,23 +73,40 @@ def rank_main(setting: dict) -> dict:
     )
 
 
+def _inputs(model, setting: dict) -> dict:
+    """One call's inputs: `batch` images, fewer text tokens than the pipeline's 512 (a CPU step in seconds)."""
+    from distrifusion.measure.workload import model_inputs
+
+    inputs = model_inputs(model, setting["size"], setting["size"], batch=setting["batch"])
+    text = setting["text"]
+    inputs.update(encoder_hidden_states=inputs["encoder_hidden_states"][:, :text], txt_ids=inputs["txt_ids"][:text])
+    return inputs
+
+
 def planned(setting: dict) -> dict:
-    """The memory plan's weights part of the same setting (its denoiser only, float32)."""
-    from distrifusion.measure.memory import load_config, meta_model, sharded_layout, weight_bytes
+    """The memory plan's count of the same setting (its denoiser only, float32, counted on the meta device
+    with the same inputs): the weights part, and the peak (weights kept, exchange, activations with the
+    gathered units, inputs)."""
+    from distrifusion.measure.memory import denoise_share, load_config, meta_model, sharded_layout, weight_bytes
 
     model = meta_model(load_config(CONFIG), torch.float32)
     whole = weight_bytes(model)
-    if not setting["shard"]:
-        return dict(weights_mb=whole / 2**20, largest_unit_mb=0.0, whole_mb=whole / 2**20)
     parts = setting["ranks"] // (2 if setting["group"] == "cfg_group" else 1)
-    layout = sharded_layout(model, parts)
-    units = sum(layout["unit_bytes"].values())
-    return dict(
-        weights_mb=layout["kept"] / 2**20,
-        largest_unit_mb=layout["largest"] / 2**20,
+    layout = sharded_layout(model, parts) if setting["shard"] else None
+    size, ranks = setting["size"], setting["ranks"]
+    share = denoise_share(model, size, size, None, ranks, "displaced", setting["text"], layout, _inputs(model, setting))
+    kept = layout["kept"] if layout else whole
+    found = dict(
+        weights_mb=kept / 2**20,
+        largest_unit_mb=layout["largest"] / 2**20 if layout else 0.0,
         whole_mb=whole / 2**20,
-        gathered_per_call_mb=units * (parts - 1) / parts / 2**20,
+        peak_mb=(kept + share["exchange"] + share["activations"] + share["inputs"]) / 2**20,
+        exchange_mb=share["exchange"] / 2**20,
+        activations_mb=share["activations"] / 2**20,
     )
+    if layout:
+        found["gathered_per_call_mb"] = sum(layout["unit_bytes"].values()) * (parts - 1) / parts / 2**20
+    return found
 
 
 def main() -> int:
@@ -100,7 +115,15 @@ def main() -> int:
     parser.add_argument("--text", type=int, default=64, help="text tokens")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plan-only", action="store_true", help="recount the plan's figures of --json's rows")
     args = parser.parse_args()
+    if args.plan_only:
+        record = json.loads(Path(args.json).read_text())
+        for row in record["results"]:
+            row["plan"] = planned(row["setting"])
+            print(f"{row['setting']}: measured peak {row['peak_mb']:.0f} MB, planned {row['plan']['peak_mb']:.0f} MB")
+        Path(args.json).write_text(json.dumps(record, indent=1))
+        return 0
     settings = [
         dict(ranks=2, shard=False, group="world", batch=1),
         dict(ranks=2, shard=True, group="world", batch=1),

@@ -7,15 +7,16 @@ Counted per rank, in the pipeline's three phases (everything loaded stays reside
 - weights: the denoiser whole, or its share when sharded (`ParallelConfig.shard_weights`: 1/N of every
   unit, padded as FSDP2 pads, plus the few weights no unit holds), every expert of a mixture (Wan2.2's
   two), the VAE whole, the text encoders as placed (whole, 1/N, or none on the device: "cpu");
-- denoising: the largest set of units gathered whole at once (the running one and the next, prefetched),
+- denoising: the units gathered whole at once (FSDP2 in a forward: the running unit's parameters, its
+  all-gather buffer, and the next unit's all-gather in flight: `_gathers`),
   this rank's activations at their peak (tensor storages alive, tracked by a dispatch mode; attention as
   a GPU's flash kernel allocates: its output, never the score matrix), the exchange buffers the engine
   keeps between steps (one set per guidance branch), the model's inputs;
 - decoding: the VAE decode of this rank's strip (the engine splits an `AutoencoderKL`; other VAEs decode
   the whole image on every rank), at its peak;
-- text encoding: the encoder's activations, and with a sharded encoder its largest gathered layers.
+- text encoding: the encoder's activations, and with a sharded encoder three of its largest units.
 
-A family the engine has no adapter for yet (Flux.2, Qwen-Image, Wan in this version) is *estimated*:
+A family the engine has no adapter for yet (Flux.2, Qwen-Image in this version) is *estimated*:
 the whole model on a strip-sized input (its activations), plus the keys/values every self- or joint
 attention would keep for the other strips (the exchange) and one attention's worth gathered in flight.
 The plan says which rows are counted and which estimated.
@@ -200,37 +201,50 @@ def sharded_layout(model: nn.Module, parts: int) -> dict:
 
 @contextlib.contextmanager
 def _gathers(model: nn.Module, layout: dict, live: LiveBytes, order: list):
-    """During one call: each unit's weights counted whole from its start (and the next unit's, prefetched,
-    as FSDP2 does from the order of an earlier call) to its end. With no `order` yet, it records it."""
-    units, size = layout["units"], layout["unit_bytes"]
+    """During one call, each unit's gathered weights counted as FSDP2 holds them in a forward (torch 2.13,
+    `FSDPParamGroup.wait_for_unshard`): a unit's all-gather lands in a flat buffer of its whole size, is
+    copied out into its whole parameters when it starts, and that buffer is freed only at the next unit's
+    copy-out; the parameters are freed when it ends; as it starts it prefetches the next unit's all-gather
+    (from the order of an earlier call). So while a unit computes: its parameters, its all-gather buffer and
+    the next one's, three units. With no `order` yet, it records it (and gathers without prefetching)."""
+    size = layout["unit_bytes"]
     following = {id(a): b for a, b in zip(order, order[1:])}
-    whole: set[int] = set()
+    whole: set[int] = set()  # units whose whole parameters are alive
+    buffers: set[int] = set()  # units whose all-gather buffer is alive
+    kept = None  # the unit whose buffer the next copy-out frees
 
-    def gather(unit):
-        if id(unit) not in whole:
-            whole.add(id(unit))
-            live.add(size[id(unit)])
+    def all_gather(unit_id: int) -> None:
+        if unit_id not in buffers and unit_id not in whole:
+            buffers.add(unit_id)
+            live.add(size[unit_id])
 
     def before(unit, *_):
+        nonlocal kept
         if not following:
             order.append(unit)
-        gather(unit)
+        all_gather(id(unit))
+        if kept is not None and kept != id(unit):
+            buffers.discard(kept)
+            live.add(-size[kept])
+        whole.add(id(unit))
+        live.add(size[id(unit)])  # copied out into the whole parameters
+        kept = id(unit)
         if id(unit) in following:
-            gather(following[id(unit)])
+            all_gather(id(following[id(unit)]))
 
     def after(unit, *_):
         if id(unit) in whole:
             whole.discard(id(unit))
             live.add(-size[id(unit)])
 
-    hooks = [u.register_forward_pre_hook(partial(before, u)) for u in units]
-    hooks += [u.register_forward_hook(partial(after, u)) for u in units]
+    hooks = [u.register_forward_pre_hook(partial(before, u)) for u in layout["units"]]
+    hooks += [u.register_forward_hook(partial(after, u)) for u in layout["units"]]
     try:
         yield
     finally:
         for h in hooks:
             h.remove()
-        for unit_id in whole:  # a prefetched unit that did not run in this call
+        for unit_id in [*whole, *buffers]:  # what this call left gathered
             live.add(-size[unit_id])
 
 
@@ -296,22 +310,23 @@ def _strip_rows(model: nn.Module, height: int, patch_ranks: int) -> int:
 
 
 def denoise_share(model: nn.Module, height: int, width: int, frames: int | None, ranks: int, mode: str, text: int,
-                  layout: dict | None = None) -> dict:  # fmt: skip
+                  layout: dict | None = None, inputs: dict | None = None) -> dict:  # fmt: skip
     """One rank's denoising memory on the meta device: peak activations (with the gathered units of
     `layout`, when sharded), the exchange kept between steps, the inputs, and the bytes received per step
-    by the exchange. Counted through the engine when it has an adapter for the model, else estimated."""
+    by the exchange. Counted through the engine when it has an adapter for the model (with the call's
+    `inputs` on the meta device when given, else the family's at this size), else estimated."""
     try:
         find_denoiser(model)
         counted = True
     except TypeError:
         counted = False
     if counted:
-        return _counted_share(model, height, width, ranks, mode, layout)
+        return _counted_share(model, height, width, ranks, mode, layout, inputs, frames)
     return _estimated_share(model, height, width, frames, ranks, text, layout)
 
 
-def _counted_share(model, height, width, ranks, mode, layout) -> dict:
-    inputs = model_inputs(model, height, width)
+def _counted_share(model, height, width, ranks, mode, layout, inputs=None, frames=None) -> dict:
+    inputs = inputs if inputs is not None else model_inputs(model, height, width, frames=frames)
     meta = torch.device("meta")
     counter: dict = {}
     runtime = loopback_runtime(ranks, device=meta)
@@ -486,7 +501,7 @@ def memory_plan(parts: Parts, height: int, width: int, frames: int | None, ranks
                             encoder_layouts[index, ranks] = sharded_layout(parts.text_encoders[index], ranks)
                         te_layout = encoder_layouts[index, ranks]
                         te_resident += te_layout["kept"]
-                        te_phase = max(te_phase, te_act + 2 * te_layout["largest"])
+                        te_phase = max(te_phase, te_act + 3 * te_layout["largest"])  # as _gathers counts
                 resident = denoiser_weights + vae_weights + te_resident + exchange
                 peak = resident + max(denoise, decode, te_phase)
                 rows.append(
@@ -575,7 +590,7 @@ def format_memory_plan(found: dict) -> str:
         )
     lines.append(
         "weights: the denoiser's (its share when sharded); gather: its units gathered whole at the peak (the "
-        "running one and the next); "
+        "running one, its all-gather buffer and the next one's, as FSDP2 holds them); "
         "text: the text encoders' weights on the device; peak = weights + VAE + text + exchange + the largest "
         f"phase (denoising, decoding, encoding); fits: peak + {RESERVE_GB} GB reserve within {1 - MARGIN:.0%} "
         "of the card"
@@ -653,16 +668,18 @@ def live_parts(pipe_or_model, model: nn.Module, size: tuple[int, int]) -> Parts:
 
 
 def measure_share_memory(arch: str, height: int, width: int, dtype: torch.dtype, ranks_list: list[int],
-                         device: torch.device, mode: str = "displaced") -> list[dict]:  # fmt: skip
+                         device: torch.device, mode: str = "displaced",
+                         model: nn.Module | None = None) -> list[dict]:  # fmt: skip
     """`bench --memory`: the denoiser's peak memory on this device, measured, beside the plan's count for the
     same thing (its weights, one rank's share of a step of N ranks with loopback collectives: activations,
     exchange, inputs), for each N. On CUDA the allocator's peak; on a CPU this process's resident peak
-    (freed memory handed back at once, `timing.return_freed_memory`) above what it held before the model."""
+    (freed memory handed back at once, `timing.return_freed_memory`) above what it held before the model.
+    `model`: `arch` already built on `device` in `dtype` (the device check's), else it is built here."""
     from .timing import current_memory_mb, free_cached_memory, peak_memory_mb, reset_peak_memory, return_freed_memory
     from .workload import build_model
 
     return_freed_memory()
-    model = build_model(arch, dtype, device)
+    model = model if model is not None else build_model(arch, dtype, device)
     with torch.no_grad():  # a small call first: the libraries' own first-use allocations are not the model's
         model(**model_inputs(model, 64, 64))
     meta = meta_model(load_config(arch_config_path(arch)), dtype)
