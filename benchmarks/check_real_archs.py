@@ -6,6 +6,11 @@ process. Too heavy for CI (an SDXL UNet is 10 GB in float32); run by hand on a m
     python benchmarks/check_real_archs.py sdxl_vae --pixels 1024 768      (decode and encode, always exact)
     python benchmarks/check_real_archs.py wan21_t2v_1_3b wan21_t2v_14b wan22_ti2v_5b --depth 1 --pixels 128 96 \
         --frames 9 --video-split rows frames                               (a video, split in rows or frames)
+    python benchmarks/check_real_archs.py qwen_image --depth 2 --pixels 256 192 --references 4
+    python benchmarks/check_real_archs.py flux2_klein flux2_dev --depth 1 --pixels 128 128 --references 4
+
+`--references S` appends S x S reference-image tokens to Flux, Flux.2 and Qwen-Image calls (Kontext,
+Flux.2 with an image, Qwen-Image-Edit) and gives Qwen-Image a text mask whose second half is padding.
 
 Transformers keep their published widths; `--depth` cuts them to that many blocks of each kind
 (Flux: double- and single-stream) so that they fit in memory (Flux-dev alone is 48 GB in float32).
@@ -45,14 +50,15 @@ def calls(model, inputs, timesteps):
         return [model(**{**inputs, "timestep": t}, return_dict=False)[0] for t in timesteps]
 
 
-def run_rank(runtime, model, inputs, timesteps, split="rows"):
+def run_rank(runtime, model, inputs, timesteps, split="rows", text_tokens="sharded"):
     """One simulated rank: sync-mode calls, then displaced calls on an unchanged input."""
     model = shared_copy(model)
-    sync = distrifusion.ParallelConfig(mode="sync", split_cfg=False, video_split=split)
+    options = dict(split_cfg=False, video_split=split, text_tokens=text_tokens)
+    sync = distrifusion.ParallelConfig(mode="sync", **options)
     distrifusion.parallelize(model, sync, runtime=runtime)
     synced = calls(model, inputs, timesteps)
     distrifusion.remove(model)
-    displaced = distrifusion.ParallelConfig(warmup_steps=0, split_cfg=False, video_split=split)
+    displaced = distrifusion.ParallelConfig(warmup_steps=0, **options)
     distrifusion.parallelize(model, displaced, runtime=runtime)
     frozen = calls(model, inputs, timesteps[:1] * 3)  # step 0 sync, then displaced
     return synced, frozen
@@ -89,6 +95,28 @@ def check_vae(arch: str, ranks: list[int], pixels: tuple[int, int]) -> None:
         )
 
 
+def with_references(model, inputs: dict, side: int) -> dict:
+    """`inputs` with `side` x `side` reference-image tokens after the image's (their ids as the editing
+    pipelines make them) and, for Qwen-Image, a text mask with padding."""
+    tokens = inputs["hidden_states"]
+    g = torch.Generator().manual_seed(2)
+    refs = torch.randn(tokens.shape[0], side * side, tokens.shape[2], generator=g, dtype=tokens.dtype)
+    inputs = dict(inputs, hidden_states=torch.cat([tokens, refs], 1))
+    if "img_shapes" in inputs:  # Qwen-Image-Edit
+        inputs["img_shapes"] = [shapes + [(1, side, side)] for shapes in inputs["img_shapes"]]
+        text = inputs["encoder_hidden_states"]
+        mask = torch.ones(text.shape[:2], dtype=torch.long)
+        mask[:, text.shape[1] // 2 :] = 0
+        inputs["encoder_hidden_states_mask"] = mask
+        return inputs
+    ids = inputs["img_ids"]  # Kontext: first coordinate 1; Flux.2: 10
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    extra = torch.zeros(side * side, ids.shape[-1], dtype=ids.dtype)
+    extra[:, 0], extra[:, 1:3] = 1 if ids.shape[-1] == 3 else 10, grid
+    inputs["img_ids"] = torch.cat([ids, extra])
+    return inputs
+
+
 def cut_depth(arch: str, depth: int) -> str:
     """A config file like `arch`'s with `depth` blocks of each kind (transformers only)."""
     config = json.loads((CONFIGS / ARCHS[arch]).read_text())
@@ -110,6 +138,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2, help="blocks of each kind kept in a transformer")
     parser.add_argument("--frames", type=int, default=None, help="video archs: pixel frames (1 + 4k)")
     parser.add_argument("--video-split", nargs="+", default=["rows"], help="video archs: rows and/or frames")
+    parser.add_argument("--references", type=int, default=0, help="S x S reference-image tokens (Flux, Flux.2, Qwen)")
+    parser.add_argument("--text-tokens", choices=["sharded", "replicated"], default="sharded")
     args = parser.parse_args()
     for arch in args.archs:
         if arch.endswith("_vae"):
@@ -120,6 +150,8 @@ def main() -> None:
         model = build_model(source, torch.float32, torch.device("cpu"))
         # The CFG batch is kept whole (split_cfg=False) so that every rank computes strips.
         inputs = model_inputs(model, *args.pixels, frames=args.frames)
+        if args.references:
+            inputs = with_references(model, inputs, args.references)
         t0 = inputs["timestep"]
         timesteps = [t0 * f for f in (1.8, 1.6, 1.4)]
         reference = calls(model, inputs, timesteps)
@@ -127,13 +159,17 @@ def main() -> None:
         scale = max(r.abs().max().item() for r in reference)
         video = inputs["hidden_states"].dim() == 5 if "hidden_states" in inputs else False
         for ranks, split in [(n, s) for n in args.ranks for s in (args.video_split if video else ["rows"])]:
-            run = partial(run_rank, model=model, inputs=inputs, timesteps=timesteps, split=split)
+            run = partial(
+                run_rank, model=model, inputs=inputs, timesteps=timesteps, split=split, text_tokens=args.text_tokens
+            )
             results = simulate_ranks(ranks, run)
             sync_err = max((s - r).abs().max().item() for res in results for s, r in zip(res[0], reference))
             frozen_err = max((f - frozen_ref).abs().max().item() for res in results for f in res[1])
             what = f" x {args.frames} frames, split in {split}" if video else ""
             print(
-                f"{arch}, {ranks} ranks, {args.pixels[0]}x{args.pixels[1]} px{what}: sync max error "
+                f"{arch}, {ranks} ranks, {args.pixels[0]}x{args.pixels[1]} px{what}"
+                + (f" + {args.references}x{args.references} reference tokens" if args.references else "")
+                + f", text {args.text_tokens}: sync max error "
                 f"{sync_err / scale:.2e}, displaced on an unchanged input {frozen_err / scale:.2e} "
                 f"(of the output scale {scale:.2f}; {time.time() - start:.0f} s)",
                 flush=True,

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import CONFIGS
 
 
@@ -78,6 +79,29 @@ def test_traffic_only_counts_what_a_real_run_sends(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["ranks"] for r in rows] == [2, 4] and rows[1]["step_bytes"] == counted[0]["step_bytes"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(_class_name="QwenImageTransformer2DModel", in_channels=16, out_channels=4, axes_dims_rope=[4, 6, 6]),
+        dict(_class_name="Flux2Transformer2DModel", in_channels=16, num_single_layers=1, axes_dims_rope=[4, 4, 4, 4]),
+    ],
+    ids=["qwen_image", "flux2"],
+)
+def test_traffic_only_counts_the_new_families_as_a_real_run(tmp_path, config):
+    """Qwen-Image and Flux.2 (tiny widths of the published layouts): the meta-device count is a real run's."""
+    import torch
+
+    from distrifusion.measure.bench import bench_step, count_traffic
+
+    arch = tmp_path / "tiny.json"
+    width = dict(num_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32)
+    arch.write_text(json.dumps({**width, **config}))
+    counted = count_traffic(str(arch), [256], torch.float32, [4])
+    measured = bench_step(str(arch), 256, 256, torch.float32, [4], repeats=1)
+    assert counted[0]["step_bytes"] == measured[0]["step_bytes"] > 0
+    assert counted[0]["ulysses_step_bytes"] > 0
 
 
 def test_bench_graphs_on_without_cuda_is_a_clear_error(tmp_path):

@@ -93,6 +93,11 @@ def test_generate_refuses_bad_input_at_once(tmp_path, args, fragments):
         (["bench", "--sizes", "100"], ["image height of 100 px must be a multiple of 8 px"]),
         (["bench", "--sizes", "256", "--simulate", "16"], ["too small to split over 8 ranks (16 ranks, CFG"]),
         (["bench", "--arch", "nope"], ["unknown architecture 'nope'"]),
+        (
+            ["bench", "--arch", "qwen_image", "--sizes", "1000"],
+            ["1000 px must be a multiple of the model's block of 16 px", "token row"],
+        ),
+        (["bench", "--arch", "flux2_klein", "--sizes", "64", "--simulate", "8"], ["the minimum is 128 px"]),
         (["quality", "--ranks", "8", "--height", "32"], ["too small to split over 8 ranks; the minimum is 64 px"]),
         (["quality", "--seeds", "0"], ["--seeds must be >= 1, got 0"]),
         (["quality", "--model", "embedded-dit", "--height", "4"], ["too small for SSIM's 7x7 window"]),

@@ -142,13 +142,16 @@ def _transformer_images(family: str, config: distrifusion.ParallelConfig) -> lis
     def rank(runtime):
         model = copy.deepcopy(base)
         distrifusion.parallelize(model, config, runtime=runtime)
-        # Flux 48 x 16 tokens, SD3 16 x 16 patches (its largest position table): strips' keys/values get coded.
-        return denoise_tokens(model, family, 48 if family == "flux" else 16, 16, batch=1, steps=5)
+        # Flux 48 x 16 tokens, SD3 16 x 16 patches (its largest position table): strips' keys/values get coded;
+        # 16 x 16 reference tokens (Qwen-Image-Edit, Flux.2): theirs too, sharded or not. Qwen-Image's text
+        # mask (one padded prompt) travels beside sharded text, uncoded (too small).
+        rows = 48 if family in ("flux", "qwen_edit", "flux2_ref") else 16
+        return denoise_tokens(model, family, rows, 16, batch=1, steps=5, ref=16)
 
     return simulate_ranks(2, rank)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen_edit", "flux2_ref"])
 @pytest.mark.parametrize("text_tokens", ["sharded", "replicated"])
 def test_lossless_codec_is_uncompressed_displaced_for_transformers(monkeypatch, family, text_tokens):
     """A coded buffer is decoded only when the next step waits for it, so a lossless codec shows whether

@@ -1,9 +1,13 @@
-"""Diffusion transformers (Flux, SD3.5, PixArt): N gloo ranks against one process.
+"""Diffusion transformers (Flux.1 and Kontext, SD3.5, PixArt, Flux.2, Qwen-Image and Qwen-Image-Edit):
+N gloo ranks against one process.
 
 Float64 tiny models with the published block structure (Flux double + single stream, SD3.5 dual
-attention and qk-norm, PixArt with resolution conditions), 5 x 3 split units: uneven strips for
-2 (3+2), 3 (2+2+1) and 4 (2+1+1+1) ranks. As for UNets, the synchronous path may differ from one
-process by float reduction order only (~1e-16 measured); tolerance 1e-9 of the output scale.
+attention and qk-norm, PixArt with resolution conditions, Flux.2's single-stream blocks with one
+projection for attention and MLP, Qwen-Image's MSRoPE and a text mask with padding in one sample of
+the batch, reference-image tokens after the image's), 5 x 3 split units: uneven strips for 2 (3+2), 3
+(2+2+1) and 4 (2+1+1+1) ranks, 7 text tokens (not a multiple of any rank count). As for UNets, the
+synchronous path may differ from one process by float reduction order only (~1e-16 measured);
+tolerance 1e-9 of the output scale.
 """
 
 import copy
@@ -14,7 +18,16 @@ import pytest
 import torch
 from helpers import psnr, run_ranks
 from test_config_and_errors import fake_runtime
-from transformer_helpers import BLOCK, FAMILIES, call, call_inputs, denoise, image_shape, tiny_transformer
+from transformer_helpers import (
+    BLOCK,
+    FAMILIES,
+    NEW_FAMILIES,
+    call,
+    call_inputs,
+    denoise,
+    image_shape,
+    tiny_transformer,
+)
 
 import distrifusion
 
@@ -30,6 +43,16 @@ EXACT_CASES = [
     for split in (True, False)
     for text in TEXT_MODES[family]
 ]
+# The families added later: every split in sync mode, and displaced with a warm-up covering every step (the
+# same exchanges, made fresh) once; fewer runs for the CI's time.
+EXACT_CASES += [
+    (family, "sync", split, text)
+    for family in NEW_FAMILIES
+    for split in (True, False)
+    for text in ("replicated", "sharded")
+]
+EXACT_CASES += [(family, "displaced", False, "sharded") for family in NEW_FAMILIES]
+ALL_FAMILIES = FAMILIES + NEW_FAMILIES
 
 
 def _run(model, family, config, batch=2):
@@ -42,7 +65,7 @@ def _run(model, family, config, batch=2):
 
 def rank_job(world_size: int) -> dict:
     out = {}
-    for family in FAMILIES:
+    for family in ALL_FAMILIES:
         model = tiny_transformer(family)
         for _, mode, split, text in [c for c in EXACT_CASES if c[0] == family]:
             warmup = STEPS if mode == "displaced" else 0  # every step synchronous: must be exact
@@ -71,7 +94,7 @@ def results():
 @pytest.fixture(scope="module")
 def references():
     refs = {}
-    for family in FAMILIES:
+    for family in ALL_FAMILIES:
         model = tiny_transformer(family)
         refs[family] = denoise(model, family, ROWS, COLS, steps=STEPS)
         if family == "flux":
@@ -100,7 +123,7 @@ def test_flux_single_branch_and_second_image(results, references, world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_displaced_is_closer_than_naive(results, references, world, family):
     # Measured (5 steps, 1 warm-up): displaced 30-45 dB, naive 20-33 dB; random weights amplify
     # small differences, so the margin asserted is 8 dB, not the trained model's 10.
@@ -259,18 +282,21 @@ def test_remove_restores_the_model(family):
     assert torch.equal(after, _one_call(before, family))
 
 
-def test_more_ranks_than_text_tokens():
-    """Sharded text over 8 ranks with 7 text tokens: one rank holds none, and sync stays exact."""
+@pytest.mark.parametrize("family", ["flux", "qwen"])
+def test_more_ranks_than_text_tokens(family):
+    """Sharded text over 8 ranks with 7 text tokens: one rank holds none, and sync stays exact (Qwen-Image:
+    with a text mask whose padding covers whole shares, and that rank's empty share of it)."""
     from distrifusion.measure.simulate import simulate_ranks
 
-    model = tiny_transformer("flux")
-    reference = denoise(model, "flux", 8, COLS, batch=1, steps=2)
+    model = tiny_transformer(family)
+    reference = denoise(model, family, 8, COLS, batch=1, steps=2)
+    replicas = [copy.deepcopy(model) for _ in range(8)]  # here: the ranks are threads
 
     def rank(runtime):
-        replica = copy.deepcopy(model)
+        replica = replicas[runtime.rank]
         config = distrifusion.ParallelConfig(mode="sync", text_tokens="sharded")
         distrifusion.parallelize(replica, config, runtime=runtime)
-        return denoise(replica, "flux", 8, COLS, batch=1, steps=2)
+        return denoise(replica, family, 8, COLS, batch=1, steps=2)
 
     for out in simulate_ranks(8, rank):
         assert _rel_error(out, reference) < TOL
@@ -304,3 +330,86 @@ def test_sync_mode_is_bit_identical_to_one_process(family):
                     assert torch.equal(out, expected), (world, text, (out - expected).abs().max().item())
     finally:
         torch.set_num_threads(threads)
+
+
+# -- the families added later: what their parity depends on, and what is refused -----------------------------
+
+
+@pytest.mark.parametrize(
+    "family,drop",
+    [("qwen", "encoder_hidden_states_mask"), ("qwen_edit", "ref_tokens"), ("kontext", "ref_tokens")]
+    + [("flux2_ref", "ref_tokens")],
+)
+def test_text_mask_and_reference_tokens_matter(family, drop):
+    """The parity above means something only if the text mask's padding and the reference tokens change
+    the output (here by 1e-3 of its scale at least; a mask or reference dropped on some rank would show)."""
+    model = tiny_transformer(family)
+    cond = call_inputs(family, 2, ROWS, COLS)
+    changed = dict(cond, **{drop: None if drop != "ref_tokens" else torch.zeros_like(cond[drop])})
+    x = torch.randn(2, *image_shape(family, ROWS, COLS), dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel_error(call(model, family, x, 0.5, changed), call(model, family, x, 0.5, cond)) > 1e-3
+
+
+def test_unsupported_variants_are_refused_by_name():
+    """Refused in `parallelize`, before any collective, alike on every rank (the model alone decides)."""
+    from diffusers import QwenImage21Transformer2DModel
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
+
+    qwen21 = QwenImage21Transformer2DModel(
+        num_layers=1, attention_head_dim=8, num_attention_heads=2, context_in_dim=16, axes_dims_rope=(2, 2, 4)
+    )
+    with pytest.raises(TypeError, match="QwenImage21Transformer2DModel: .*block-causal attention"):
+        distrifusion.parallelize(qwen21, runtime=fake_runtime(2))
+    for flag, why in (("zero_cond_t", "Qwen-Image-Edit-2511"), ("use_layer3d_rope", "Qwen-Image-Layered")):
+        with pytest.raises(TypeError, match=why):
+            distrifusion.parallelize(tiny_transformer("qwen", **{flag: True}), runtime=fake_runtime(2))
+    flux2 = tiny_transformer("flux2")
+    flux2.transformer_blocks[0].attn.set_processor(Flux2KVAttnProcessor())
+    with pytest.raises(TypeError, match="Flux2KleinKVPipeline"):
+        distrifusion.parallelize(flux2, runtime=fake_runtime(2))
+
+
+def test_unsupported_inputs_of_new_families_are_refused():
+    model = distrifusion.parallelize(tiny_transformer("flux2"), runtime=fake_runtime(2))
+    with pytest.raises(ValueError, match="kv_cache_mode.*Flux2KleinKVPipeline"):
+        _one_call(model, "flux2", kv_cache_mode="extract")
+    model = distrifusion.parallelize(tiny_transformer("qwen"), runtime=fake_runtime(2))
+    with pytest.raises(ValueError, match="img_shapes .* describe 15 tokens, hidden_states has 19"):
+        _one_call(model, "qwen_edit", img_shapes=[[(1, ROWS, COLS)]] * 2)  # reference tokens img_shapes does not name
+    with pytest.raises(ValueError, match="needs img_shapes"):
+        _one_call(model, "qwen", img_shapes=None)
+    model = distrifusion.parallelize(tiny_transformer("kontext"), runtime=fake_runtime(2))
+    ids = call_inputs("kontext", 2, ROWS, COLS)["img_ids"]
+    with pytest.raises(ValueError, match="row-major grid"):  # reference ids with the image's first coordinate
+        _one_call(model, "kontext", img_ids=torch.cat([ids[: ROWS * COLS], ids[ROWS * COLS :] * 0]))
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_new_families_remove_and_fused_projections(family):
+    """`remove` restores the model (the Qwen-Image position module's forward too), and fused QKV projections
+    (`fuse_qkv_projections`, where the family has them) stay exact with 2 simulated ranks."""
+    from distrifusion.measure.simulate import simulate_ranks
+
+    model = tiny_transformer(family)
+    before = copy.deepcopy(model)
+    distrifusion.parallelize(model, distrifusion.ParallelConfig(), runtime=fake_runtime(2))
+    distrifusion.remove(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    torch.manual_seed(0)
+    after = _one_call(model, family)
+    torch.manual_seed(0)
+    assert torch.equal(after, _one_call(before, family))
+    fused = copy.deepcopy(model)
+    fused.fuse_qkv_projections()
+    reference = denoise(fused, family, ROWS, COLS, steps=2)
+
+    def rank(runtime):
+        replica = copy.deepcopy(fused)
+        distrifusion.parallelize(
+            replica, distrifusion.ParallelConfig(mode="sync", text_tokens="sharded"), runtime=runtime
+        )
+        return denoise(replica, family, ROWS, COLS, steps=2)
+
+    for out in simulate_ranks(2, rank):
+        assert _rel_error(out, reference) < TOL

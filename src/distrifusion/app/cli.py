@@ -54,7 +54,8 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
         "--text-tokens",
         choices=TEXT_TOKEN_MODES,
         default="sharded",
-        help="Flux/SD3: each rank computes a share of the text tokens, or all of them (default: sharded)",
+        help="joint-attention transformers (Flux.1/2, SD3, Qwen-Image): each rank computes a share of the text "
+        "(and reference-image) tokens, or all of them (default: sharded)",
     )
     p.add_argument(
         "--compress",
@@ -293,7 +294,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--text-tokens",
         choices=TEXT_TOKEN_MODES,
         default="sharded",
-        help="Flux/SD3: each rank computes a share of the text tokens, or all of them (ParallelConfig.text_tokens)",
+        help="joint-attention transformers (Flux.1/2, SD3, Qwen-Image): each rank computes a share of the text "
+        "(and reference-image) tokens, or all of them (ParallelConfig.text_tokens)",
     )
     every.add_argument(
         "--compress",

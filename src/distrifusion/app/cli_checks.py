@@ -98,6 +98,11 @@ def wan_geometry(name: str, transformer: dict, vae: dict | None) -> Geometry:
     return Geometry(name, px, px, note, note, False, 480, time_factor=temporal, default_frames=81, default_width_px=832)
 
 
+TOKEN_ROW_MODELS = ("FluxTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel")
+"""Transformers split in token rows of 2x2 latent cells, whose pipelines call them with one image per call
+(guidance distilled, or true CFG as a second call): no CFG batch."""
+
+
 def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | None:
     """A diffusers pipeline's needs, from its config files alone (a local folder, or a hub id already in
     the local cache); None when they cannot be read cheaply: the first call checks them then."""
@@ -137,7 +142,7 @@ def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | No
     if cls == "UNet2DConditionModel":
         levels = _unet_levels(config)
         block_note, own, own_note = f"{levels} latent rows of {vae} px", vae, f"the VAE's {vae} px per latent row"
-    elif cls == "FluxTransformer2DModel":  # 2x2 latent cells per token: a token row is 2 latent rows
+    elif cls in TOKEN_ROW_MODELS:  # 2x2 latent cells per token: a token row is 2 latent rows
         levels, own = 2, 2 * vae
         block_note = own_note = f"one token row: 2 latent rows of {vae} px"
     elif cls in ("SD3Transformer2DModel", "PixArtTransformer2DModel"):
@@ -148,7 +153,7 @@ def pipeline_geometry(model: str, guidance_scale: float | None) -> Geometry | No
         return None
     cfg = PIPELINE_CFG.get(cls, False) and (guidance_scale is None or guidance_scale > 1)
     default = (config.get("sample_size") or 128) * vae
-    if cls == "FluxTransformer2DModel":
+    if cls in TOKEN_ROW_MODELS:
         default = 1024
     return Geometry(name, own, levels * vae, block_note, own_note, cfg, default)
 
@@ -171,7 +176,7 @@ def bench_geometry(arch: str | None) -> Geometry:
         return wan_geometry(f"--arch {arch}", config, {"scale_factor_spatial": spatial})
     if cls == "AutoencoderKL":  # a decode: any whole number of latent rows
         return Geometry(f"--arch {arch}", 8, 8, "one latent row of 8 px", "8 px per latent row", False, 1024)
-    if cls == "FluxTransformer2DModel":
+    if cls in TOKEN_ROW_MODELS:  # 2x2 latent cells per token, packed by the pipeline (Qwen-Image: patch_size 2)
         note = "one token row: 2 latent rows of 8 px"
         return Geometry(f"--arch {arch}", 16, 16, note, note, False, 1024)
     if cls in ("SD3Transformer2DModel", "PixArtTransformer2DModel"):

@@ -45,9 +45,10 @@ class ParallelConfig:
     transformers (Flux, SD3, PixArt), which normalise per token: setting it for one logs a warning."""
 
     text_tokens: str = "sharded"
-    """Text tokens of models whose text and image tokens attend jointly (Flux, SD3): "sharded"
-    (each rank computes a share of them and exchanges their keys/values like image tokens) or
-    "replicated" (every rank computes all of them; nothing more to exchange). Sharded is the
+    """Text tokens of models whose text and image tokens attend jointly (Flux.1/2, SD3, Qwen-Image):
+    "sharded" (each rank computes a share of them and exchanges their keys/values like image tokens)
+    or "replicated" (every rank computes all of them; nothing more to exchange). Reference-image
+    tokens (Kontext, Qwen-Image-Edit, Flux.2 with an image) follow the same setting. Sharded is the
     default for speed: the largest share of 8 ranks of a Flux-like model at 1024² ran 1.6x
     faster (text tokens are not computed 8 times over), for about 12% more bytes (Flux-dev,
     N = 8, 1024²); on the embedded Flux-architecture model both are equally close to one process

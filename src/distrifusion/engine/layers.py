@@ -328,7 +328,7 @@ def gather_tokens(state: ParallelState, name: str, payload: torch.Tensor, sizes:
 
 
 class PatchJointAttnProcessor:
-    """Joint attention of text and image tokens (Flux, SD3) with the image split in strips.
+    """Joint attention of text and image tokens (Flux.1/2, SD3, Qwen-Image) with the image split in strips.
 
     The queries are this rank's tokens; the keys/values are every strip's image tokens (this
     strip's fresh, the others' fresh in a synchronous step and a step old in a displaced one)
@@ -338,30 +338,97 @@ class PatchJointAttnProcessor:
     rounding does: in that order a synchronous step is bit-identical to one process).
 
     One processor serves every joint-attention family; the adapter says the text's place:
-    `text_first` (Flux: [text, image]; SD3: [image, text]) and `text_in_hidden` (Flux's
+    `text_first` (Flux, Qwen-Image: [text, image]; SD3: [image, text]) and `text_in_hidden` (Flux's
     single-stream blocks pass text and image concatenated in `hidden_states`, without
     `encoder_hidden_states`). An attention without text (SD3.5's second, image-only attention)
-    is the same processor with no text tokens. Rotary embeddings (Flux) cover the call's own
-    tokens, [text, image]: keys are exchanged after them.
+    is the same processor with no text tokens.
+
+    Rotary embeddings cover the call's own tokens and keys are exchanged after them; by default they
+    are (cos, sin) tables of the call's tokens in the model's order, applied as diffusers'
+    `apply_rotary_emb` (Flux): `split_rotary(rotary, text tokens, image tokens, text_first)` gives
+    (text's, image's) and `rotate(x, table)` applies one for other layouts (Qwen-Image: a pair of
+    complex tables, image's and text's).
+
+    A text mask (`encoder_hidden_states_mask`, Qwen-Image: padded prompts of a batch) masks text
+    keys; sharded text carries it: each rank's share of the mask travels with its share of the
+    keys, fresh or stale alike, so a rank whose share is all padding takes part as any other.
+
+    Reference-image tokens (`Partition.extra`: Flux.1 Kontext, Qwen-Image-Edit, Flux.2 with
+    reference images) follow the strip's tokens in the image stream: context for the image, not
+    rows of it. They are keys like the text's: all of them on every rank, or a share each,
+    exchanged fresh or stale like the text's.
     """
 
     def __init__(
-        self, attn: nn.Module, name: str, state: ParallelState, original, *, text_first: bool, text_in_hidden: bool
+        self,
+        attn: nn.Module,
+        name: str,
+        state: ParallelState,
+        original,
+        *,
+        text_first: bool,
+        text_in_hidden: bool,
+        split_rotary=None,
+        rotate=None,
     ) -> None:
         self.name, self.state, self.original = name, state, original
         self.text_first, self.text_in_hidden = text_first, text_in_hidden
+        self.split_rotary = split_rotary or joined_rotary
+        self.rotate = rotate or _rotate_real
 
     def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        encoder_hidden_states_mask=None,
+        **kwargs,
     ):
-        state, rotary = self.state, image_rotary_emb
-        if not state.split:
-            if rotary is not None:
-                kwargs["image_rotary_emb"] = rotary
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if not self.state.split:
+            if image_rotary_emb is not None:
+                kwargs["image_rotary_emb"] = image_rotary_emb
+            if encoder_hidden_states_mask is not None:
+                kwargs["encoder_hidden_states_mask"] = encoder_hidden_states_mask
+            return self.original(
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+        self.refuse(attention_mask, kwargs)
+        out_txt, out_img = self.attend(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb, encoder_hidden_states_mask
+        )
+        if out_txt is None:
+            return _project_out(attn, out_img)
+        if encoder_hidden_states is None:  # single-stream: the block projects the concatenation itself
+            return torch.cat([out_txt, out_img] if self.text_first else [out_img, out_txt], 1)
+        out_img = _project_out(attn, out_img)
+        if getattr(attn, "to_add_out", None) is not None:
+            out_txt = attn.to_add_out(out_txt.contiguous())
+        return out_img, out_txt
+
+    def refuse(self, attention_mask, kwargs: dict) -> None:
+        """Arguments the split attention cannot honour: an attention mask over every token, and others."""
         if attention_mask is not None or kwargs:
             extra = ["attention_mask"] * (attention_mask is not None) + sorted(kwargs)
             raise ValueError(f"distrifusion: attention {self.name!r} got {extra}, which cannot be split into strips")
+
+    def project(self, attn, x: torch.Tensor, added: bool, rotary):
+        """Queries and keys/values of one stream's tokens (see `heads`): what the model projects with."""
+        if x.shape[1] == 0:  # a rank whose share of sharded text tokens is empty (fewer tokens than ranks)
+            return heads(attn, *(x.new_empty(*x.shape[:2], attn.to_q.out_features),) * 3, None, None, None, None)
+        fused, to_q, to_k, to_v, norm_q, norm_k = _joint_projections(attn, self.original, added)
+        projected = fused(x).chunk(3, -1) if fused is not None else (to_q(x), to_k(x), to_v(x))
+        return heads(attn, *projected, norm_q, norm_k, rotary, self.rotate)
+
+    def attend(self, attn, hidden_states, encoder_hidden_states, rotary, text_mask):
+        """(text, image) attention outputs of this rank's tokens, before the output projections (text
+        None without text tokens). The image stream's tokens are the strip's then its reference tokens."""
+        state = self.state
         partition = state.partition
         added = encoder_hidden_states is not None
         if added:
@@ -374,50 +441,67 @@ class PatchJointAttnProcessor:
         else:
             image, text = hidden_states, None
         n_text = 0 if text is None else text.shape[1]
-        if rotary is not None:  # rotary tables for the call's tokens, in the model's order
-            split = n_text if self.text_first else image.shape[1]
-            first, second = [tuple(t[:split] for t in rotary), tuple(t[split:] for t in rotary)]
-            text_rotary, image_rotary = (first, second) if self.text_first else (second, first)
-        else:
-            text_rotary = image_rotary = None
-        q_img, kv_img = _qkv(attn, image, *_joint_projections(attn, self.original, added=False), image_rotary)
-        if not state.naive:
-            kv_img = gather_tokens(state, self.name, kv_img, state.sizes(image.shape[1]))
-        if text is None:
-            query, kv = q_img, kv_img
-        else:
-            sharded = state.config.text_tokens == "sharded" and not state.naive
-            n_keys, n_img = (sum(partition.text) if sharded else n_text), kv_img.shape[1]
-            # Keys in the model's own order ([text, image] or [image, text]): the order of a softmax's terms
-            # changes its rounding, and synchronous steps must compute what one process does. The image part
-            # is copied in *now*: it may be a view of an exchange buffer, which the text's exchange call below
-            # sends off (in a displaced step the others' fresh rows then land in it while this step still
-            # needs their previous ones).
-            kv = kv_img.new_empty(kv_img.shape[0], n_keys + n_img, kv_img.shape[2])
-            at_text, at_image = (
-                (slice(0, n_keys), slice(n_keys, None)) if self.text_first else (slice(n_img, None), slice(0, n_img))
+        text_rotary = image_rotary = None
+        if rotary is not None:  # rotary tables for the call's tokens
+            text_rotary, image_rotary = self.split_rotary(rotary, n_text, image.shape[1], self.text_first)
+        q_img, kv_img = self.project(attn, image, False, image_rotary)
+        exchange = not state.naive
+        sharded = partition.sharded_text and exchange
+        refs = partition.extra[partition.patch_rank] if partition.extra else 0
+        grid = image.shape[1] - refs
+        grid_sizes = state.sizes(grid) if exchange else [grid]
+        n_refs = sum(partition.extra) if sharded else refs
+        n_keys = (sum(partition.text) if sharded else n_text) if text is not None else 0
+        # Keys in the model's own order, [text, grid, reference tokens] or [grid, reference tokens, text]: the
+        # order of a softmax's terms changes its rounding, and synchronous steps must compute what one process
+        # does. Each part is copied in as soon as it is exchanged: it may be a view of an exchange buffer, which
+        # the next exchange call sends off (in a displaced step the others' fresh rows then land in it while this
+        # step still needs their previous ones).
+        n_grid = sum(grid_sizes)
+        kv = kv_img.new_empty(kv_img.shape[0], n_keys + n_grid + n_refs, kv_img.shape[2])
+        at = n_keys if self.text_first else 0  # where the image's keys start
+        kv_grid = kv_img[:, :grid]
+        kv[:, at : at + n_grid] = gather_tokens(state, self.name, kv_grid, grid_sizes) if exchange else kv_grid
+        if refs or n_refs:
+            kv_refs = kv_img[:, grid:]
+            kv[:, at + n_grid : at + n_grid + n_refs] = (
+                gather_tokens(state, self.name + ".refs", kv_refs, list(partition.extra)) if sharded else kv_refs
             )
-            kv[:, at_image] = kv_img
-            q_txt, kv_txt = _qkv(attn, text, *_joint_projections(attn, self.original, added), text_rotary)
-            if sharded:
-                kv_txt = gather_tokens(state, self.name + ".text", kv_txt, list(partition.text))
-            kv[:, at_text] = kv_txt
+        mask = None
+        if text is None:
+            query = q_img
+        else:
+            q_txt, kv_txt = self.project(attn, text, added, text_rotary)
+            at_text = slice(0, n_keys) if self.text_first else slice(n_grid + n_refs, None)
+            kv[:, at_text] = (
+                gather_tokens(state, self.name + ".text", kv_txt, list(partition.text)) if sharded else kv_txt
+            )
             query = torch.cat([q_txt, q_img] if self.text_first else [q_img, q_txt], 1)
+            if text_mask is not None or (sharded and partition.text_mask):
+                mask = self._key_mask(text_mask, sharded, kv)
         key, value = kv.unflatten(-1, (attn.heads, -1)).transpose(1, 2).chunk(2, -1)  # (batch, heads, tokens, d)
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value)
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
         if text is None:
-            return _project_out(attn, out)
+            return None, out
         if self.text_first:
-            out_txt, out_img = out[:, :n_text], out[:, n_text:]
-        else:
-            out_img, out_txt = out[:, : image.shape[1]], out[:, image.shape[1] :]
-        if not added:  # single-stream: the block projects the concatenation itself
-            return torch.cat([out_txt, out_img] if self.text_first else [out_img, out_txt], 1)
-        out_img = _project_out(attn, out_img)
-        if getattr(attn, "to_add_out", None) is not None:
-            out_txt = attn.to_add_out(out_txt.contiguous())
-        return out_img, out_txt
+            return out[:, :n_text], out[:, n_text:]
+        return out[:, image.shape[1] :], out[:, : image.shape[1]]
+
+    def _key_mask(self, text_mask: torch.Tensor | None, sharded: bool, kv: torch.Tensor) -> torch.Tensor:
+        """The (batch, 1, 1, keys) boolean mask of the keys (in the model's order): the text's own, every
+        other key attended. Sharded, every rank's share of the text mask is exchanged with its share of the
+        keys, as 0/1 values in a payload of its own (which any codec carries exactly: a block of 0s and 1s
+        scales 1 to the code's largest value); a rank whose share is empty (no mask given to it) sends none."""
+        partition = self.state.partition
+        if text_mask is None:  # an empty share of the text tokens
+            text_mask = kv.new_ones(kv.shape[0], 0)
+        if sharded:
+            shares = text_mask.to(kv.dtype)[..., None]  # in the keys' dtype: one bucket with the others
+            text_mask = gather_tokens(self.state, self.name + ".mask", shares, list(partition.text))[..., 0] > 0.5
+        rest = text_mask.new_ones(text_mask.shape[0], kv.shape[1] - text_mask.shape[1])
+        parts = [text_mask.bool(), rest] if self.text_first else [rest, text_mask.bool()]
+        return torch.cat(parts, 1)[:, None, None, :]
 
 
 class PatchTokenAttnProcessor:
@@ -452,22 +536,29 @@ class PatchTokenAttnProcessor:
         return self.finish(attn, out.transpose(1, 2).flatten(2).type_as(query))
 
 
-def _qkv(attn, x, fused, to_q, to_k, to_v, norm_q, norm_k, rotary):
+def joined_rotary(rotary: tuple, n_text: int, n_image: int, text_first: bool) -> tuple:
+    """(text's, image's) rotary tables from tables of the call's tokens in the model's order (Flux)."""
+    split = n_text if text_first else n_image
+    first, second = tuple(t[:split] for t in rotary), tuple(t[split:] for t in rotary)
+    return (first, second) if text_first else (second, first)
+
+
+def _rotate_real(x: torch.Tensor, table) -> torch.Tensor:
+    return apply_rotary_emb(x, table, sequence_dim=1)
+
+
+def heads(attn, query, key, value, norm_q, norm_k, rotary, rotate):
     """Queries (batch, tokens, heads, head_dim) and keys/values side by side per head, flattened
-    (batch, tokens, heads * 2 * head_dim), projected (by `fused` when given), normalised and rotated
-    as the model does."""
-    if x.shape[1] == 0:  # a rank whose share of sharded text tokens is empty (fewer tokens than ranks)
-        width = to_q.out_features
-        return x.new_empty(x.shape[0], 0, attn.heads, width // attn.heads), x.new_empty(x.shape[0], 0, 2 * width)
-    projected = fused(x).chunk(3, -1) if fused is not None else (to_q(x), to_k(x), to_v(x))
-    query, key, value = (p.unflatten(-1, (attn.heads, -1)) for p in projected)
+    (batch, tokens, heads * 2 * head_dim), from projected tokens: normalised and rotated as the model does."""
+    query, key, value = (p.unflatten(-1, (attn.heads, -1)) for p in (query, key, value))
+    if query.shape[1] == 0:
+        return query, torch.cat([key, value], -1).flatten(2)
     if norm_q is not None:
         query = norm_q(query)
     if norm_k is not None:
         key = norm_k(key)
     if rotary is not None:
-        query = apply_rotary_emb(query, rotary, sequence_dim=1)
-        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+        query, key = rotate(query, rotary), rotate(key, rotary)
     return query, torch.cat([key, value], -1).flatten(2)
 
 

@@ -107,6 +107,13 @@ class Partition:
     sharded_text: bool = False
     block: int = 1
     """Rows every strip is a multiple of (a UNet's downsampling, a transformer's patch size)."""
+    text_mask: bool = False
+    """Whether the text tokens carry a mask (Qwen-Image's `encoder_hidden_states_mask`: padded prompts of
+    a batch): with sharded text every rank's share of it is exchanged beside its share of the keys."""
+    extra: tuple[int, ...] = ()
+    """Reference-image tokens every patch rank computes after its strip's tokens, in the image stream
+    (Flux.1 Kontext, Qwen-Image-Edit, Flux.2 with reference images): tokens that condition the image
+    but are not rows of it. All of them on each rank, or a share each, as the text (`sharded_text`)."""
 
     @property
     def patch_size(self) -> int:
@@ -119,6 +126,13 @@ class Partition:
     @property
     def local_batch(self) -> int:
         return self.batch // self.cfg_groups
+
+    @property
+    def reference_shares(self) -> tuple[int, ...]:
+        """Every patch rank's share of the reference tokens' output rows (each rank gathers its share)."""
+        if not self.extra:
+            return (0,) * self.patch_size
+        return self.extra if self.sharded_text else split_rows(self.extra[0], 1, self.patch_size)
 
 
 def split_rows(height: int, block: int, parts: int) -> tuple[int, ...]:

@@ -29,10 +29,13 @@ ARCHS = {
     "wan21_t2v_1_3b": "wan21_t2v_1_3b_transformer.json",
     "wan21_i2v_14b": "wan21_i2v_14b_transformer.json",
     "wan22_ti2v_5b": "wan22_ti2v_5b_transformer.json",
+    "qwen_image": "qwen_image_transformer.json",
+    "flux2_dev": "flux2_dev_transformer.json",
+    "flux2_klein": "flux2_klein_transformer.json",
     "sd_vae": "sd_vae.json",
     "sdxl_vae": "sdxl_vae.json",
 }
-"""Each named architecture's config file in `CONFIGS`."""
+"""Each named architecture's config file in `CONFIGS` (where each came from: `CONFIGS / "README.md"`)."""
 
 
 def arch_config_path(arch: str) -> Path:

@@ -63,9 +63,12 @@ def model_inputs(
 ) -> dict:
     """The keyword arguments of one denoising call at a pixel size (latents are 8x smaller), as the
     model's text-to-image pipeline makes them: a CFG batch of 2 for UNets, SD3 and PixArt; one image
-    with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no latents). Text
-    lengths are the pipelines' defaults (CLIP 77, SD3 333, PixArt 120, Flux 512). `scale`: pixels per
-    latent cell (None: 1 for a UNet2DModel, else 8; a pixel-space transformer takes 1).
+    with distilled guidance for Flux-dev; one image for a pixel-space UNet2DModel (no latents); one image
+    for Flux.2 (dev: distilled guidance; klein: none, its CFG is a second call) and Qwen-Image (true CFG
+    is a second call with the negative prompt). Text lengths are the pipelines' defaults (CLIP 77, SD3
+    333, PixArt 120, Flux and Flux.2 512; for Qwen-Image 512 is its pipeline's limit: it trims the text
+    to the prompt's length, so real prompts are shorter). `scale`: pixels per latent cell (None: 1 for a
+    UNet2DModel, else 8; a pixel-space transformer takes 1).
 
     Wan (a video): one video per call (the pipelines call the model once per guidance branch), `frames`
     pixel frames (default 81) in 1 + (frames - 1) // 4 latent frames; 512 text tokens; Wan 2.1 I2V's 257
@@ -73,8 +76,10 @@ def model_inputs(
     `scale` says otherwise) with its per-token timestep."""
     from diffusers import (
         AutoencoderKL,
+        Flux2Transformer2DModel,
         FluxTransformer2DModel,
         PixArtTransformer2DModel,
+        QwenImageTransformer2DModel,
         SD3Transformer2DModel,
         UNet2DModel,
         WanTransformer3DModel,
@@ -87,20 +92,31 @@ def model_inputs(
         return _to_model(_wan_inputs(model, height, width, batch or 1, scale, frames or 81, rand), p)
     scale = scale or (1 if isinstance(model, UNet2DModel) else 8)
     h, w = height // scale, width // scale
-    if isinstance(model, FluxTransformer2DModel):
+    rows, cols = h // 2, w // 2  # Flux, Flux.2, Qwen-Image: the pipeline packs 2x2 latent cells per token
+    grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    if isinstance(model, (FluxTransformer2DModel, Flux2Transformer2DModel)):
         batch = batch or 1
-        rows, cols = h // 2, w // 2  # the pipeline packs 2x2 latent cells per token
-        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        flux2 = isinstance(model, Flux2Transformer2DModel)  # ids (t, h, w, l) and no pooled text
+        axes = 4 if flux2 else 3
         inputs = dict(
             hidden_states=rand(batch, rows * cols, cfg.in_channels),
             encoder_hidden_states=rand(batch, 512, cfg.joint_attention_dim),
-            pooled_projections=rand(batch, cfg.pooled_projection_dim),
             timestep=torch.full((batch,), 0.5),
-            img_ids=torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1),
-            txt_ids=torch.zeros(512, 3),
+            img_ids=torch.cat([torch.zeros(rows * cols, 1), grid.float(), torch.zeros(rows * cols, axes - 3)], 1),
+            txt_ids=torch.zeros(512, axes),
         )
+        if not flux2:
+            inputs["pooled_projections"] = rand(batch, cfg.pooled_projection_dim)
         if cfg.guidance_embeds:
             inputs["guidance"] = torch.full((batch,), 3.5)
+    elif isinstance(model, QwenImageTransformer2DModel):  # true CFG: one call per branch, batch 1 each
+        batch = batch or 1
+        inputs = dict(
+            hidden_states=rand(batch, rows * cols, cfg.in_channels),
+            encoder_hidden_states=rand(batch, 512, cfg.joint_attention_dim),
+            timestep=torch.full((batch,), 0.5),
+            img_shapes=[[(1, rows, cols)]] * batch,
+        )
     elif isinstance(model, SD3Transformer2DModel):
         batch = batch or 2
         inputs = dict(
@@ -166,6 +182,8 @@ def _to_model(value, p: torch.Tensor):
     on CPU-like precision rules: Flux casts them itself)."""
     if isinstance(value, dict):
         return {k: _to_model(v, p) for k, v in value.items()}
+    if not isinstance(value, torch.Tensor):  # Qwen-Image's img_shapes: grid sizes, not tensors
+        return value
     if value.is_floating_point():
         return value.to(p.device, p.dtype)
     return value.to(p.device)

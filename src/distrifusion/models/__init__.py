@@ -8,6 +8,8 @@ and the tests it adds: docs/ARCHITECTURE.md, "To add a model family").
 | SD3 / SD3.5 | `sd3.SD3Adapter` | SD3Transformer2DModel |
 | PixArt-α/Σ | `pixart.PixArtAdapter` | PixArtTransformer2DModel |
 | Wan 2.1 / 2.2 | `wan.WanAdapter` | WanTransformer3DModel (video: strips of rows or of frames) |
+| Flux.2 | `flux2.Flux2Adapter` | Flux2Transformer2DModel |
+| Qwen-Image | `qwenimage.QwenImageAdapter` | QwenImageTransformer2DModel |
 | VAEs | `vae.VAEAdapter` | AutoencoderKL (decode and encode; always exact) |
 """
 
@@ -17,7 +19,9 @@ from torch import nn
 
 from .base import ModelAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
+from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .vae import VAEAdapter
@@ -38,6 +42,8 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     FluxAdapter(),
     SD3Adapter(),
     PixArtAdapter(),
+    Flux2Adapter(),
+    QwenImageAdapter(),
     WanAdapter(),
     VAEAdapter(),
 )
@@ -74,6 +80,11 @@ def _adapter(pipe_or_model, model: nn.Module) -> ModelAdapter:
     for adapter in ADAPTERS:
         if isinstance(model, adapter.models):
             return adapter
+        why = next(
+            (why for cls in type(model).__mro__ for name, why in adapter.refused.items() if cls.__name__ == name), None
+        )
+        if why:
+            raise TypeError(f"distrifusion does not support {type(model).__name__}: {why}")
     inside = f" with a {type(model).__name__}" if model is not pipe_or_model else ""
     raise TypeError(
         f"distrifusion supports {supported_names()} and pipelines whose .unet, .transformer or .transformer_2 is one "

@@ -25,6 +25,9 @@ class ModelAdapter:
 
     models: tuple[type, ...] = ()
     """The diffusers model classes this adapter parallelises."""
+    refused: dict[str, str] = {}
+    """Related model classes (by name: not every diffusers version has them) that the adapter does not
+    parallelise, and why: refused with that reason rather than as an unknown model."""
     sample_arg: str = "sample"
     """The forward argument that carries the noisy image (latent or tokens)."""
     output_dim: int = 2
@@ -106,6 +109,15 @@ class ModelAdapter:
         """Text tokens that attend jointly with the image tokens (0 if none)."""
         return 0
 
+    def text_masked(self, inputs: dict) -> bool:
+        """Whether the call's text tokens carry a mask over the keys (see `Partition.text_mask`)."""
+        return False
+
+    def extra_tokens(self, inputs: dict, rows: int, cols: int) -> int:
+        """Reference-image tokens after the image's `rows` x `cols` tokens (see `Partition.extra`): they
+        condition the image but are not rows of it (0 if none)."""
+        return 0
+
     def local_inputs(self, inputs: dict, partition: Partition) -> dict:
         """This rank's share of the call: its batch half, its strip, its text tokens."""
         raise NotImplementedError
@@ -116,6 +128,29 @@ class ModelAdapter:
         return torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
 
 
+class PackedTokensAdapter(ModelAdapter):
+    """Transformers on packed image tokens (2x2 latent cells per token, packed by the pipeline: Flux.1,
+    Flux.2, Qwen-Image): strips of whole token rows, output tokens gathered along dim 1, joint attention
+    with `encoder_hidden_states`, reference-image tokens (if any) after the image's."""
+
+    sample_arg = "hidden_states"
+    output_dim = 1
+    row_unit = "token rows"
+    joint_text = True
+    # FluxPipeline, Flux2Pipeline, QwenImagePipeline: default_sample_size 128 latent cells of 8 px (the
+    # transformers' configs have no sample_size).
+    default_size = (1024, 1024)
+
+    def block_rows(self, model: nn.Module) -> int:
+        return 1
+
+    def text_tokens(self, inputs: dict) -> int:
+        return inputs["encoder_hidden_states"].shape[1]
+
+    def extra_tokens(self, inputs: dict, rows: int, cols: int) -> int:
+        return inputs["hidden_states"].shape[1] - rows * cols
+
+
 def batch_slice(partition: Partition) -> slice:
     """This rank's half of the batch (the whole batch without a CFG split)."""
     return slice(partition.cfg_index * partition.local_batch, (partition.cfg_index + 1) * partition.local_batch)
@@ -124,6 +159,21 @@ def batch_slice(partition: Partition) -> slice:
 def strip_rows(partition: Partition) -> tuple[int, int]:
     """First and last-plus-one row of this rank's strip."""
     return partition.row_start, partition.row_start + partition.rows[partition.patch_rank]
+
+
+def strip_tokens(value, partition: Partition, dim: int = 1):
+    """This rank's image tokens of `value` (tokens along `dim`, row-major, then the reference tokens):
+    its strip's rows, then its reference tokens (its share, or all of them: `Partition.extra`)."""
+    if value is None:
+        return None
+    start, end = (r * partition.width for r in strip_rows(partition))
+    strip = slice_tokens(value, start, end, dim)
+    if not partition.extra:
+        return strip
+    first = partition.height * partition.width
+    if partition.sharded_text:
+        first += sum(partition.extra[: partition.patch_rank])
+    return torch.cat([strip, slice_tokens(value, first, first + partition.extra[partition.patch_rank], dim)], dim)
 
 
 def shard_text(local: dict, partition: Partition, text: str, ids: str | None = None) -> dict:
@@ -137,6 +187,14 @@ def shard_text(local: dict, partition: Partition, text: str, ids: str | None = N
     if ids is not None:
         local[ids] = slice_tokens(local[ids], start, end, dim=local[ids].dim() - 2)
     return local
+
+
+def check_packed(family: str, tokens: torch.Tensor) -> None:
+    """Refuse packed image tokens that are not (batch, tokens, channels)."""
+    if tokens.dim() != 3:
+        raise ValueError(
+            f"distrifusion: {family} expects packed tokens (batch, tokens, channels), got {tuple(tokens.shape)}"
+        )
 
 
 def image_map_grid(sample: torch.Tensor) -> tuple[int, int, int]:

@@ -580,11 +580,15 @@ class _ParallelForward:
                 f"minimum is {patch_size * block} {unit} ({block} per rank). Use a larger {axis.split()[-1]} or "
                 "fewer ranks."
             )
-        text, sharded = (), False
+        text, sharded, masked, extra = (), False, False, ()
         if adapter.joint_text:
             tokens = adapter.text_tokens(inputs)
             sharded = config.text_tokens == "sharded" and patch_size > 1
             text = split_rows(tokens, 1, patch_size) if sharded else (tokens,) * patch_size
+            masked = adapter.text_masked(inputs)
+            references = adapter.extra_tokens(inputs, height, width)
+            if references:  # context like the text: sharded or replicated alike
+                extra = split_rows(references, 1, patch_size) if sharded else (references,) * patch_size
         return Partition(
             batch,
             height,
@@ -596,6 +600,8 @@ class _ParallelForward:
             text,
             sharded,
             block,
+            masked,
+            extra,
         )
 
     def refresh(self) -> Exception | None:
@@ -676,11 +682,29 @@ class _ParallelForward:
 
     @torch.compiler.disable
     def gather(self, local: torch.Tensor, partition: Partition) -> torch.Tensor:
-        """All-gather every rank's output strip into the full output on every rank."""
-        dim = self.adapter.output_dim
-        sizes = self.state.sizes(local.shape[dim])
-        parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(sizes))).wait()
+        """All-gather every rank's output strip into the full output on every rank.
+
+        With reference tokens (`Partition.extra`) the output has their rows after the image's: each rank
+        sends its strip's rows and its share of the reference rows, and the full output is every strip
+        then every share (computed on this rank whether the reference tokens are sharded or replicated)."""
+        dim, rank = self.adapter.output_dim, partition.patch_rank
+        references = partition.extra[rank] if partition.extra else 0
+        strip = local.shape[dim] - references
+        sizes, shares = self.state.sizes(strip), partition.reference_shares
+        if references:
+            first = strip + (0 if partition.sharded_text else sum(shares[:rank]))
+            local = torch.cat([local.narrow(dim, 0, strip), local.narrow(dim, first, shares[rank])], dim)
+        lengths = [n + m for n, m in zip(sizes, shares)]
+        parts = self.state.runtime.world.all_gather(pad_to(local, dim, max(lengths))).wait()
         groups = [parts[g * partition.patch_size : (g + 1) * partition.patch_size] for g in range(partition.cfg_groups)]
         return torch.cat(
-            [torch.cat([strip.narrow(dim, 0, n) for strip, n in zip(group, sizes)], dim) for group in groups], 0
+            [
+                torch.cat(
+                    [part.narrow(dim, 0, n) for part, n in zip(group, sizes)]
+                    + [part.narrow(dim, n, m) for part, n, m in zip(group, sizes, shares) if m],
+                    dim,
+                )
+                for group in groups
+            ],
+            0,
         )
