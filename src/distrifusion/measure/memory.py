@@ -16,7 +16,7 @@ Counted per rank, in the pipeline's three phases (everything loaded stays reside
   the whole image on every rank), at its peak;
 - text encoding: the encoder's activations, and with a sharded encoder three of its largest units.
 
-A family the engine has no adapter for yet (Flux.2, Qwen-Image in this version) is *estimated*:
+A family the engine has no adapter for is *estimated*:
 the whole model on a strip-sized input (its activations), plus the keys/values every self- or joint
 attention would keep for the other strips (the exchange) and one attention's worth gathered in flight.
 The plan says which rows are counted and which estimated.
@@ -257,7 +257,8 @@ def _tensor_bytes(value) -> int:
 
 def memory_inputs(model: nn.Module, height: int, width: int, frames: int | None = None, text: int = 512) -> dict:
     """One denoiser call's inputs at a pixel size (and frames), as the family's pipeline makes them, on the
-    meta device. Flux.2, Qwen-Image and Wan here; the others as `workload.model_inputs` makes them."""
+    meta device, for the estimate of a family without an adapter (Flux.2, Qwen-Image and Wan were estimated
+    here before their adapters); the others as `workload.model_inputs` makes them."""
     p = next(model.parameters())
     cfg = model.config
     kind = type(model).__name__
