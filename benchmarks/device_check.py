@@ -151,7 +151,8 @@ def sdxl(ctx: Context) -> None:
 
 def flux(ctx: Context) -> None:
     """Flux-dev, bf16, one image (no CFG batch): full step and the share of 8 with sharded and replicated
-    text at 1024² (graphs where possible) and 2048² (eager: compute-bound); at 4096² the share of 8 alone."""
+    text at 1024² (graphs where possible) and 2048² (eager: compute-bound); at 4096² the share of 8 alone.
+    Between them, at 1024², the memory plan's peak against the allocator's (the whole step)."""
     from distrifusion.measure.workload import build_model
 
     arch = FLUX_SMALL if ctx.small else "flux_dev"
@@ -160,6 +161,7 @@ def flux(ctx: Context) -> None:
     a, b, big = (128, 128, 128) if ctx.small else (1024, 2048, 4096)
     _bench(ctx, arch, a, dtype, [8], 1 if ctx.small else 3, model, text_tokens="sharded")
     _bench(ctx, arch, a, dtype, [8], 1 if ctx.small else 3, model, text_tokens="replicated", full_step="none")
+    _memory(ctx, arch, a, dtype, [1], model)
     _bench(ctx, arch, b, dtype, [8], 1, model, graphs=False, text_tokens="sharded", full_step="eager")
     _bench(ctx, arch, b, dtype, [8], 1, model, graphs=False, text_tokens="replicated", full_step="none")
     ctx.note(
@@ -213,6 +215,27 @@ def fbcache(ctx: Context) -> None:
             f"{arch} {size}² {steps} steps, fbcache {cache}: {counter.computed}/{counter.calls} computed, "
             f"{seconds:.2f} s"
         )
+
+
+def _memory(ctx: Context, arch: str, size: int, dtype, ranks: list[int], model) -> None:
+    """The memory plan (issue 25) against the measured peak: the whole step and one rank's share of each N
+    (loopback collectives), `bench --memory`'s rows. On the GPU the allocator's peak; within 10% passes (a
+    row's `ok`; the step goes on either way). In small mode on a CPU the resident set, too coarse at 128²
+    to judge: recorded only."""
+    from distrifusion.measure.memory import measure_share_memory
+
+    for row in measure_share_memory(arch, size, size, dtype, ranks, _device(), model=model):
+        step_error = (row["step_planned"] - row["step_measured"]) / max(row["step_measured"], 1)
+        ok = abs(row["error"]) <= 0.10 and abs(step_error) <= 0.10
+        row.update(part=f"memory {size}", step_error=step_error, ok=ok)
+        print(
+            f"memory {row['arch']} {size}^2 {row['dtype']}, share of {row['ranks']}: peak {row['measured'] / 1e9:.2f} "
+            f"GB measured, {row['predicted'] / 1e9:.2f} GB planned ({row['error']:+.1%}); above the weights "
+            f"{row['step_measured'] / 1e9:.3f} GB measured, {row['step_planned'] / 1e9:.3f} planned "
+            f"({step_error:+.1%})",
+            flush=True,
+        )
+        ctx.row(row)
 
 
 def vae(ctx: Context) -> None:
@@ -292,11 +315,17 @@ STEPS = [
         env={"DISTRIFUSION_BACKEND": "gloo", "DISTRIFUSION_TEST_WORLDS": "4"},
     ),
     Step("sdxl", "SDXL full step and shares, 1024², 2048², 3840²", 35, 60, run=sdxl),
-    Step("flux", "Flux-dev full step and shares of 8, 1024², 2048²; 4096² share only", 30, 60, run=flux),
+    Step(
+        "flux",
+        "Flux-dev full step and shares of 8, 1024², 2048²; 4096² share only; memory plan vs peak at 1024²",
+        35,
+        60,
+        run=flux,
+    ),
     Step(
         "fbcache", "Flux-dev 1024², 20 steps, one device, without and with the first-block cache", 15, 40, run=fbcache
     ),
-    Step("vae", "SDXL VAE decode, whole and shares, 1024², 2048²; 3840² share only", 20, 40, run=vae),
+    Step("vae", "SDXL VAE decode, whole and shares, 1024², 2048²; 3840² share only", 15, 40, run=vae),
     Step("codec", "SDXL share of 8 at 2048², uncompressed and residual-int2", 15, 30, run=codec),
     Step(
         "compile",

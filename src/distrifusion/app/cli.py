@@ -381,6 +381,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="a VAE arch: time only the --simulate shares, without the whole decode or a warm-up call (for a "
         "size one device cannot hold)",
     )
+    bench.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak memory of one rank's share of each --simulate N (loopback), measured on this device beside the "
+        "memory plan's count (plan --memory) for the same: weights, activations, exchange, inputs",
+    )
     bench.add_argument("--json", default=None, help="write all results to this JSON file")
     _add_verbose(bench)
 
@@ -417,6 +423,25 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     pln.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="collective timeout")
     pln.add_argument("--json", default=None, help="write the plan (and measurements) to this JSON file")
+    memory = pln.add_argument_group(
+        "memory (--memory: per-rank memory counted on the meta device; no launch, no weights, any machine)"
+    )
+    memory.add_argument(
+        "--memory", action="store_true",
+        help="per-rank memory of --arch at --height x --width (--frames) in --dtype for each --ranks N, weights "
+        "whole or sharded (ParallelConfig.shard_weights), text encoders replicated, sharded or on the CPU; what "
+        "fits each --cards size; the bytes per step of the weight gathers and of the exchange",
+    )  # fmt: skip
+    memory.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="rank counts (default 1 2 4 8)")
+    memory.add_argument("--frames", type=int, default=None, help="video frames (default: the pipeline's, e.g. Wan 81)")
+    memory.add_argument(
+        "--text-encoder", action="append", default=None, metavar="PATH.json",
+        help="a text encoder's config (transformers; repeat for several); 'none': count none. Default: the "
+        "pipeline's (distrifusion.measure.archs.PIPELINES)",
+    )  # fmt: skip
+    memory.add_argument("--vae", default=None, metavar="PATH.json", help="the VAE's config (default: the pipeline's)")
+    memory.add_argument("--experts", type=int, default=None, help="denoisers of this shape loaded at once (Wan2.2: 2)")
+    memory.add_argument("--cards", type=float, nargs="+", default=None, help="card sizes in GB (default 24 48 80 141)")
     _add_verbose(pln)
 
 
@@ -534,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in notes:
         _note(note)
-    if args.command in ("generate", "plan") and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    launches = args.command == "generate" or (args.command == "plan" and not args.memory)
+    if launches and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch(args.nproc, argv, t0=t0, verbose=args.verbose)
     # Under torchrun, SIGTERM is the agent ending the job (the agent reports): a generate rank ends at once
     # (SIG_DFL), even blocked in a collective, where a Python handler would wait for the collective's timeout.
@@ -908,6 +934,22 @@ def bench(args: argparse.Namespace) -> int:
                 rows.append(row)
                 save(rows)
         return 0
+    if args.memory:
+        from ..measure.memory import measure_share_memory
+
+        device = torch.device("cuda" if cuda else "cpu")
+        for size in args.sizes:
+            for row in measure_share_memory(args.arch, size, size, dtype, args.simulate, device, args.mode):
+                print(
+                    f"{row['arch']} {size}x{size} {row['dtype']} on {row['device']}, share of {row['ranks']} rank(s): "
+                    f"peak {row['measured'] / 1e9:.3f} GB measured, {row['predicted'] / 1e9:.3f} GB planned "
+                    f"({row['error']:+.1%}): weights {row['weights'] / 1e9:.3f} GB + a step's activations, exchange "
+                    f"and inputs {row['step_measured'] / 1e9:.3f} GB measured, {row['step_planned'] / 1e9:.3f} planned",
+                    flush=True,
+                )
+                rows.append(row)
+        save(rows)
+        return 0
     if args.traffic_only:
         traffic = count_traffic(
             args.arch,
@@ -990,7 +1032,25 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def memory_plan(args: argparse.Namespace) -> int:
+    """`plan --memory`: the per-rank memory table (measure.memory), counted on the meta device."""
+    from ..measure.memory import CARDS_GB, format_memory_plan, pipeline_parts
+    from ..measure.memory import memory_plan as make_memory_plan
+
+    encoders = None if args.text_encoder is None else [t for t in args.text_encoder if t != "none"]
+    parts = pipeline_parts(args.arch, _dtype(args.dtype), encoders, args.vae, args.experts)
+    args.running = True
+    cards = tuple(args.cards or CARDS_GB)
+    found = make_memory_plan(parts, args.height, args.width, args.frames, args.ranks, cards_gb=cards)
+    print(format_memory_plan(found))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(command=args.command_line, **found), indent=1, default=str))
+    return 0
+
+
 def plan(args: argparse.Namespace) -> int:
+    if args.memory:
+        return memory_plan(args)
     import torch
 
     from ..engine.comm import init_runtime

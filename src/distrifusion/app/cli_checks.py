@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.config import ParallelConfig
-from ..measure.archs import ARCHS, arch_config_path
+from ..measure.archs import ARCHS, PIPELINES, arch_config_path
 from .video import VIDEO_SUFFIXES, is_frame_folder
 
 DATA = Path(__file__).parent.parent / "data"
@@ -554,7 +554,46 @@ def check_bench(args) -> list[str]:
     return notes + _cores_note(args.nproc if not args.traffic_only else 1)
 
 
+def check_memory_plan(args) -> list[str]:
+    """`plan --memory`: shapes only (any architecture config, any size); no launch, no weights."""
+    if args.model:
+        raise UsageError("plan --memory counts an architecture: give --arch NAME or --arch PATH.json, not --model")
+    args.arch = args.arch or "sdxl"
+    path = arch_config_path(args.arch)
+    if args.arch not in ARCHS and not (args.arch.endswith(".json") and path.is_file()):
+        raise UsageError(f"--arch {args.arch}: not a known architecture ({', '.join(ARCHS)}) nor a config .json file")
+    for name in [*(t for t in args.text_encoder or [] if t != "none"), *([args.vae] if args.vae else [])]:
+        if not Path(name).is_file():
+            raise UsageError(f"{name}: no such config file")
+    try:
+        kind = json.loads(path.read_text()).get("_class_name", "UNet2DConditionModel")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--arch {args.arch}: cannot read it as a JSON config ({e})") from e
+    pipeline = PIPELINES.get(args.arch) or PIPELINES.get(kind)
+    for n in args.ranks:
+        _positive("--ranks", n)
+    _positive("--frames", args.frames)
+    _positive("--experts", args.experts)
+    for gb in args.cards or []:
+        _finite("--cards", gb, positive=True)
+    default = pipeline.size if pipeline else (1024, 1024)
+    _positive("--height", args.height)
+    _positive("--width", args.width)
+    args.height = args.height or default[0]
+    args.width = args.width or (default[1] if args.height == default[0] else args.height)
+    for side, value in (("height", args.height), ("width", args.width)):
+        if value % 16:
+            raise UsageError(f"--{side} {value} is not a multiple of 16 px (8 px latent cells, 2x2 per token)")
+    args.frames = args.frames or (pipeline.frames if pipeline else None)
+    args.dtype = args.dtype or "bfloat16"
+    if args.json:
+        _writable_folder(Path(args.json).parent, f"--json {args.json}")
+    return []
+
+
 def check_plan(args) -> list[str]:
+    if args.memory:
+        return check_memory_plan(args)
     _positive("--nproc", args.nproc)
     _positive("--repeats", args.repeats)
     _finite("--timeout", args.timeout, positive=True)

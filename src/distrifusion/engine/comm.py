@@ -168,6 +168,32 @@ def init_runtime(timeout_s: float = 300.0) -> Runtime:
     return _RUNTIMES[key]
 
 
+_SHARD_GROUPS: dict[tuple[int, str], dist.ProcessGroup] = {}
+
+
+def shard_group(runtime: Runtime, scope: str, timeout_s: float = 300.0) -> dist.ProcessGroup:
+    """The process group over which a model's weights are sharded (`ParallelConfig.shard_group`): all
+    ranks ("world"), or this rank's CFG group ("cfg_group": half of an even world). A group of its own,
+    so that the weight gathers (FSDP2's) and the exchange never queue behind each other's collectives.
+    Made once per process; making groups is collective, so every rank calls this alike."""
+    if not isinstance(runtime.world, DistCommunicator):
+        raise ValueError(
+            "distrifusion: shard_weights needs ranks joined by torch.distributed (torchrun or the launcher); "
+            f"this runtime's ranks talk through {type(runtime.world).__name__}"
+        )
+    halves = scope == "cfg_group" and runtime.world_size % 2 == 0
+    key = (id(dist.group.WORLD), "cfg_group" if halves else "world")
+    if key not in _SHARD_GROUPS:
+        timeout = timedelta(seconds=timeout_s)
+        if halves:
+            half = runtime.world_size // 2
+            groups = [dist.new_group(list(range(g * half, (g + 1) * half)), timeout=timeout) for g in range(2)]
+            _SHARD_GROUPS[key] = groups[runtime.rank // half]
+        else:
+            _SHARD_GROUPS[key] = dist.new_group(list(range(runtime.world_size)), timeout=timeout)
+    return _SHARD_GROUPS[key]
+
+
 def _loopback_store(timeout: timedelta, world_size: int) -> dist.TCPStore | None:
     """The rendezvous store of ranks that all run on this machine (`MASTER_ADDR` 127.0.0.1, as our
     launcher and server set it), listening on the loopback address only: torch's own listens on every

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 MODES = ("displaced", "sync", "naive")
 GROUPNORM_MODES = ("corrected_async", "stale", "sync", "separate")
 TEXT_TOKEN_MODES = ("replicated", "sharded")
+SHARD_GROUPS = ("world", "cfg_group")
+TEXT_ENCODER_PLACEMENTS = ("auto", "replicated", "sharded", "cpu")
 VIDEO_SPLITS = ("rows", "frames")
 COMPRESS_MODES = ("int8", "fp8", "int4", "int2", "residual-int8", "residual-fp8", "residual-int4", "residual-int2")
 
@@ -91,6 +93,28 @@ class ParallelConfig:
     can be captured (nccl, or a single rank); True: the same, but raise if they cannot; False:
     eager steps."""
 
+    shard_weights: bool | str = False
+    """Shard the denoiser's weights across the ranks (PyTorch's FSDP2, `fully_shard`, one unit per block):
+    each rank keeps 1/N of them; a block's weights are gathered whole just before it runs (the next
+    block's while it runs) and freed when it returns. For models larger than one device. False, True, or
+    "auto": shard only when the model does not fit the device unsharded (the memory plan, `distrifusion
+    plan --memory`, says why). Exact: a sharded model computes bit for bit what the unsharded one does.
+    Costs: every step gathers the whole model once ((N-1)/N of its bytes received per rank), behind the
+    blocks' computation; CUDA graphs are off (they cannot capture FSDP2's gathers: a notice is logged, and
+    cuda_graphs=True is refused). No effect on one rank."""
+
+    shard_group: str = "world"
+    """Which ranks share one copy of the weights when sharding: "world" (all N: each keeps 1/N) or
+    "cfg_group" (each CFG group of N/2 ranks keeps a whole copy among its members: 2/N each, gathers
+    within the group, e.g. within one machine when each CFG group is a machine). See BENCHMARKS.md."""
+
+    text_encoders: str = "auto"
+    """Where a pipeline's text encoders live: "replicated" (whole on every rank's device, as the pipeline
+    loaded them), "sharded" (FSDP2 over the ranks like the denoiser: 1/N each, the layers gathered during
+    each prompt's encoding; exact), "cpu" (kept on the CPU of every rank and run there; the embeddings
+    are moved to the device), or "auto": sharded when the denoiser is sharded and the encoder holds more
+    than 1 GB of weights, else replicated (measured: BENCHMARKS.md, "Text encoders")."""
+
     timeout_s: float = 300.0
     """Timeout of every collective when `parallelize` creates the process group, so that a rank
     that dies cannot leave the others blocked forever."""
@@ -122,6 +146,20 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
         if self.compress is not None and self.compress not in COMPRESS_MODES:
             raise ValueError(f"ParallelConfig.compress must be None or one of {COMPRESS_MODES}, got {self.compress!r}")
+        if not (isinstance(self.shard_weights, bool) or self.shard_weights == "auto"):
+            raise ValueError(f"ParallelConfig.shard_weights must be True, False or 'auto', got {self.shard_weights!r}")
+        if self.shard_group not in SHARD_GROUPS:
+            raise ValueError(f"ParallelConfig.shard_group must be one of {SHARD_GROUPS}, got {self.shard_group!r}")
+        if self.text_encoders not in TEXT_ENCODER_PLACEMENTS:
+            raise ValueError(
+                f"ParallelConfig.text_encoders must be one of {TEXT_ENCODER_PLACEMENTS}, got {self.text_encoders!r}"
+            )
+        if self.shard_weights is True and self.cuda_graphs is True:
+            raise ValueError(
+                "ParallelConfig: cuda_graphs=True cannot be combined with shard_weights=True: a CUDA graph cannot "
+                "capture FSDP2's weight gathers (host-side hooks that allocate and free the gathered weights); "
+                "use cuda_graphs=None or False"
+            )
         if not self.comm_bucket_mb > 0:
             raise ValueError(f"ParallelConfig.comm_bucket_mb must be > 0, got {self.comm_bucket_mb}")
         if not self.timeout_s > 0:

@@ -25,6 +25,8 @@ import types
 
 from torch import nn
 
+from .shard import is_sharded_parameter
+
 _CONTEXT_PARALLEL = ("cp_input---", "cp_output---")
 """diffusers' own context parallelism (`enable_parallelism`): the sequence split another way."""
 
@@ -45,7 +47,8 @@ def refuse_hooks(model: nn.Module) -> None:
             raise ValueError(
                 f"distrifusion: an accelerate hook {where} (enable_model_cpu_offload, enable_sequential_cpu_offload "
                 "or a device_map) moves weights around the engine's layers; not supported: give each rank the "
-                "whole model on its device, or use diffusers' group offloading (enable_group_offload)"
+                "whole model on its device, use diffusers' group offloading (enable_group_offload), or spread a "
+                "model too large for one device over the ranks with ParallelConfig(shard_weights=True)"
             )
         for hook in hook_names(module):
             if hook.startswith(_CONTEXT_PARALLEL):
@@ -58,8 +61,12 @@ def refuse_hooks(model: nn.Module) -> None:
 def plain_parameters(module: nn.Module) -> bool:
     """Whether the module's own parameters are ordinary tensors the engine may compute with as the module
     would: `nn.Parameter`s (not a quantised tensor subclass such as torchao's, bitsandbytes' or GGUF's), not
-    on the meta device. Their dtype may be a storage dtype that a hook casts (see `weights_direct`)."""
-    return all(p is None or (type(p) is nn.Parameter and not p.is_meta) for p in module._parameters.values())
+    on the meta device. Their dtype may be a storage dtype that a hook casts (see `weights_direct`). The
+    engine's own FSDP2 shards count as plain: they are whole, plain tensors whenever the module runs."""
+    return all(
+        p is None or is_sharded_parameter(p) or (type(p) is nn.Parameter and not p.is_meta)
+        for p in module._parameters.values()
+    )
 
 
 def weights_direct(model: nn.Module) -> bool:

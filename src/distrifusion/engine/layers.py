@@ -18,6 +18,7 @@ from diffusers.models.embeddings import apply_rotary_emb, get_2d_sincos_pos_embe
 from torch import nn
 
 from .exchange import normal_tensors, tensor_version
+from .shard import is_sharded_parameter
 from .state import ParallelState
 
 
@@ -35,7 +36,8 @@ def refuse_packed_weights(module: nn.Module, what: str, why: str) -> None:
     """A layer that computes with its module's weights itself (beneath the module's hooks, which have cast or
     onloaded them by then) needs ordinary tensors: refuse a quantised tensor subclass by name."""
     # Meta parameters are plain here: traffic counting and memory plans build these layers on the meta device.
-    params = [p for p in module._parameters.values() if p is not None]
+    # The engine's own FSDP2 shards are whole, plain tensors whenever the layer runs (inside its unit).
+    params = [p for p in module._parameters.values() if p is not None and not is_sharded_parameter(p)]
     kinds = sorted({type(p).__name__ for p in params if type(p) is not nn.Parameter})
     if kinds:
         raise TypeError(
@@ -243,6 +245,8 @@ class PatchAttnProcessor(PatchProcessor):
         # weights (layerwise casting, offloading, torchao/bitsandbytes/GGUF): as the model computes.
         if not (self.state.direct_weights and type(k) is nn.Linear and type(v) is nn.Linear):
             return None
+        if self.state.sharding is not None:  # whole only inside this block's forward (FSDP2): a fresh copy
+            return torch.cat([k.weight, v.weight]), None if k.bias is None else torch.cat([k.bias, v.bias])
         version = (tensor_version(k.weight), tensor_version(v.weight), k.weight.data_ptr(), v.weight.data_ptr())
         cached = self.state.fused_kv.get(self.name)
         if cached is None or cached[0] is not k or cached[1] is not v or cached[4] != version:

@@ -176,6 +176,9 @@ class ParallelState:
         as the fused key/value projection does; else they call the modules."""
         self.fused_kv: dict[str, list] = {}
         """Per attention: [to_k, to_v, their weights side by side, biases, version] (see PatchAttnProcessor)."""
+        self.sharding = None
+        """The model's `Sharding` when its weights are sharded over the ranks (`ParallelConfig.shard_weights`):
+        a weight is then whole only while its block runs, so layers keep no copy of one."""
         self.auto_plan: dict | None = None
         """With ParallelConfig(mode="auto"): the plan it chose from (`distrifusion.measure.planner.plan`)."""
         self._exchanges: dict[Partition, Exchange] = {}

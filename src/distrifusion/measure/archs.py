@@ -5,6 +5,7 @@ Torch-free on purpose: the command line's argument checks read it before any hea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 CONFIGS = Path(__file__).parent.parent / "data" / "configs"
@@ -53,3 +54,47 @@ the file's own "_source" entry)."""
 def arch_config_path(arch: str) -> Path:
     """The config file of a named architecture, or `arch` itself when it is a path to a .json file."""
     return CONFIGS / ARCHS[arch] if arch in ARCHS else Path(arch)
+
+
+TEXT_ENCODERS = CONFIGS / "text_encoders"
+"""Text encoders' configs (transformers classes, `_config_class` names the configuration), for the memory plan."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a published pipeline loads beside its denoiser, and how it calls it."""
+
+    vae: str | None
+    text_encoders: tuple[str, ...] = ()
+    text_tokens: int = 77
+    """Tokens each text encoder reads (the pipeline's padded length)."""
+    calls_per_step: int = 1
+    """Denoiser calls per step: 2 for a pipeline that runs guidance as a second call (true CFG)."""
+    experts: int = 1
+    """Denoisers of the same shape loaded at once (Wan2.2-A14B: a high-noise and a low-noise expert)."""
+    frames: int | None = None
+    """Video: frames of the default clip (None: an image model)."""
+    size: tuple[int, int] = (1024, 1024)
+    """The default (height, width) in pixels."""
+
+
+PIPELINES = {
+    "sd15": Pipeline("sd_vae.json", ("clip_l.json",), size=(512, 512)),
+    "sd21": Pipeline("sd_vae.json", ("clip_l.json",), size=(768, 768)),
+    "sdxl": Pipeline("sdxl_vae.json", ("clip_l.json", "openclip_bigg.json")),
+    "flux_dev": Pipeline("flux_vae.json", ("clip_l.json", "t5_xxl.json"), text_tokens=512),
+    "sd3_medium": Pipeline("sd_vae.json", ("clip_l.json", "openclip_bigg.json", "t5_xxl.json"), text_tokens=333),
+    "pixart_alpha": Pipeline("sd_vae.json", ("t5_xxl.json",), text_tokens=120),
+    "Flux2Transformer2DModel": Pipeline("flux2_vae.json", ("mistral_small_3_1_24b.json",), text_tokens=512),
+    "QwenImageTransformer2DModel": Pipeline(
+        "qwen_image_vae.json", ("qwen2_5_vl_7b.json",), text_tokens=512, calls_per_step=2, size=(1328, 1328)
+    ),
+    "WanTransformer3DModel": Pipeline(
+        "wan21_vae.json", ("umt5_xxl.json",), text_tokens=512, calls_per_step=2, frames=81, size=(720, 1280)
+    ),
+}
+"""By architecture name, or by the denoiser's class for a config file (PATH.json). The text encoders'
+configs (data/configs/text_encoders) were written from the published config files' figures; their
+parameter counts match the published ones (CLIP-L 123M, OpenCLIP bigG 695M, T5-XXL encoder 4.76B, UMT5-XXL
+encoder 5.68B, Mistral Small 3.1 24.0B, Qwen2.5-VL-7B 8.29B). The Flux.1, Flux.2 and Qwen-Image VAEs are
+diffusers' default configs of their classes (Flux.1's with 16 latent channels and no quant convs)."""

@@ -306,10 +306,62 @@ def choose(rows: list[dict], ranks: int) -> dict:
 
 
 def resolve_auto(pipe_or_model, model, config: ParallelConfig, runtime: Runtime) -> tuple[ParallelConfig, dict]:
-    """`ParallelConfig(mode="auto")` made concrete for `model` (the denoiser of `pipe_or_model`): plan at
-    `config.auto_size` (pixels; None: the model's own sample size, in the pipeline's pixels per latent
-    cell) and return the config with the best choice's mode and compression, and the plan. Rank 0 logs
-    the choice. `distrifusion.parallelize` calls it (the engine's `parallelize` never imports the planner)."""
+    """`ParallelConfig(mode="auto")` and `shard_weights="auto"` made concrete for `model` (the denoiser of
+    `pipe_or_model`). Sharding first (`resolve_sharding`: only when the model does not fit unsharded).
+    Then the mode: plan at `config.auto_size` (pixels; None: the model's own sample size, in the
+    pipeline's pixels per latent cell) and return the config with the best choice's mode and
+    compression, and the plan. A sharded model cannot have its share profiled on one device (it does
+    not fit): it runs displaced, uncompressed. Rank 0 logs the choices. `distrifusion.parallelize` calls
+    it (the engine's `parallelize` never imports the planner)."""
+    memory = {}
+    if config.shard_weights == "auto":
+        config, memory = resolve_sharding(pipe_or_model, model, config, runtime)
+    if config.mode != "auto":
+        return config, memory
+    if config.shard_weights is True and runtime.world_size > 1:
+        if runtime.rank == 0:
+            log.info("distrifusion: mode auto: sharded weights, so no step can be profiled whole: displaced")
+        return dataclasses.replace(config, mode="displaced"), memory
+    pipe_or_model.to(runtime.device)
+    found = _resolve_mode(pipe_or_model, model, config, runtime)
+    return found[0], {**found[1], **memory}
+
+
+def resolve_sharding(pipe_or_model, model, config: ParallelConfig, runtime: Runtime) -> tuple[ParallelConfig, dict]:
+    """`shard_weights="auto"` made concrete: shard only when one rank's peak memory unsharded (the memory
+    plan of the loaded pipeline's shapes, `distrifusion.measure.memory`, at `config.auto_size` or the
+    pipeline's default size) does not fit the smallest rank's device; every rank decides alike. Rank 0
+    logs why. Returns the config and {"memory": the plan's row, capacity, decision}."""
+    from .memory import GB, fits_capacity, live_parts, local_capacity, memory_plan
+
+    if runtime.world_size == 1:
+        return dataclasses.replace(config, shard_weights=False), {}
+    scale = None if model is pipe_or_model else pixels_per_latent(pipe_or_model)
+    parts = live_parts(pipe_or_model, model, config.auto_size or default_size(pipe_or_model, model, scale))
+    height, width = config.auto_size or parts.pipeline.size
+    found = memory_plan(parts, height, width, parts.pipeline.frames, [runtime.world_size], config.mode, cards_gb=())
+    row = next(r for r in found["rows"] if not r["sharded"] and r["text_encoders"] == "replicated")
+    need, neg_capacity = _slowest(
+        runtime.world, runtime.device, float(row["peak"]), -float(local_capacity(runtime.device))
+    )
+    capacity = -neg_capacity
+    shard = not fits_capacity(need, capacity)
+    if runtime.rank == 0:
+        log.info(
+            "distrifusion: shard_weights auto: %s needs %.1f GB per rank unsharded (plan at %dx%d), the smallest "
+            "device has %.1f GB: %s",
+            type(model).__name__,
+            need / GB,
+            height,
+            width,
+            capacity / GB,
+            "sharding the weights" if shard else "it fits, not sharding",
+        )
+    decision = dict(peak_unsharded=need, capacity=capacity, sharded=shard, height=height, width=width)
+    return dataclasses.replace(config, shard_weights=shard), {"memory": decision}
+
+
+def _resolve_mode(pipe_or_model, model, config: ParallelConfig, runtime: Runtime) -> tuple[ParallelConfig, dict]:
     scale = None if model is pipe_or_model else pixels_per_latent(pipe_or_model)
     if runtime.world_size == 1:
         return dataclasses.replace(config, mode="sync"), {}

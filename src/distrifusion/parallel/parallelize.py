@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from ..engine.caches import stateful_caches, unbind_caches
-from ..engine.comm import Runtime, init_runtime
+from ..engine.comm import Runtime, init_runtime, shard_group
 from ..engine.config import ParallelConfig
 from ..engine.graphs import CudaGraphs, ReplayWatchdog
-from ..engine.hooks import inner_forward, set_inner_forward
+from ..engine.hooks import hook_names, inner_forward, set_inner_forward
 from ..engine.layers import PatchProcessor, pad_to
+from ..engine.shard import Sharding, check_shardable
 from ..engine.state import ParallelState, Partition, first_time, identity, split_rows, tensor_version
 from ..models import ModelAdapter, denoiser_modules, find_denoiser, find_denoisers, find_vae
 from .ownership import Ownership
+from .text_encoders import check_text_encoders, place_text_encoders, placements, restore_text_encoders
 
 log = logging.getLogger("distrifusion")
 
@@ -77,18 +79,33 @@ def parallelize(
     vae, vae_adapter = _pipeline_vae(pipe_or_model, model) if config.split_vae else (None, None)
     if vae_adapter is not None:
         vae_adapter.check_model(vae)
+    refuse_offloading(pipe_or_model, config)
+    if config.shard_weights is True:
+        for each, _ in denoisers:
+            check_shardable(each, "the denoiser's")
     runtime = runtime or init_runtime(config.timeout_s)
     if vae is not None and vae_adapter is None:
         _notice_whole_vae(vae, runtime)
-    pipe_or_model.to(runtime.device)
     found = None
-    if config.mode == "auto":
+    if "auto" in (config.mode, config.shard_weights):
         if resolve_auto is None:
             raise ValueError(
-                "distrifusion: ParallelConfig(mode='auto') is planned by distrifusion.parallelize (it measures the "
-                "link and each choice); this lower-level call needs a concrete mode"
+                "distrifusion: ParallelConfig(mode='auto' or shard_weights='auto') is planned by "
+                "distrifusion.parallelize (it measures the link, each choice and the memory); this lower-level "
+                "call needs concrete values"
             )
         config, found = resolve_auto(pipe_or_model, model, config, runtime)
+    sharded = config.shard_weights is True and runtime.world_size > 1
+    if config.shard_weights is True and runtime.world_size == 1:
+        log.info("distrifusion: shard_weights has no effect on one rank")
+    chosen = placements(pipe_or_model, config, sharded, runtime.world_size) if model is not pipe_or_model else {}
+    check_text_encoders(pipe_or_model, chosen)
+    # Sharded, the denoiser never goes to the device whole: FSDP2 moves one block at a time, then keeps its share.
+    keep = [each for each, _ in denoisers] if sharded else []
+    keep += [getattr(pipe_or_model, name) for name, placement in chosen.items() if placement != "replicated"]
+    _to_device(pipe_or_model, runtime.device, keep=tuple(keep))
+    if chosen:
+        place_text_encoders(pipe_or_model, chosen, config, runtime)
     parallelize_model(model, config, runtime, adapter).auto_plan = found
     for expert, expert_adapter in denoisers[1:]:  # each its own state: its own steps and stale context
         parallelize_model(expert, config, runtime, expert_adapter)
@@ -97,6 +114,44 @@ def parallelize(
     if model is not pipe_or_model:
         _wrap_pipeline(pipe_or_model, runtime)
     return pipe_or_model
+
+
+def _to_device(pipe_or_model, device: torch.device, keep: tuple = ()) -> None:
+    """Move the pipeline (or model) to `device`, except the modules in `keep`."""
+    if not keep:
+        pipe_or_model.to(device)
+        return
+    for component in getattr(pipe_or_model, "components", {}).values():
+        if isinstance(component, nn.Module) and all(component is not k for k in keep):
+            component.to(device)
+
+
+def refuse_offloading(pipe_or_model, config: ParallelConfig) -> None:
+    """Refuse offloading that cannot run under parallelize, in one line naming what to use instead:
+    accelerate's hooks (`enable_model_cpu_offload`, `enable_sequential_cpu_offload`) on any component (the
+    denoiser's own are refused by `engine.hooks.refuse_hooks`, this covers the text encoders and the VAE:
+    parallelize puts each rank's components on its device, which those hooks would fight); and diffusers'
+    group offloading together with `shard_weights` (both would move the denoiser's weights; group
+    offloading alone runs beneath the engine's layers, `engine.hooks`)."""
+    components = getattr(pipe_or_model, "components", None) or {"model": pipe_or_model}
+    denoisers = [each for each, _ in find_denoisers(pipe_or_model)]
+    for name, component in components.items():
+        if not isinstance(component, nn.Module):
+            continue
+        sharded = config.shard_weights is not False and any(component is each for each in denoisers)
+        for module in component.modules():
+            kind = None
+            if getattr(module, "_hf_hook", None) is not None:
+                kind = "accelerate's offloading (enable_model_cpu_offload or enable_sequential_cpu_offload)"
+            elif sharded and any("offload" in hook for hook in hook_names(module)):
+                kind = f"diffusers' group offloading (enable_group_offload) with shard_weights={config.shard_weights!r}"
+            if kind:
+                raise ValueError(
+                    f"distrifusion: {name} uses {kind}, which cannot run under parallelize; load the pipeline "
+                    "without offloading (pipe.remove_all_hooks() undoes model offloading) and use "
+                    "ParallelConfig(shard_weights=True) to spread a model too large for one device over the ranks, "
+                    "text_encoders='sharded' or 'cpu' for large text encoders"
+                )
 
 
 def _pipeline_vae(pipe_or_model, model: nn.Module) -> tuple[nn.Module | None, ModelAdapter | None]:
@@ -137,7 +192,11 @@ def parallelize_model(
         # "force" is about the denoiser's CFG batch; a VAE call's batch is the images, often one.
         config = dataclasses.replace(config, mode="sync", cuda_graphs=False, split_cfg=bool(config.split_cfg))
     state = ParallelState(config, runtime, keep_buffers=not adapter.always_sync)
-    if use_cuda_graphs(config, runtime):
+    sharded = config.shard_weights is True and runtime.world_size > 1 and not adapter.always_sync
+    if sharded:
+        check_shardable(model, "the denoiser's")
+        state.sharding = Sharding(model, shard_group(runtime, config.shard_group, config.timeout_s), runtime.device)
+    if use_cuda_graphs(config, runtime, sharded):
         watchdog = ReplayWatchdog(config.timeout_s, runtime.rank, runtime.device) if runtime.world_size > 1 else None
         agree = partial(_everywhere, runtime)
         state.graphs = CudaGraphs(runtime.device, agree=agree, abort=state.abort_step, watchdog=watchdog)
@@ -195,8 +254,9 @@ def _everywhere(runtime: Runtime, ok: bool) -> bool:
     return bool(flags.min().item() > 0)
 
 
-def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
-    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives.
+def use_cuda_graphs(config: ParallelConfig, runtime: Runtime, sharded: bool = False) -> bool:
+    """Whether steps run as CUDA graphs: they need a CUDA device and capturable collectives, and weights
+    that stay in place (not `sharded`).
 
     With several ranks, also NCCL's graph mixing (`NCCL_GRAPH_MIXING_SUPPORT`, on by default): between
     two replays a rank issues eager collectives on the same communicators (the step-0 agreement, an eager
@@ -206,6 +266,16 @@ def use_cuda_graphs(config: ParallelConfig, runtime: Runtime) -> bool:
     (one rank per process), so mixing stays on and nothing is set for NCCL."""
     comms = [runtime.world, *runtime.patch_groups.values()]
     possible = runtime.device.type == "cuda" and all(getattr(c, "capturable", False) for c in comms)
+    if sharded and possible:
+        # FSDP2 gathers a block's weights in hooks that allocate and free them on the host's say: no graph
+        # can capture that. A graphed step would also have to keep every block whole: nothing left to shard.
+        if config.cuda_graphs:
+            raise ValueError(
+                "distrifusion: cuda_graphs=True cannot be combined with sharded weights: a CUDA graph cannot "
+                "capture FSDP2's weight gathers; use cuda_graphs=None or False"
+            )
+        log.info("distrifusion: CUDA graphs are off while the weights are sharded (FSDP2's gathers cannot be captured)")
+        return False
     if config.cuda_graphs and not possible:
         raise ValueError(
             "distrifusion: cuda_graphs=True needs a CUDA device and collectives that a graph can capture "
@@ -232,11 +302,14 @@ def remove(pipe_or_model) -> None:
     vae = getattr(pipe_or_model, "vae", None) if models[0] is not pipe_or_model else None
     if isinstance(vae, nn.Module):
         _remove_model(vae)
+    if models[0] is not pipe_or_model and hasattr(models[0], _STATE_ATTR):
+        restore_text_encoders(pipe_or_model)
     if not [_remove_model(model) for model in models][0]:
         return
     base = getattr(type(pipe_or_model), "_distrifusion_base", None)
     if base is not None:
         pipe_or_model.__class__ = base
+        pipe_or_model.__dict__.pop("_distrifusion_device", None)
 
 
 def _remove_model(model: nn.Module) -> bool:
@@ -246,6 +319,8 @@ def _remove_model(model: nn.Module) -> bool:
     state.release()
     state.ownership.close()
     unbind_caches(model)
+    if state.sharding is not None:
+        state.sharding.gather_whole()  # collective: every rank removes alike
 
     _give_back_processors(model)  # first: the loop below deletes whatever else holds this state
 
@@ -331,7 +406,14 @@ def _wrap_pipeline(pipe, runtime: Runtime) -> None:
                 getattr(model, _STATE_ATTR).reset()
             return out
 
-        _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_distrifusion_base": cls})
+        def _execution_device(self):
+            # The rank's device, even when a text encoder placed on the CPU is the pipeline's first module
+            # (diffusers takes that one's device otherwise).
+            return self._distrifusion_device
+
+        members = {"__call__": __call__, "_distrifusion_base": cls, "_execution_device": property(_execution_device)}
+        _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), members)
+    pipe._distrifusion_device = runtime.device
     pipe.__class__ = _PIPELINE_CLASSES[cls]
     if runtime.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -368,6 +450,16 @@ class _ParallelForward:
     # the bookkeeping and collectives here run as plain Python (their methods are marked `torch.compiler.disable`).
     @torch.compiler.disable(recursive=False)
     def __call__(self, *args, **kwargs):
+        if self.state.sharding is None:
+            return self._call(*args, **kwargs)
+        try:
+            return self._call(*args, **kwargs)
+        except BaseException:
+            self.state.sharding.recover()  # no block left gathered, no gather left pending
+            raise
+
+    @torch.compiler.disable(recursive=False)
+    def _call(self, *args, **kwargs):
         state, adapter = self.state, self.adapter
         if state.runtime.world_size == 1 and state.graphs is None:  # exactly the original model
             return self.original(self.model, *args, **kwargs)
@@ -526,6 +618,14 @@ class _ParallelForward:
         ownership = self.state.ownership
         if ownership.intact():
             return None
+        if self.state.sharding is not None and ownership.changed:
+            # New modules (a LoRA loaded, a layer replaced) inside sharded blocks: FSDP2 shards what it was
+            # given at parallelize, and peft merges LoRAs into weights that are sharded between calls.
+            return ValueError(
+                "distrifusion: the model's modules changed after parallelize(shard_weights=True) (a LoRA loaded, "
+                "a layer replaced); sharded weights cannot follow: load LoRAs before parallelize, or "
+                "distrifusion.remove() and parallelize again"
+            )
         self.state.release()
         if self.state.graphs is not None:
             self.state.graphs.stale = True  # dropped here; the step-0 agreement drops the other ranks' too
