@@ -130,7 +130,7 @@ def test_the_command_lines_exit_destroys_every_graph_before_the_group(monkeypatc
     def graphs(device, **kwargs):
         return CudaGraphs(device, capture=_recording(solo_capture, destroyed, captured), **kwargs)
 
-    monkeypatch.setattr(engine, "use_cuda_graphs", lambda config, runtime: True)
+    monkeypatch.setattr(engine, "use_cuda_graphs", lambda config, runtime, sharded=False: True)
     monkeypatch.setattr(engine, "CudaGraphs", graphs)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # a group to close, of one rank
     monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 1)

@@ -363,7 +363,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     timed.add_argument(
         "--compile",
         action="store_true",
-        help="(1, 2) time our runs as torch.compile(model) after parallelize (with --graphs off on CUDA)",
+        help="(1, 2) time our runs as torch.compile(model) after parallelize (--graphs auto then means off: "
+        "compiled code and CUDA graph capture are not combined)",
     )
     images = bench.add_argument_group("whole images (3)")
     images.add_argument(
@@ -1028,10 +1029,6 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def memory_plan(args: argparse.Namespace) -> int:
     """`plan --memory`: the per-rank memory table (measure.memory), counted on the meta device."""
     from ..measure.memory import CARDS_GB, format_memory_plan, pipeline_parts
@@ -1090,3 +1087,7 @@ def plan(args: argparse.Namespace) -> int:
             record = dict(command=args.command_line, card=card, threads=torch.get_num_threads(), **found)
             Path(args.json).write_text(json.dumps(record, indent=1, default=str))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
