@@ -6,6 +6,7 @@ import os
 import socket
 import tempfile
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
@@ -167,6 +168,24 @@ def _cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_cpu(v) for v in value)
     return value
+
+
+class PerWorld(dict):
+    """`run_ranks(n, job, n)` for each world size `n` when a test first asks for it (`results[n]`), then kept:
+    a module fixture of this runs only the world sizes the selected tests use (CI leaves out the slow ones)."""
+
+    def __init__(self, job) -> None:
+        super().__init__()
+        self.job = job
+
+    def __missing__(self, world: int):
+        self[world] = run_ranks(world, self.job, world)
+        return self[world]
+
+
+SLOW_WORLDS = [2, 3, pytest.param(4, marks=pytest.mark.slow)]
+"""World sizes of the heavier multi-rank parity files: 2 and 3 ranks (3: uneven strips) in every CI run, 4 ranks
+(the costliest on CI's 2 cores) with `-m slow`."""
 
 
 def run_ranks(world_size: int, fn, *args):

@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from helpers import errors_on_every_rank, run_ranks
+from helpers import SLOW_WORLDS, PerWorld, errors_on_every_rank
 from video_helpers import (
     _mask,
     check_lossless_codec,
@@ -33,7 +33,7 @@ from video_helpers import (
 import distrifusion
 
 TOL = 1e-9
-WORLDS = [2, 3, 4]
+WORLDS = SLOW_WORLDS  # 4 ranks with -m slow (CI's budget)
 SPLITS = ["rows", "frames"]
 STEPS = 3
 BARE = {"t2v": False, "i2v": True}  # kind: image embeddings given
@@ -62,7 +62,7 @@ def rank_job(world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return {n: run_ranks(n, rank_job, n) for n in WORLDS}
+    return PerWorld(rank_job)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from helpers import errors_on_every_rank, run_ranks
+from helpers import SLOW_WORLDS, PerWorld, errors_on_every_rank
 from video_helpers import (
     check_lossless_codec,
     denoise_ltx,
@@ -35,7 +35,7 @@ import distrifusion
 from distrifusion.measure.simulate import simulate_ranks
 
 TOL = 1e-9
-WORLDS = [2, 3, 4]
+WORLDS = SLOW_WORLDS  # 4 ranks with -m slow (CI's budget)
 SPLITS = ["rows", "frames"]
 STEPS = 3
 BARE = {"t2v": False, "i2v": True}  # kind: per-token timestep
@@ -67,7 +67,7 @@ def rank_job(world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return {n: run_ranks(n, rank_job, n) for n in WORLDS}
+    return PerWorld(rank_job)
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ def test_weights_and_shards_against_a_meta_instantiation(arch):
         assert 2 * layout["largest"] <= 0.25 * whole / parts or len(layout["units"]) > 100
 
 
+@pytest.mark.slow  # ~100 s of CPU (a 2048² step, measured): CI's budget; the other plan checks run every time
 def test_counted_step_memory_matches_the_measured_peak():
     # One rank's share of a Flux-architecture model at 2048^2 in float32 on this CPU: activations, exchange
     # and inputs counted on the meta device against the resident peak above the weights (measured: +0.2%,

@@ -114,6 +114,7 @@ def _kill(bed: TwoHosts, host: int, rank: int, sig=signal.SIGKILL) -> None:
     os.kill(bed.workers(host)[rank], sig)
 
 
+@pytest.mark.slow  # CI's budget: the hang, the link cut and sync/displaced across hosts run every time
 def test_fault_worker_killed_on_far_host(tmp_path):
     result, output, image = _run_fault(
         tmp_path, "worker SIGKILL (host 1)", lambda bed: _kill(bed, 1, 3), margin=10,
@@ -124,6 +125,7 @@ def test_fault_worker_killed_on_far_host(tmp_path):
     assert not image.exists()
 
 
+@pytest.mark.slow  # CI's budget: the hang, the link cut and sync/displaced across hosts run every time
 def test_fault_far_agent_killed(tmp_path):
     def kill_agent(bed):
         os.kill(bed.procs[1].pid, signal.SIGKILL)  # `ip netns exec` execs torchrun: the same PID
@@ -161,6 +163,7 @@ def test_fault_rank_hangs(tmp_path):
     assert not image.exists()
 
 
+@pytest.mark.slow  # CI's budget: the hang, the link cut and sync/displaced across hosts run every time
 def test_fault_worker_killed_then_group_restarts(tmp_path):
     """--max-restarts 1: the group is formed again and makes the whole image (torch 2.13 needs the env var)."""
     result, output, image = _run_fault(

@@ -21,7 +21,7 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import psnr, run_ranks
+from helpers import SLOW_WORLDS, PerWorld, psnr
 from sana_zimage_helpers import COLS, ROWS, call_sana, denoise, sana_inputs, tiny_sana, tiny_zimage
 from sana_zimage_helpers import zimage_captions as captions
 
@@ -30,7 +30,7 @@ from distrifusion.engine.comm import Runtime
 from distrifusion.measure.simulate import simulate_ranks
 
 STEPS = 5
-WORLDS = [2, 3, 4]
+WORLDS = SLOW_WORLDS  # 4 ranks with -m slow (CI's budget)
 FAMILIES = ["sana", "zimage"]
 TOL = {"sana": 1e-6, "zimage": 1e-9}
 TINY = {"sana": tiny_sana, "zimage": tiny_zimage}
@@ -68,7 +68,7 @@ def rank_job(world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return {n: run_ranks(n, rank_job, n) for n in WORLDS}
+    return PerWorld(rank_job)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import PerWorld, run_ranks, tiny_model
 from helpers import denoise as unet_denoise
-from helpers import run_ranks, tiny_model
 from transformer_helpers import denoise as dit_denoise
 from transformer_helpers import tiny_transformer
 
@@ -92,10 +92,15 @@ def rank_job(world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return {world: run_ranks(world, rank_job, world) for world in CASES}
+    return PerWorld(rank_job)
 
 
-ALL = [(world, *case) for world, cases in CASES.items() for case in cases]
+# 4 ranks (the CFG split with both shard groups) with -m slow: the costliest run on CI's 2 cores.
+ALL = [
+    pytest.param(world, *case, marks=[pytest.mark.slow] * (world == 4))
+    for world, cases in CASES.items()
+    for case in cases
+]
 
 
 @pytest.mark.parametrize("world,family,mode,group,batch", ALL)

@@ -243,7 +243,7 @@ def test_unknown_downsampler_padding_is_refused_by_name():
         distrifusion.parallelize(vae, runtime=_runtime(2, 0))
 
 
-def test_pipeline_vae_is_found_by_its_adapter_and_others_run_whole(caplog):
+def test_pipeline_vae_is_found_by_its_adapter_and_others_run_whole(caplog, monkeypatch):
     """A pipeline VAE that no adapter splits (here LTX-Video's) runs whole on every rank: one notice
     per VAE class, no error."""
     from diffusers import AutoencoderKLLTXVideo
@@ -257,6 +257,7 @@ def test_pipeline_vae_is_found_by_its_adapter_and_others_run_whole(caplog):
         vae=AutoencoderKLLTXVideo(layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5, **channels)
     )
     assert find_vae(pipe.vae) is None
+    monkeypatch.setattr("distrifusion.parallel.parallelize._NOTICED_VAES", set())  # once per process: not yet here
     with caplog.at_level(logging.WARNING, logger="distrifusion"):
         for _ in range(2):
             distrifusion.parallelize(pipe, runtime=fake_runtime(2))
