@@ -58,7 +58,7 @@ def rank_job() -> dict:
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3 ranks: -m slow (CI's budget)
 def test_pipelines_sharing_the_denoiser_repeat_their_image(world):
     results = run_ranks(world, rank_job)
     for rank, out in enumerate(results):

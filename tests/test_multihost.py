@@ -64,6 +64,7 @@ def test_sync_across_two_hosts_equals_one_process(tmp_path, one_process):
     assert np.array_equal(_pixels(out), one_process)  # identical 8-bit pixels, not merely close
 
 
+@pytest.mark.slow  # CI's budget: sync across the hosts runs every time, the same exchange path
 def test_displaced_across_two_hosts(tmp_path, one_process):
     out = tmp_path / "two.png"
     args = ["generate", *SIZE, "--steps", "6", "--warmup-steps", "1", "--mode", "displaced", "--timeout", "60"]

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers import BLOCK, denoise, model_inputs, psnr, run_ranks, tiny_model
+from helpers import BLOCK, SLOW_WORLDS, denoise, model_inputs, psnr, run_ranks, tiny_model
 
 import distrifusion
 from distrifusion.measure.simulate import simulate_ranks
@@ -107,7 +107,10 @@ def _simulation_case(runtime, model=None):
 
 
 # benchmarks/device_check.sh runs 4 ranks only (DISTRIFUSION_TEST_WORLDS=4): every launch costs seconds there.
-WORLDS = [int(n) for n in os.environ.get("DISTRIFUSION_TEST_WORLDS", "2 3 4").split()]
+# Otherwise 2 and 3 ranks every time and 4 with -m slow (CI's budget; the CFG split across strips at 4 ranks
+# runs every time in test_transformers.py and through the pipelines, test_pipelines.py).
+_GIVEN = os.environ.get("DISTRIFUSION_TEST_WORLDS")
+WORLDS = [int(n) for n in _GIVEN.split()] if _GIVEN else SLOW_WORLDS
 
 
 @pytest.fixture(scope="module", params=WORLDS)
