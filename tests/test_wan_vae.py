@@ -17,7 +17,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from helpers import run_ranks
+from helpers import SLOW_WORLDS, PerWorld
 from pipeline_helpers import _perturb_constants, tiny_tokenizer
 from transformers import UMT5Config, UMT5EncoderModel
 
@@ -26,7 +26,7 @@ from distrifusion.engine.comm import Runtime
 from distrifusion.models import WanVAEAdapter, find_vae
 
 TOL = 1e-9
-WORLDS = [2, 3, 4]
+WORLDS = SLOW_WORLDS  # 4 ranks with -m slow (CI's budget)
 Z = 4  # latent channels of the tiny VAEs
 # Wan 2.1's layout (8x8 px per latent cell, 4x in time) and Wan 2.2's (residual blocks with
 # AvgDown3D/DupUp3D shortcuts, a 2x2 patchify: 16x16 px per cell, 12 channels in and out), few channels.
@@ -154,7 +154,7 @@ def rank_job(world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return {n: run_ranks(n, rank_job, n) for n in WORLDS}
+    return PerWorld(rank_job)
 
 
 def _close(a, b):
