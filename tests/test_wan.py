@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 from helpers import SLOW_WORLDS, PerWorld, errors_on_every_rank, psnr
+from video_helpers import check_lossless_codec
 from wan_helpers import (
     FRAMES,
     HEIGHT,
@@ -154,33 +155,9 @@ def test_both_experts_run_each_with_its_own_state():
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_lossless_codec_is_uncompressed_displaced(monkeypatch, split):
-    from distrifusion.engine.compress import BlockCodec
-
-    base = tiny_wan("t2v")
     sizes = dict(frames=4, rows=16, cols=16)  # 4 x 8 x 8 tokens: each strip's keys/values get coded
-
-    def images(config):
-        def rank(runtime):
-            model = copy.deepcopy(base)
-            distrifusion.parallelize(model, config, runtime=runtime)
-            return denoise(model, STEPS, **sizes)
-
-        return simulate_ranks(2, rank)
-
     config = dict(mode="displaced", warmup_steps=1, video_split=split)
-    plain = images(distrifusion.ParallelConfig(**config))
-    coded = []
-
-    class Lossless(BlockCodec):
-        def encode(self, x, out):
-            coded.append(x.numel())
-            super().encode(x, out)
-
-    monkeypatch.setattr("distrifusion.engine.state.make_codec", lambda compress: Lossless("lossless"))
-    lossless = images(distrifusion.ParallelConfig(**config, compress="int8"))
-    assert coded
-    for a, b in zip(plain, lossless):
-        assert torch.equal(a, b)
+    check_lossless_codec(monkeypatch, tiny_wan("t2v"), lambda model: denoise(model, STEPS, **sizes), config)
 
 
 # -- bad input: the same one-line error on every rank, before any collective ----------------------------
