@@ -291,7 +291,10 @@ def install_forward(module: nn.Module, layer: type, name: str, state: ParallelSt
     current = inner_forward(module) if method == "forward" else module.__dict__.get(method)
     if not (isinstance(current, layer) and current.state is state):
         made = layer(module, name, state)
-        set_inner_forward(module, made) if method == "forward" else setattr(module, method, made)
+        if method == "forward":
+            set_inner_forward(module, made)
+        else:
+            setattr(module, method, made)
 
 
 def install_processor(attn: nn.Module, state: ParallelState, make: Callable) -> None:
