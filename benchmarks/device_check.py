@@ -46,6 +46,8 @@ INJECTED_HANG_LIMIT_S = 2.0
 TINY_UNET = "benchmarks/configs/tiny_sdxl_unet.json"
 TINY_VAE = "benchmarks/configs/tiny_vae.json"
 FLUX_SMALL = "benchmarks/configs/flux_small.json"
+TINY_WAN = "benchmarks/configs/tiny_wan_transformer.json"
+TINY_WAN_VAE = "benchmarks/configs/tiny_wan_vae.json"
 LOG_TAIL_BYTES = 200_000
 """Of each step's output, at most this much (its end) goes into device_check.log; all of it is in the tarball."""
 
@@ -95,12 +97,16 @@ def _dtype(small: bool, name: str):
     return torch.float32 if small else getattr(torch, name)
 
 
-def _bench(ctx: Context, arch: str, size: int, dtype, simulate, repeats: int, model, **options) -> None:
-    """One `bench_step` call; its rows written at once, each printed as `distrifusion bench` prints it."""
+def _bench(
+    ctx: Context, arch: str, size: int | tuple[int, int], dtype, simulate, repeats: int, model, **options
+) -> None:
+    """One `bench_step` call (a square `size` or (height, width)); its rows written at once, each printed as
+    `distrifusion bench` prints it."""
     from distrifusion.measure.bench import bench_step, format_row
 
+    height, width = size if isinstance(size, tuple) else (size, size)
     start = time.perf_counter()
-    rows = bench_step(arch, size, size, dtype, simulate, repeats, device=_device(), model=model, **options)
+    rows = bench_step(arch, height, width, dtype, simulate, repeats, device=_device(), model=model, **options)
     for row in rows:
         print(format_row(row), flush=True)
         ctx.row(dict(row, part=f"{size} {options}", part_s=time.perf_counter() - start))
@@ -253,6 +259,26 @@ def vae(ctx: Context) -> None:
             ctx.row(row)
 
 
+def wan(ctx: Context) -> None:
+    """Video (issue 23): Wan2.1-T2V-1.3B, bf16, 480x832 x 81 frames (21 x 30 x 52 = 32,760 tokens): the full
+    step eagerly and the largest share of 2, 4 and 8 (strips of token rows, displaced, eager: its synchronous
+    step untimed); then the Wan VAE's decode of 480x832 x 17 frames, whole and the largest share of 2, 4, 8."""
+    from distrifusion.measure.bench import bench_vae
+    from distrifusion.measure.workload import build_model
+
+    arch, vae_arch = (TINY_WAN, TINY_WAN_VAE) if ctx.small else ("wan21_t2v_1_3b", "wan21_vae")
+    dtype = _dtype(ctx.small, "bfloat16")
+    (height, width), frames = ((128, 64), 9) if ctx.small else ((480, 832), 81)
+    model = build_model(arch, dtype, _device())
+    _bench(ctx, arch, (height, width), dtype, [2, 4, 8], 1, model, graphs=False, frames=frames, full_step="eager",
+           time_sync_step=False)  # fmt: skip
+    del model
+    vae_frames = 5 if ctx.small else 17
+    for row in bench_vae(vae_arch, height, width, dtype, [2, 4, 8], 1, device=_device(), frames=vae_frames):
+        print(json.dumps(row, default=str), flush=True)
+        ctx.row(row)
+
+
 def codec(ctx: Context) -> None:
     """The codec's cost (issue 14): the share of 8 at 2048², graphs where possible, uncompressed and with its
     displaced exchange coded residual-int2, in one process."""
@@ -294,11 +320,11 @@ def _generate(ctx: Context, nproc: int, size: int, steps: int, out: str) -> list
 # The budget table in device_check.sh gives each limit's arithmetic; tests/test_device_check.py checks that
 # the table and these limits agree and that they fit in BUDGET_S.
 STEPS = [
-    Step("environment", "versions, GPU, driver", 10, 30, run=environment),
+    Step("environment", "versions, GPU, driver", 5, 30, run=environment),
     Step(
         "graphs",
         "real CUDA graphs against eager steps (tiny float64 models; FreeU captured; watchdog)",
-        25,
+        20,
         150,
         command=lambda ctx: _pytest("-k", "real_cuda", "tests/test_cuda_paths.py", "tests/test_exchange_and_graphs.py"),
     ),
@@ -314,7 +340,7 @@ STEPS = [
         ),
         env={"DISTRIFUSION_BACKEND": "gloo", "DISTRIFUSION_TEST_WORLDS": "4"},
     ),
-    Step("sdxl", "SDXL full step and shares, 1024², 2048², 3840²", 35, 60, run=sdxl),
+    Step("sdxl", "SDXL full step and shares, 1024², 2048², 3840²", 30, 60, run=sdxl),
     Step(
         "flux",
         "Flux-dev full step and shares of 8, 1024², 2048²; 4096² share only; memory plan vs peak at 1024²",
@@ -326,7 +352,14 @@ STEPS = [
         "fbcache", "Flux-dev 1024², 20 steps, one device, without and with the first-block cache", 15, 40, run=fbcache
     ),
     Step("vae", "SDXL VAE decode, whole and shares, 1024², 2048²; 3840² share only", 15, 40, run=vae),
-    Step("codec", "SDXL share of 8 at 2048², uncompressed and residual-int2", 15, 30, run=codec),
+    Step(
+        "wan",
+        "Wan2.1-1.3B 480x832 x 81 frames, full step and shares of 2/4/8; Wan VAE decode x 17 frames, whole and shares",
+        25,
+        60,
+        run=wan,
+    ),
+    Step("codec", "SDXL share of 8 at 2048², uncompressed and residual-int2", 10, 30, run=codec),
     Step(
         "compile",
         "torch.compile of a parallelised tiny UNet (share of 2), graphs left at auto",
@@ -337,7 +370,7 @@ STEPS = [
     Step(
         "generate",
         "the CLI, 2 ranks (gloo) on one GPU, embedded model 512², 20 steps",
-        20,
+        15,
         120,
         command=lambda ctx: _generate(ctx, 2, 512, 20, "gravel_512_nproc2.png"),
         env={"DISTRIFUSION_BACKEND": "gloo"},

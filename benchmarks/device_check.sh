@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one device command (issue 20): GPU parity with CUDA graphs first, then the SDXL and Flux-dev tables, Flux-dev
-# with the first-block cache (issue 26), the VAE, the codec's cost, torch.compile and the command line; every result
-# back, within 300 s of device time.
+# with the first-block cache (issue 26), the VAE, Wan 2.1 video and its VAE (issue 23), the codec's cost,
+# torch.compile and the command line; every result back, within 300 s of device time.
 #
 #   here, once:     bash benchmarks/fetch_device_wheels.sh                  (diffusers wheels -> .whl/)
 #   on the device:  run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=330)
@@ -28,14 +28,14 @@
 # | step            | what it runs on the H100                                        | estimate | limit | CPU small: cpu, wall | small limit |
 # |-----------------|-----------------------------------------------------------------|----------|-------|----------------------|-------------|
 # | (setup)         | wheels installed, runner imports torch + diffusers               |     10 s |  10 s | 7 s, 36 s            |      -      |
-# | environment     | versions, GPU name and memory, driver, NCCL                     |      3 s |  10 s | 0.0 s, 0.4 s         |     30 s    |
-# | graphs          | pytest -k real_cuda: 4 tests, tiny float64 models, ~100 calls    |     12 s |  25 s | 12 s, 67 s (skipped) |    150 s    |
+# | environment     | versions, GPU name and memory, driver, NCCL                     |      3 s |   5 s | 0.0 s, 0.4 s         |     30 s    |
+# | graphs          | pytest -k real_cuda: 4 tests, tiny float64 models, ~100 calls    |     12 s |  20 s | 12 s, 67 s (skipped) |    150 s    |
 # |                 | of ~20 ms (launch-bound) + pytest start and collection 6 s      |          |       |                      |             |
 # | parity          | pytest, 4 gloo ranks on cuda:0: test_parity (~250 tiny calls a   |     50 s |  70 s | 13 s, 76 s (collect) |    150 s    |
 # |                 | rank, ~25 ms each with gloo's host copies: ~6 s; spawn ~8 s) and |          |       |                      |             |
 # |                 | test_transformers (~150 calls: ~4 s; spawn ~8 s); references and |          |       |                      |             |
 # |                 | the thread simulation on the CPU ~8 s; pytest start 6 s         |          |       |                      |             |
-# | sdxl            | build 2 s. 1024², R=5: full 6x82 + 7x43 + 7x43 ms = 1.1 s; three |     20 s |  35 s | 4.6 s, 27 s          |     60 s    |
+# | sdxl            | build 2 s. 1024², R=5: full 6x82 + 7x43 + 7x43 ms = 1.1 s; three |     20 s |  30 s | 4.6 s, 27 s          |     60 s    |
 # |                 | shares 17 calls (7 eager x 60 ms, 10 graphed x <=17 ms) = 1.8 s; |          |       |                      |             |
 # |                 | the same shares eager 3x17x60 ms = 3.1 s. 2048² (71.8 TFLOP =    |          |       |                      |             |
 # |                 | 0.18 s), R=3: full 14 calls = 2.5 s; shares 13 x (90+45+22 ms) = |          |       |                      |             |
@@ -59,15 +59,21 @@
 # |                 | 0.8 s; 2048² (48.5 TFLOP = 0.49 s): whole 3 + share 3 calls =    |          |       |                      |             |
 # |                 | 1.7 s; 3840² share of 8 (31 TFLOP) 1 call 0.3 s + its bound on   |          |       |                      |             |
 # |                 | the meta device 1 s; first calls ~2 s                           |          |       |                      |             |
-# | codec           | build 2 s; 2048² share of 8 (9.1 TFLOP = 23 ms), R=5, 17 calls,  |      5 s |  15 s | 1.6 s, 8 s           |     30 s    |
+# | wan             | Wan2.1-1.3B 480x832 x 81 (32,760 tokens; 283 TFLOP a call = 0.71 |     17 s |  25 s | 4.6 s, 4.8 s (idle)  |     60 s    |
+# |                 | s): build 2 s; full step eager 2 calls 1.4 s; shares of 2/4/8,   |          |       |                      |             |
+# |                 | eager, sync untimed: ~5 calls each x (0.35+0.18+0.09 s) = 3.1 s; |          |       |                      |             |
+# |                 | first calls ~2 s. Wan VAE decode x 17 frames (58.6 TFLOP = 0.59  |          |       |                      |             |
+# |                 | s at 100 TFLOP/s): whole 2 calls + shares 2/4/8 2 calls each =   |          |       |                      |             |
+# |                 | 2.2 s; cuDNN's first Conv3d calls ~4 s                          |          |       |                      |             |
+# | codec           | build 2 s; 2048² share of 8 (9.1 TFLOP = 23 ms), R=5, 17 calls,  |      5 s |  10 s | 1.6 s, 8 s           |     30 s    |
 # |                 | uncompressed and residual-int2: 2 x 0.5 s                       |          |       |                      |             |
 # | compile         | tiny UNet 256² (launch-bound): eager share 13 calls; compiled   |     25 s |  35 s | 20 s, 108 s (dynamo) |    220 s    |
 # |                 | (inductor): ~20 graph pieces between the exchanges, Triton       |          |       |                      |             |
 # |                 | compiles ~1 s each on 16 cores                                  |          |       |                      |             |
-# | generate        | CLI, 2 ranks (gloo, one GPU): 3 process starts in parallel ~8 s, |     10 s |  20 s | 18 s, 53 s (32², 2)  |    120 s    |
+# | generate        | CLI, 2 ranks (gloo, one GPU): 3 process starts in parallel ~8 s, |     10 s |  15 s | 18 s, 53 s (32², 2)  |    120 s    |
 # |                 | 20 steps of the embedded UNet at 512² (~20 GFLOP, launch-bound)  |          |       |                      |             |
 # | generate_graphs | CLI, 1 rank, CUDA graphs, 1024², 20 steps: start 6 s + ~1 s      |      8 s |  15 s | 9 s, 45 s (32², 2)   |     90 s    |
-# | total           |                                                                 |    188 s | 300 s | 96 s, 431 s          |             |
+# | total           |                                                                 |    205 s | 300 s | 101 s, 436 s         |             |
 #
 # Each limit is 1.4 to 3 times its estimate: the small steps get the widest margin (seconds cost little), the
 # two long ones (parity, compile: the compile estimate is a guess, nothing measured on a GPU) the narrowest,
