@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -44,6 +45,17 @@ METHODS = {
 }
 
 
+@dataclasses.dataclass
+class SyncAlsoConfig(ParallelConfig):
+    """An experiment, not a library option: displaced steps with these steps (0-based calls) synchronous as
+    well, to find where in the trajectory the stale context costs the most (`--sync-also`)."""
+
+    sync_also: tuple[int, ...] = ()
+
+    def is_sync_step(self, step: int) -> bool:
+        return super().is_sync_step(step) or step in self.sync_also
+
+
 def clip_scores(clip: np.ndarray, reference: np.ndarray) -> dict:
     """Per-frame PSNR/SSIM (mean and worst frame) and the temporal PSNR of clips (frames, H, W, 3) in [0, 1]."""
     p = [psnr(a, b) for a, b in zip(clip, reference, strict=True)]
@@ -56,60 +68,82 @@ def clip_scores(clip: np.ndarray, reference: np.ndarray) -> dict:
 
 
 def measure(args: argparse.Namespace) -> None:
+    """Every method at every N on each class's clip; a row per (method, N): the mean over the clips of each
+    score, and the worst clip's worst frame (`psnr_min`, `ssim_min`) and lowest tPSNR (`tpsnr_min`)."""
     torch.set_num_threads(args.threads)
     pipe = load_texture_video_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    label = pipe.class_index(args.prompt)
+    prompts = args.prompts or pipe.classes
     shape = dict(num_frames=args.frames, height=args.size, width=args.size, num_inference_steps=args.steps)
 
-    def sample(p) -> np.ndarray:
+    def sample(p, prompt: str) -> np.ndarray:
+        label = pipe.class_index(prompt)
         return p(label, generator=torch.Generator().manual_seed(args.seed), **shape).frames[0]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    reference = sample(pipe)
-    settings = dict(vars(args), reference_seconds=round(time.perf_counter() - start, 1), machine=args.machine)
+    references = {prompt: sample(pipe, prompt) for prompt in prompts}
+    seconds = round((time.perf_counter() - start) / len(prompts), 1)
+    settings = dict(vars(args), prompts=prompts, reference_seconds=seconds, machine=args.machine)
     results = dict(settings=settings, rows=[])
-    clips = {"reference": reference}
+    clips = {f"reference | {prompt}": clip for prompt, clip in references.items()}
     replicas = [copy.deepcopy(pipe) for _ in range(max(args.ranks))]  # one replica per simulated rank
+    methods = {name: (ParallelConfig, method) for name, method in METHODS.items() if name in args.methods}
+    for steps in args.sync_also:  # e.g. "18" or "16,17,18": one method each
+        also = tuple(int(k) for k in steps.split(","))
+        methods[f"displaced, warm-up 4, sync also {steps}"] = (SyncAlsoConfig, dict(mode="displaced", sync_also=also))
     for n in args.ranks:
-        for name, method in METHODS.items():
-            if name not in args.methods:
-                continue
-            config = ParallelConfig(split_cfg=False, video_split=args.split, **method)
-
-            def rank_fn(runtime, config=config):
-                replica = replicas[runtime.rank]
-                parallelize(replica, config, runtime=runtime)
-                try:
-                    return sample(replica)
-                finally:
-                    remove(replica)
-
+        for name, (kind, method) in methods.items():
+            config = kind(split_cfg=False, video_split=args.split, **method)
             start = time.perf_counter()
-            clip = simulate_ranks(n, rank_fn)[0]
-            row = dict(method=name, split=args.split, ranks=n, **clip_scores(clip, reference))
+            scores = []
+            for prompt in prompts:
+
+                def rank_fn(runtime, config=config, prompt=prompt):
+                    replica = replicas[runtime.rank]
+                    parallelize(replica, config, runtime=runtime)
+                    try:
+                        return sample(replica, prompt)
+                    finally:
+                        remove(replica)
+
+                clip = simulate_ranks(n, rank_fn)[0]
+                scores.append(clip_scores(clip, references[prompt]))
+                if n == max(args.ranks):
+                    clips[f"{name} | {args.split} | N={n} | {prompt}"] = clip
+            row = dict(method=name, split=args.split, ranks=n, clips=len(prompts))
+            row.update({key: float(np.mean([c[key] for c in scores])) for key in ("psnr", "ssim", "tpsnr")})
+            row.update(
+                psnr_min=min(c["psnr_min"] for c in scores),
+                ssim_min=min(c["ssim_min"] for c in scores),
+                tpsnr_min=min(c["tpsnr"] for c in scores),
+                per_clip={prompt: round(c["psnr"], 2) for prompt, c in zip(prompts, scores, strict=True)},
+            )
             row["seconds"] = round(time.perf_counter() - start, 1)
             results["rows"].append(row)
             print(
                 f"{args.split:6s} N={n} {name:22s} PSNR {row['psnr']:6.2f} dB (worst frame {row['psnr_min']:6.2f}) "
-                f"SSIM {row['ssim']:.4f} tPSNR {row['tpsnr']:6.2f} dB [{row['seconds']:.0f} s]",
+                f"SSIM {row['ssim']:.4f} tPSNR {row['tpsnr']:6.2f} dB (lowest {row['tpsnr_min']:6.2f}) "
+                f"[{len(prompts)} clips, {row['seconds']:.0f} s]",
                 flush=True,
             )
             out.write_text(json.dumps(results, indent=1))
             if n == max(args.ranks):
-                clips[f"{name} | {args.split} | N={n}"] = clip
                 np.savez_compressed(out.with_suffix(".npz"), **clips)
 
 
 def picture(args: argparse.Namespace) -> None:
-    """Frames side by side: one row per clip (the one-process clip first), one column per `--every`-th
+    """Frames side by side, of the first of `--prompts` (default brick): one row per clip (the one-process clip first), one column per `--every`-th
     frame; with `--amplify K`, each clip's row is followed by its difference from the one-process clip x K."""
+    prompt = args.prompts[0] if args.prompts else "brick"
     clips: dict[str, np.ndarray] = {}
     for path in args.sources:
         with np.load(Path(path).with_suffix(".npz")) as data:
-            clips.update({k: data[k] for k in data.files if k in args.rows or k == "reference"})
+            for key in data.files:
+                name, _, clip_prompt = key.rpartition(" | ")
+                if clip_prompt == prompt and (name in args.rows or name == "reference"):
+                    clips[name] = data[key]
     reference = clips["reference"]
     names = ["reference"] + [r for r in args.rows if r in clips]
     drawn = []
@@ -138,8 +172,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--prompt", default="brick")
+    p.add_argument("--prompts", nargs="+", default=None, help="texture classes, a clip each (default: all six)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sync-also",
+        nargs="+",
+        default=[],
+        help="experiment: displaced (warm-up 4) with these comma-separated 0-based steps synchronous too",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--machine", default="2-core CPU shared with other jobs, no GPU")
     p.add_argument("--out", default="benchmarks/quality_video/rows.json")
