@@ -134,8 +134,9 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def picture(args: argparse.Namespace) -> None:
-    """Frames side by side, of the first of `--prompts` (default brick): one row per clip (the one-process clip first), one column per `--every`-th
-    frame; with `--amplify K`, each clip's row is followed by its difference from the one-process clip x K."""
+    """Frames side by side, of the first of `--prompts` (default brick): one row per clip (the one-process
+    clip first), one column per `--every`-th frame; with `--amplify K`, each clip's row is followed by its
+    difference from the one-process clip x K."""
     prompt = args.prompts[0] if args.prompts else "brick"
     clips: dict[str, np.ndarray] = {}
     for path in args.sources:
