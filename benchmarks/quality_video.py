@@ -134,26 +134,27 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def picture(args: argparse.Namespace) -> None:
-    """Frames side by side, of the first of `--prompts` (default brick): one row per clip (the one-process
-    clip first), one column per `--every`-th frame; with `--amplify K`, each clip's row is followed by its
-    difference from the one-process clip x K."""
-    prompt = args.prompts[0] if args.prompts else "brick"
-    clips: dict[str, np.ndarray] = {}
+    """Frames side by side, for each of `--prompts` (default brick) in turn: one row per clip (the
+    one-process clip first, then `--rows`), one column per `--every`-th frame; with `--amplify K`, each
+    clip's row is followed by its difference from the one-process clip x K."""
+    prompts = args.prompts or ["brick"]
+    stored: dict[str, np.ndarray] = {}
     for path in args.sources:
         with np.load(Path(path).with_suffix(".npz")) as data:
-            for key in data.files:
-                name, _, clip_prompt = key.rpartition(" | ")
-                if clip_prompt == prompt and (name in args.rows or name == "reference"):
-                    clips[name] = data[key]
-    reference = clips["reference"]
-    names = ["reference"] + [r for r in args.rows if r in clips]
-    drawn = []
-    for name in names:
-        drawn.append(clips[name])
-        if args.amplify and name != "reference":
-            drawn.append(np.clip(np.abs(clips[name] - reference) * args.amplify, 0, 1))
-    cols = list(range(0, reference.shape[0], args.every))
-    cell, gap = reference.shape[1] * args.scale, 4
+            stored.update({key: data[key] for key in data.files})
+    drawn, names = [], []
+    for prompt in prompts:
+        reference = stored[f"reference | {prompt}"]
+        for name in ["reference"] + args.rows:
+            clip = stored.get(f"{name} | {prompt}")
+            if clip is None:
+                raise SystemExit(f"no clip {name!r} of {prompt!r} in {args.sources}")
+            drawn.append(clip)
+            names.append(f"{name} | {prompt}")
+            if args.amplify and name != "reference":
+                drawn.append(np.clip(np.abs(clip - reference) * args.amplify, 0, 1))
+    cols = list(range(0, drawn[0].shape[0], args.every))
+    cell, gap = drawn[0].shape[1] * args.scale, 4
     grid = np.full((len(drawn) * (cell + gap) - gap, len(cols) * (cell + gap) - gap, 3), 255, np.uint8)
     for i, clip in enumerate(drawn):
         for j, f in enumerate(cols):
