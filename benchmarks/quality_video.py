@@ -3,20 +3,24 @@ textures, `distrifusion.app.pipelines.TextureVideoPipeline`) split over N simula
 (`simulate_ranks`: the real layers and exchanges, threads instead of processes), against one process.
 
     OMP_NUM_THREADS=1 python benchmarks/quality_video.py --split rows --ranks 8 2 4 \\
-        --size 32 --frames 17 --steps 20 --prompt brick --out benchmarks/quality_video/rows.json
+        --size 32 --frames 17 --steps 50 --prompts brick --out benchmarks/quality_video/rows.json
 
-For each method (sync, naive, displaced with warm-up 0/1/2/4) and rank count it writes, per clip:
-- PSNR (dB) and SSIM of every frame against the one-process clip (mean and worst frame);
+For each method (sync, naive, displaced with warm-up 0/1/2/4; `--sync-also` adds experiments) and rank
+count it writes one row, over the clips of `--prompts` (default: all six classes, one clip each):
+- PSNR (dB) and SSIM of every frame against the one-process clip (mean over frames and clips; the worst
+  frame of any clip);
 - a temporal measure, tPSNR (dB): the PSNR of the frame-to-frame change (frame t minus frame t-1) against
   the one-process clip's change. An error that stands still (the same seam in every frame) leaves the change
   as it was (high tPSNR); an error that moves or flickers from frame to frame lowers it.
-Results are appended to the JSON file after each row (a long run keeps what it finished) and the clips of
-the largest N are kept in a .npz beside it (1.2 MB, not committed), for `--picture`:
+Results are written to the JSON file after each row (a long run keeps what it finished) and the clips of
+the largest N are kept in a .npz beside it (not committed), for `--picture`:
 
-    python benchmarks/quality_video.py --picture docs/quality_video_N8.png \\
-        --from benchmarks/quality_video/rows.json benchmarks/quality_video/frames.json
+    python benchmarks/quality_video.py --picture docs/quality_video_N8.png --prompts brick --amplify 10 \\
+        --from benchmarks/quality_video/rows.json benchmarks/quality_video/frames.json \\
+        --rows "naive patches | rows | N=8" "displaced, warm-up 4 | rows | N=8" \\
+               "naive patches | frames | N=8" "displaced, warm-up 4 | frames | N=8"
 
-draws frames side by side (rows: the one-process clip, then naive and displaced per split; columns: frames).
+draws frames side by side (per class: the one-process clip, then the `--rows` clips; columns: frames).
 """
 
 from __future__ import annotations
@@ -173,7 +177,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prompts", nargs="+", default=None, help="texture classes, a clip each (default: all six)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
