@@ -244,39 +244,40 @@ def _memory(ctx: Context, arch: str, size: int, dtype, ranks: list[int], model) 
         ctx.row(row)
 
 
+def _bench_vae(ctx: Context, arch: str, height: int, width: int, dtype, simulate, repeats: int, **options) -> None:
+    """One `bench_vae` call; its rows printed and written at once."""
+    from distrifusion.measure.bench import bench_vae
+
+    for row in bench_vae(arch, height, width, dtype, simulate, repeats, device=_device(), **options):
+        print(json.dumps(row, default=str), flush=True)
+        ctx.row(row)
+
+
 def vae(ctx: Context) -> None:
     """SDXL VAE decode, fp16: whole and shares at 1024² (2, 4, 8) and 2048² (8); at 3840² the share of 8
     alone (a whole 3840² decode costs ~2.9 s a call)."""
-    from distrifusion.measure.bench import bench_vae
-
     arch = TINY_VAE if ctx.small else "sdxl_vae"
     dtype = _dtype(ctx.small, "float16")
     parts = [(64, [2, 4, 8], 1, False), (128, [8], 1, True)] if ctx.small else []
     parts = parts or [(1024, [2, 4, 8], 3, False), (2048, [8], 2, False), (3840, [8], 1, True)]
     for size, simulate, repeats, share_only in parts:
-        for row in bench_vae(arch, size, size, dtype, simulate, repeats, device=_device(), share_only=share_only):
-            print(json.dumps(row, default=str), flush=True)
-            ctx.row(row)
+        _bench_vae(ctx, arch, size, size, dtype, simulate, repeats, share_only=share_only)
 
 
 def wan(ctx: Context) -> None:
     """Video (issue 23): Wan2.1-T2V-1.3B, bf16, 480x832 x 81 frames (21 x 30 x 52 = 32,760 tokens): the full
     step eagerly and the largest share of 2, 4 and 8 (strips of token rows, displaced, eager: its synchronous
     step untimed); then the Wan VAE's decode of 480x832 x 17 frames, whole and the largest share of 2, 4, 8."""
-    from distrifusion.measure.bench import bench_vae
     from distrifusion.measure.workload import build_model
 
     arch, vae_arch = (TINY_WAN, TINY_WAN_VAE) if ctx.small else ("wan21_t2v_1_3b", "wan21_vae")
     dtype = _dtype(ctx.small, "bfloat16")
     (height, width), frames = ((128, 64), 9) if ctx.small else ((480, 832), 81)
     model = build_model(arch, dtype, _device())
-    _bench(ctx, arch, (height, width), dtype, [2, 4, 8], 1, model, graphs=False, frames=frames, full_step="eager",
-           time_sync_step=False)  # fmt: skip
+    options = dict(graphs=False, frames=frames, full_step="eager", time_sync_step=False)
+    _bench(ctx, arch, (height, width), dtype, [2, 4, 8], 1, model, **options)
     del model
-    vae_frames = 5 if ctx.small else 17
-    for row in bench_vae(vae_arch, height, width, dtype, [2, 4, 8], 1, device=_device(), frames=vae_frames):
-        print(json.dumps(row, default=str), flush=True)
-        ctx.row(row)
+    _bench_vae(ctx, vae_arch, height, width, dtype, [2, 4, 8], 1, frames=5 if ctx.small else 17)
 
 
 def codec(ctx: Context) -> None:
